@@ -1,0 +1,71 @@
+"""Shared helpers for benchmark scripts: machine description and RESULTS.md sections.
+
+Each benchmark owns one section of `benchmarks/RESULTS.md`, delimited by
+`<!-- BEGIN name -->` / `<!-- END name -->`, and replaces only that section.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Every speed claim is a ratio against an anchor measured side by side in the same run.\n"
+    "Each section is written by the script named in it; rerun the script to refresh it.\n"
+)
+
+
+def machine() -> str:
+    """A one-line description of the machine and JAX backend."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        desc += f"; JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
+    except Exception:  # noqa: BLE001 - the description is best effort
+        pass
+    return desc
+
+
+def median_time(fn, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` (which must block until done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of RESULTS.md with `body`."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Written {stamp}._\n<!-- END {name} -->"
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
