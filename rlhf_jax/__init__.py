@@ -1,1 +1,66 @@
-"""rlhf_jax."""
+"""rlhf_jax: pure-JAX, functional RLHF for language models.
+
+The array math (losses, GAE, KL, shaped rewards, masked ops, pass@k) is
+re-exported here and imports no models. `rlhf_jax.generate` and
+`rlhf_jax.Rollout` are loaded lazily from `rlhf_jax.rollout` on first use,
+so math users never pay for (or depend on) the model code.
+"""
+from rlhf_jax.advantages import gae
+from rlhf_jax.kl import KLControllerState, kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.losses import aggregate, bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
+from rlhf_jax.ops import (
+    last_valid_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    token_entropy,
+    token_logprobs,
+)
+from rlhf_jax.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
+from rlhf_jax.rewards import shaped_rewards
+
+__version__ = "0.1.0"
+
+_LAZY = {"generate": "rlhf_jax.rollout", "Rollout": "rlhf_jax.rollout"}
+
+__all__ = [
+    "KLControllerState",
+    "Rollout",
+    "aggregate",
+    "bradley_terry_loss",
+    "gae",
+    "generate",
+    "kl_controller_init",
+    "kl_controller_update",
+    "kl_penalty",
+    "last_valid_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pass_at_k",
+    "pass_at_k_bootstrap",
+    "pass_at_k_curve",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sft_loss",
+    "shaped_rewards",
+    "token_entropy",
+    "token_logprobs",
+]
+
+
+def __getattr__(name):
+    # PEP 562: import the sampler (and with it the models) only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rlhf_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

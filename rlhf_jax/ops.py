@@ -1,0 +1,243 @@
+"""Masked reductions, token log-probabilities and shape checks.
+
+The small building blocks that the rest of the array math (losses, GAE,
+KL, rewards) is written in. Everything here is jittable and vmappable, works
+on `[B, T]` arrays with an explicit right-padding `mask` (float or bool), and
+never returns NaN for a fully masked input.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "as_float",
+    "check_rank",
+    "check_same_shape",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "token_logprobs",
+    "token_entropy",
+    "last_valid_index",
+]
+
+
+# ---------------------------------------------------------------------------
+# Shape checks (run at trace time: shapes are static under jit).
+
+
+def check_rank(x, rank: int | Sequence[int], name: str) -> None:
+    """Raise `ValueError` naming `name` unless `x` has rank `rank` (or one of them)."""
+    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+    ndim = jnp.ndim(x)
+    if ndim not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"`{name}` must have rank {want}, got shape {jnp.shape(x)}")
+
+
+def check_same_shape(reference, reference_name: str, **others) -> None:
+    """Raise `ValueError` unless every keyword array has the shape of `reference`."""
+    want = jnp.shape(reference)
+    for name, x in others.items():
+        if x is None:
+            continue
+        if jnp.shape(x) != want:
+            raise ValueError(
+                f"`{name}` must have the shape of `{reference_name}` {want}, got {jnp.shape(x)}"
+            )
+
+
+def as_float(x):
+    """`x` as a float array of at least float32 precision (bfloat16 -> float32, float64 kept)."""
+    x = jnp.asarray(x)
+    dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return x.astype(dtype)
+
+
+def _as_mask(mask, like, name: str = "mask"):
+    """The mask as float32 with the shape of `like` (checked, never broadcast)."""
+    if jnp.shape(mask) != jnp.shape(like):
+        raise ValueError(
+            f"`{name}` must have the shape of the data {jnp.shape(like)}, got {jnp.shape(mask)}"
+        )
+    return jnp.asarray(mask).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Masked reductions.
+
+
+def masked_sum(x, mask, *, axis=None):
+    """Sum of `x` over the positions where `mask` is 1.
+
+    Equation: `sum_i x_i * m_i` over `axis` (all axes when None).
+
+    Args:
+      x: array of any shape.
+      mask: same shape as `x`; float or bool, 1 = valid.
+      axis: axis or axes to reduce; None reduces everything.
+
+    Returns:
+      float32 array with `axis` reduced.
+    """
+    m = _as_mask(mask, x)
+    # where() rather than x * m: padding may hold inf/NaN (e.g. log(0)).
+    return jnp.sum(jnp.where(m > 0, as_float(x) * m, 0.0), axis=axis)
+
+
+def masked_mean(x, mask, *, axis=None):
+    """Mean of `x` over valid positions; 0 (not NaN) when nothing is valid.
+
+    Equation: `sum_i x_i m_i / max(sum_i m_i, 1)`.
+
+    Args:
+      x: array of any shape, e.g. `[B, T]`.
+      mask: same shape as `x`; float or bool.
+      axis: axis or axes to reduce; None reduces everything.
+
+    Returns:
+      float32 array with `axis` reduced.
+    """
+    m = _as_mask(mask, x)
+    count = jnp.sum(m, axis=axis)
+    return masked_sum(x, m, axis=axis) / jnp.maximum(count, 1.0)
+
+
+def masked_var(x, mask, *, axis=None, unbiased: bool = True):
+    """Variance of `x` over valid positions; 0 when fewer than two are valid.
+
+    Equation: `sum_i m_i (x_i - mu)^2 / (sum_i m_i - 1)` with `mu = masked_mean(x, mask)`
+    (Bessel's correction when `unbiased`, as TRL and OpenAI's lm-human-preferences do).
+
+    Args:
+      x: array of any shape.
+      mask: same shape as `x`.
+      axis: axis or axes to reduce; None reduces everything.
+      unbiased: divide by `n - 1` instead of `n`.
+
+    Returns:
+      float32 array with `axis` reduced.
+    """
+    m = _as_mask(mask, x)
+    mean = masked_mean(x, m, axis=axis)
+    if axis is not None:
+        mean = jnp.expand_dims(mean, axis)
+    centred = jnp.where(m > 0, as_float(x) - mean, 0.0)
+    count = jnp.sum(m, axis=axis)
+    denom = count - 1.0 if unbiased else count
+    return jnp.sum(centred * centred * m, axis=axis) / jnp.maximum(denom, 1.0)
+
+
+def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
+    """Normalise `x` to unit variance (and zero mean) over the valid positions.
+
+    Equation: `(x - mu) / sqrt(var + eps)`, then `+ mu` back when `shift_mean` is
+    False (OpenAI whitens rewards without shifting them). Statistics over all valid
+    positions of the batch; padded positions come back as 0.
+
+    Args:
+      x: array of any shape, e.g. `[B, T]` advantages.
+      mask: same shape as `x`.
+      shift_mean: subtract the mean (True) or keep it (False).
+      eps: added to the variance.
+
+    Returns:
+      float32 array of the shape of `x`, zero where `mask` is 0. Finite for an
+      all-masked input.
+
+    References:
+      Ziegler et al. 2019, arXiv 1909.08593; Huang et al. 2024, arXiv 2403.17031.
+    """
+    m = _as_mask(mask, x)
+    xf = as_float(x)
+    mean = masked_mean(xf, m)
+    var = masked_var(xf, m)
+    white = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return jnp.where(m > 0, white, 0.0)
+
+
+def last_valid_index(mask):
+    """Index of the last position where `mask` is 1, per row; -1 for an empty row.
+
+    Works for any 0/1 mask (not only ones-then-zeros).
+
+    Args:
+      mask: `[B, T]` float or bool.
+
+    Returns:
+      `[B]` int32.
+    """
+    check_rank(mask, 2, "mask")
+    t = jnp.shape(mask)[1]
+    positions = jnp.arange(t, dtype=jnp.int32)
+    return jnp.max(jnp.where(jnp.asarray(mask) > 0, positions[None, :], -1), axis=1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Token log-probabilities.
+
+
+def _scaled_logits(logits, temperature):
+    logits = as_float(logits)
+    if isinstance(temperature, (int, float)):
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature}")
+        if temperature == 1.0:
+            return logits
+    return logits / temperature
+
+
+def token_logprobs(logits, tokens, *, temperature: float = 1.0):
+    """Log-probability of `tokens` under `softmax(logits / temperature)`.
+
+    Equation: `log p(y_t) = z_{t, y_t} - logsumexp_v z_{t, v}` with `z = logits / temperature`,
+    computed in float32 from a gather and a `logsumexp`, so no second `[B, T, V]` array
+    (a full log-softmax) is ever materialised.
+
+    Args:
+      logits: `[..., T, V]` any float dtype (bfloat16 is upcast to float32).
+      tokens: `[..., T]` integer ids in `[0, V)`.
+      temperature: sampling temperature (> 0); the training forward must divide by the
+        same temperature as sampling did (Huang et al. 2024).
+
+    Returns:
+      `[..., T]` float32 log-probabilities.
+
+    References:
+      Huang et al. 2024, arXiv 2403.17031 (temperature in the training forward).
+    """
+    check_rank(logits, (2, 3), "logits")
+    if jnp.shape(tokens) != jnp.shape(logits)[:-1]:
+        raise ValueError(
+            f"`tokens` must have shape {jnp.shape(logits)[:-1]} (logits without the vocab axis), "
+            f"got {jnp.shape(tokens)}"
+        )
+    z = _scaled_logits(logits, temperature)
+    picked = jnp.take_along_axis(z, jnp.asarray(tokens, jnp.int32)[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(z, axis=-1)
+
+
+def token_entropy(logits, *, temperature: float = 1.0):
+    """Entropy of `softmax(logits / temperature)` at each position.
+
+    Equation: `H = logsumexp(z) - sum_v softmax(z)_v z_v`, which equals
+    `-sum_v p_v log p_v` without forming `log p`.
+
+    Args:
+      logits: `[..., T, V]` any float dtype.
+      temperature: > 0.
+
+    Returns:
+      `[..., T]` float32 entropies (nats).
+    """
+    check_rank(logits, (2, 3), "logits")
+    z = _scaled_logits(logits, temperature)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    probs = jnp.exp(z - lse[..., None])
+    return lse - jnp.sum(probs * z, axis=-1)
