@@ -1,0 +1,201 @@
+"""Building blocks shared by the GPT-2 and Llama modules: dense, norms, rotary
+embeddings, the attention mask over (left-padded) slots, and grouped-query attention
+with an optional preallocated KV cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig, rope_attention_factor
+
+
+def _normal(std):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+def _lead(v, x):
+    """Reshape a ``[D]`` vector to broadcast against ``x`` ``[..., D]`` (rank promotion is off)."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel`` ``[in, out]`` (HF Conv1D layout)."""
+
+    def __init__(self, in_features, out_features, *, use_bias, rngs, std=0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=None):
+        init = kernel_init or _normal(std)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + _lead(self.bias[...].astype(self.dtype), y)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token (or position) embedding table ``[num, dim]``."""
+
+    def __init__(self, num, dim, *, rngs, std=0.02, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.embedding = nnx.Param(_normal(std)(rngs.params(), (num, dim), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with statistics in float32."""
+
+    def __init__(self, dim, *, eps, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * _lead(self.scale[...].astype(jnp.float32), y) + _lead(self.bias[...].astype(jnp.float32), y)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in HF Llama: normalise in float32, cast, then scale."""
+
+    def __init__(self, dim, *, eps, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return _lead(self.scale[...].astype(self.dtype), y) * y.astype(self.dtype)
+
+
+# ------------------------------------------------------------------ rotary
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float64 NumPy), with rope scaling applied.
+
+    Types: ``default``; ``linear`` (divide by ``factor``); ``llama3`` (Llama 3.1:
+    low frequencies divided by ``factor``, a smooth blend between
+    ``low_freq_factor`` and ``high_freq_factor``); ``yarn`` (arXiv 2309.00071).
+    """
+    dim = config.head_dim
+    base = config.rope_theta
+    inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rope = config.rope_scaling_dict
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv
+    factor = float(rope["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        old_ctx = float(rope["original_max_position_embeddings"])
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return np.where(medium, blended, scaled)
+    if kind == "yarn":
+        old_ctx = float(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+        beta_fast = float(rope.get("beta_fast") or 32)
+        beta_slow = float(rope.get("beta_slow") or 1)
+
+        def correction_dim(num_rotations):
+            return dim * np.log(old_ctx / (num_rotations * 2 * np.pi)) / (2 * np.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rope.get("truncate", True):
+            lo, hi = np.floor(lo), np.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        extrapolation_weight = 1 - ramp
+        return (inv / factor) * (1 - extrapolation_weight) + inv * extrapolation_weight
+    raise ValueError(f"rope_type {kind!r} is not supported")
+
+
+def rope_cos_sin(config: ModelConfig, positions):
+    """cos and sin ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
+    inv = jnp.asarray(rope_inv_freq(config), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    scale = rope_attention_factor(config)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate ``x`` ``[B, T, H, Dh]`` (HF "rotate_half" layout), in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------- mask and positions
+def slot_positions(attention_mask, cache_index, length):
+    """Position ids ``[B, T]`` of the ``T`` tokens written at ``cache_index``.
+
+    Positions count real tokens: ``cumsum(mask) - 1`` over all slots, so left
+    padding does not shift them; padding slots get 0.
+    """
+    mask = attention_mask.astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    if cache_index is None:
+        return pos
+    return jax.lax.dynamic_slice_in_dim(pos, cache_index, length, axis=1)
+
+
+def attention_allowed(attention_mask, cache_index, length):
+    """Boolean ``[B, T, S]``: query slot ``i`` may see key slot ``j`` iff ``j <= i`` and ``mask[b, j]``."""
+    num_slots = attention_mask.shape[1]
+    start = 0 if cache_index is None else cache_index
+    query_slot = start + jnp.arange(length, dtype=jnp.int32)
+    key_slot = jnp.arange(num_slots, dtype=jnp.int32)
+    causal = key_slot[None, :] <= query_slot[:, None]
+    return causal[None, :, :] & (attention_mask[:, None, :] > 0)
+
+
+def attend(q, k, v, allowed, *, scale):
+    """Grouped-query attention without repeating the KV heads.
+
+    Args:
+      q: ``[B, T, Hq, Dh]``; k, v: ``[B, S, Hkv, Dh]`` with ``Hq % Hkv == 0``;
+      allowed: ``[B, T, S]`` bool.
+      scale: multiplier of the scores (usually ``Dh ** -0.5``).
+
+    Returns:
+      ``[B, T, Hq * Dh]`` in q's dtype. Scores and softmax are float32; a query
+      row with no allowed key gets a uniform average (finite, never NaN).
+    """
+    b, t, hq, dh = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq * dh)
+
+
+def update_cache(layer_cache, k, v, cache_index):
+    """Write ``k``, ``v`` ``[B, T, Hkv, Dh]`` into slots ``cache_index..`` of the layer cache."""
+    k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                cache_index, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                cache_index, axis=1)
+    return {"k": k_all, "v": v_all}

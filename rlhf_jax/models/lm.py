@@ -1,0 +1,341 @@
+"""The LM wrapper: pure functions over an explicit parameter pytree, plus the heads.
+
+An :class:`LM` is a plain Python object that holds the static parts (config,
+NNX graph definition, head kind, dtypes) and exposes jittable functions that take
+``params`` (a nested dict of arrays) as their first argument. Close over it; never
+pass it through ``jit``.
+
+Heads:
+
+- ``"lm"``: next-token logits (tied to the embedding or a separate ``lm_head``).
+- ``"scalar"``: one number per position (``score``: ``[D] -> 1`` with bias,
+  initialised N(0, 1/sqrt(D + 1)), Ziegler et al. 2019). As a reward model the
+  score is read at the last ``mask == 1`` position; as a value model per token.
+- ``"lm+value"``: the LM head plus a zero-initialised ``value_head`` on the shared
+  trunk (OpenAI's lm-human-preferences policy).
+"""
+from __future__ import annotations
+
+import math
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import ops
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.gpt2 import GPT2Model
+from rlhf_jax.models.layers import Dense, attention_allowed, slot_positions
+from rlhf_jax.models.llama import LlamaModel
+
+HEADS = ("lm", "scalar", "lm+value")
+
+
+class Network(nnx.Module):
+    """Trunk plus the heads that ``head`` asks for (the NNX module behind an :class:`LM`)."""
+
+    def __init__(self, cfg: ModelConfig, head: str, *, rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        trunk_cls = GPT2Model if cfg.family == "gpt2" else LlamaModel
+        self.trunk = trunk_cls(cfg, rngs=rngs, **kw)
+        d = cfg.hidden_size
+        self.lm_head = None
+        self.score = None
+        self.value_head = None
+        if head in ("lm", "lm+value") and not cfg.tie_word_embeddings:
+            self.lm_head = Dense(d, cfg.vocab_size, use_bias=False, rngs=rngs,
+                                 std=cfg.initializer_range, **kw)
+        if head == "scalar":
+            self.score = Dense(d, 1, use_bias=True, rngs=rngs, std=1.0 / math.sqrt(d + 1), **kw)
+        if head == "lm+value":
+            self.value_head = Dense(d, 1, use_bias=True, rngs=rngs,
+                                    kernel_init=jax.nn.initializers.zeros, **kw)
+
+
+def _stringify(tree):
+    """Pure-dict keys as strings (NNX list indices are ints; orbax prefers strings)."""
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return tree
+
+
+def _intify(tree):
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _intify(v)
+                for k, v in tree.items()}
+    return tree
+
+
+def _check_head(head):
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+
+
+class LM:
+    """A decoder LM with pure, jittable functions over ``params``.
+
+    Attributes:
+      config: the :class:`ModelConfig`.
+      head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
+      params: nested dict of jax arrays (``param_dtype``, float32 by default).
+      dtype: compute dtype; param_dtype: storage dtype.
+    """
+
+    def __init__(self, config: ModelConfig, head: str, graphdef, params, *, dtype, param_dtype):
+        _check_head(head)
+        self.config = config
+        self.head = head
+        self.graphdef = graphdef
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+
+    def __repr__(self):
+        return (f"LM({self.config.model_type}, head={self.head!r}, layers={self.config.num_layers}, "
+                f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name})")
+
+    def _net(self, params) -> Network:
+        return nnx.merge(self.graphdef, _intify(params))
+
+    # ------------------------------------------------------------------ trunk
+    def hidden_states(self, params, input_ids, attention_mask, *, positions=None, cache=None,
+                      cache_index=None):
+        """Final hidden states (after the last norm) and the updated KV cache.
+
+        Without a cache, ``attention_mask`` is ``[B, T]`` like ``input_ids``; with a
+        cache it is ``[B, S]`` over the cache slots (1 = a real token is or will be
+        in that slot), the ``T`` inputs are written into slots ``cache_index ..
+        cache_index + T - 1``, and the query in slot ``i`` attends to slots
+        ``j <= i`` whose mask is 1. Positions default to ``cumsum(mask) - 1``, so
+        left padding is handled.
+
+        Args:
+          params: the parameter pytree.
+          input_ids: ``[B, T]`` int token ids (``< vocab_size``; not checked in jit,
+            see :meth:`check_inputs`).
+          attention_mask: ``[B, T]`` (no cache) or ``[B, S]`` (cache), 1 = real token.
+          positions: optional ``[B, T]`` int position ids.
+          cache: from :meth:`init_cache` (or a previous call), or None.
+          cache_index: int (may be traced): the first slot written; needed with a cache.
+
+        Returns:
+          ``(hidden [B, T, D] in the compute dtype, cache)`` (cache is None without one).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        max_len = self.config.max_position_embeddings
+        if cache is None:
+            if attention_mask.shape != (b, t):
+                raise ValueError(f"attention_mask must have the shape of input_ids {(b, t)}, "
+                                 f"got {attention_mask.shape}")
+            if t > max_len:
+                raise ValueError(f"sequence length {t} exceeds the model context "
+                                 f"max_position_embeddings={max_len}")
+            cache_index = None
+        else:
+            if cache_index is None:
+                raise ValueError("cache_index is required when cache is given")
+            num_slots = cache[0]["k"].shape[1]
+            if attention_mask.shape != (b, num_slots):
+                raise ValueError(f"with a cache, attention_mask must be [B, S] = {(b, num_slots)} "
+                                 f"over the cache slots, got {attention_mask.shape}")
+            if t > num_slots:
+                raise ValueError(f"{t} input tokens do not fit in a cache of {num_slots} slots")
+        if positions is None:
+            positions = slot_positions(attention_mask, cache_index, t)
+        allowed = attention_allowed(attention_mask, cache_index, t)
+        net = self._net(params)
+        return net.trunk(input_ids, positions, allowed, cache, cache_index)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+        """A zero KV cache: a list (one per layer) of ``{"k", "v"}`` ``[B, S, Hkv, Dh]``.
+
+        Args:
+          batch_size: B. max_length: S, the number of slots (prompt + new tokens).
+          dtype: cache dtype; the compute dtype by default.
+        """
+        cfg = self.config
+        if max_length > cfg.max_position_embeddings:
+            raise ValueError(f"cache max_length {max_length} exceeds the model context "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+                for _ in range(cfg.num_layers)]
+
+    # ------------------------------------------------------------------ heads
+    def lm_head(self, params, hidden):
+        """Logits ``[..., V]`` (float32) from hidden states ``[..., D]``."""
+        if self.head == "scalar":
+            raise ValueError("this LM has head='scalar' and no LM head; use with_head('lm')")
+        h = hidden.astype(self.dtype)
+        if self.config.tie_word_embeddings:
+            table = _embedding(self.config, params).astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+        kernel = params["lm_head"]["kernel"].astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+
+    def value_head(self, params, hidden):
+        """Per-position scalars ``[...]`` (float32) from hidden states ``[..., D]``.
+
+        Uses ``score`` for head ``"scalar"`` and ``value_head`` for ``"lm+value"``.
+        """
+        if self.head == "lm":
+            raise ValueError("this LM has head='lm' and no scalar/value head; "
+                             "use with_head('scalar') or with_head('lm+value')")
+        p = params["score"] if self.head == "scalar" else params["value_head"]
+        out = jnp.einsum("...d,do->...o", hidden.astype(jnp.float32),
+                         p["kernel"].astype(jnp.float32))
+        return out[..., 0] + p["bias"].astype(jnp.float32)[0]
+
+    def logits(self, params, input_ids, attention_mask):
+        """Next-token logits ``[B, T, V]`` float32 (left padding supported)."""
+        hidden, _ = self.hidden_states(params, input_ids, attention_mask)
+        return self.lm_head(params, hidden)
+
+    def values(self, params, input_ids, attention_mask):
+        """Per-token values ``[B, T]`` float32 (head ``"scalar"`` or ``"lm+value"``)."""
+        hidden, _ = self.hidden_states(params, input_ids, attention_mask)
+        return self.value_head(params, hidden)
+
+    def scores(self, params, input_ids, attention_mask):
+        """Reward-model scores ``[B]``: the scalar head at the last ``mask == 1`` position.
+
+        A row with no valid token reads position 0.
+        """
+        values = self.values(params, input_ids, attention_mask)
+        last = jnp.maximum(ops.last_valid_index(attention_mask), 0)
+        return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+
+    def response_logprobs(self, params, input_ids, attention_mask, num_response: int, *,
+                          temperature: float = 1.0, with_entropy: bool = False):
+        """Log-probs of the response tokens, the LM head applied on response positions only.
+
+        ``input_ids`` is ``[prompt (left-padded, P) | response (right-padded, N)]``;
+        the token in column ``P + n`` is predicted from the hidden state in column
+        ``P + n - 1``, so the head runs on columns ``P - 1 .. P + N - 2``.
+
+        Args:
+          params: parameters. input_ids, attention_mask: ``[B, P + N]``.
+          num_response: N (static int, 1 <= N < P + N).
+          temperature: logits are divided by it (as when sampling).
+          with_entropy: also return the per-token entropy.
+
+        Returns:
+          ``[B, N]`` float32 log-probs (padding positions hold junk: mask them), or
+          ``(logprobs, entropy)``.
+        """
+        t = input_ids.shape[1]
+        n = int(num_response)
+        if not 1 <= n < t:
+            raise ValueError(f"num_response must be in [1, {t - 1}] for sequences of length {t}, got {n}")
+        hidden, _ = self.hidden_states(params, input_ids, attention_mask)
+        logits = self.lm_head(params, hidden[:, t - n - 1:t - 1])
+        targets = input_ids[:, t - n:]
+        logprobs = ops.token_logprobs(logits, targets, temperature=temperature)
+        if with_entropy:
+            return logprobs, ops.token_entropy(logits, temperature=temperature)
+        return logprobs
+
+    # ------------------------------------------------------------------ misc
+    def check_inputs(self, input_ids, attention_mask=None):
+        """Eager validation (not jittable): ranks, shapes, context length, token-id range.
+
+        Call it from drivers and samplers before entering ``jit``, where out-of-range
+        ids cannot be detected (they would read NaN embeddings).
+
+        Raises:
+          ValueError: naming the argument and the offending value.
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+        t = ids.shape[1]
+        if t > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids length {t} exceeds the model context "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids contain ids outside [0, vocab_size={self.config.vocab_size}): "
+                             f"min {ids.min()}, max {ids.max()}")
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask must contain only 0 and 1")
+
+    def with_head(self, head: str, *, seed: int = 0, params=None):
+        """A new LM with another head that reuses this trunk's parameters.
+
+        E.g. a reward model initialised from an SFT policy:
+        ``rm, rm_params = policy.with_head("scalar", seed=1, params=sft_params)``.
+        The LM head is carried over when both heads have one; new heads are freshly
+        initialised (``score`` N(0, 1/sqrt(D+1)), ``value_head`` zeros).
+
+        Returns:
+          ``(new_lm, new_params)`` (``new_lm.params`` is ``new_params``).
+        """
+        _check_head(head)
+        params = self.params if params is None else params
+        fresh = from_config(self.config, head=head, seed=seed, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
+        new_params = dict(fresh.params)
+        new_params["trunk"] = params["trunk"]
+        if "lm_head" in new_params and "lm_head" in params:
+            new_params["lm_head"] = params["lm_head"]
+        fresh.params = new_params
+        return fresh, new_params
+
+    def save_pretrained(self, out_dir, params=None, tokenizer=None, *, save_dtype=None):
+        """Write an HF checkpoint (see :func:`rlhf_jax.models.hub.save_pretrained`)."""
+        from rlhf_jax.models.hub import save_pretrained
+        return save_pretrained(self, out_dir, params=params, tokenizer=tokenizer,
+                               save_dtype=save_dtype)
+
+    def num_params(self, params=None) -> int:
+        """Number of parameters."""
+        leaves = jax.tree_util.tree_leaves(self.params if params is None else params)
+        return int(sum(np.prod(x.shape) for x in leaves))
+
+
+def _embedding(cfg: ModelConfig, params):
+    trunk = params["trunk"]
+    return trunk["wte"]["embedding"] if cfg.family == "gpt2" else trunk["embed_tokens"]["embedding"]
+
+
+def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
+          param_dtype=jnp.float32, abstract: bool = False):
+    """(graphdef, params) of a fresh :class:`Network`; ``abstract`` gives ShapeDtypeStructs."""
+    _check_head(head)
+
+    def make():
+        return Network(config, head, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+
+    net = nnx.eval_shape(make) if abstract else make()
+    graphdef, state = nnx.split(net, nnx.Param)
+    return graphdef, _stringify(state.to_pure_dict())
+
+
+def from_config(config: ModelConfig, *, head: str = "lm", seed: int = 0, dtype=jnp.float32,
+                param_dtype=jnp.float32) -> LM:
+    """A randomly initialised :class:`LM` (HF-style N(0, 0.02) init; norms 1, biases 0).
+
+    Args:
+      config: the architecture, e.g. ``ModelConfig.tiny("gpt2", vocab_size=64)``.
+      head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
+      seed: PRNG seed of the initialisation.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype.
+
+    Example:
+      >>> lm = from_config(ModelConfig.tiny("llama", 64), head="lm", seed=0)
+      >>> lm.logits(lm.params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3))).shape
+      (1, 3, 64)
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    graphdef, params = build(config, head, seed=seed, dtype=dtype, param_dtype=param_dtype)
+    return LM(config, head, graphdef, params, dtype=dtype, param_dtype=param_dtype)
