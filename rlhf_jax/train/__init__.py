@@ -1,0 +1,70 @@
+"""Training: pure jittable steps (SFT, reward model, PPO), their states and configs.
+
+Steps are built by factories that close over static things (the model, the optimizer,
+the config) and return pure `(state, batch) -> (state, metrics)` functions:
+
+    tx = make_optimizer(1e-4, warmup_steps=10, total_steps=1000)
+    state = sft_init(lm, lm.params, tx, seed=0)
+    step = jax.jit(make_sft_step(lm, tx, SFTConfig()))
+    state, metrics = step(state, batch)
+
+PPO is a small object with three jitted phases (`PPOTrainer.iteration`).
+The drivers (fit_*), sharding and checkpointing live in `train/loop.py`,
+`train/sharding.py` and `rlhf_jax/checkpoint.py`.
+"""
+from rlhf_jax.train.ppo import (
+    PPOBatch,
+    PPOConfig,
+    PPOState,
+    PPOTrainer,
+    ppo_advantages,
+    ppo_minibatch_loss,
+)
+from rlhf_jax.train.reward import (
+    RewardConfig,
+    evaluate_reward_model,
+    make_reward_step,
+    normalize_reward_head,
+    reward_init,
+)
+from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init, sft_loss_fn
+from rlhf_jax.train.state import (
+    TrainState,
+    accumulate_gradients,
+    check_vocab,
+    guarded_apply,
+    learning_rate_from_state,
+    make_optimizer,
+    model_context_length,
+    optimizer_from_config,
+    split_micro_batches,
+    tree_all_finite,
+)
+
+__all__ = [
+    "PPOBatch",
+    "PPOConfig",
+    "PPOState",
+    "PPOTrainer",
+    "ppo_advantages",
+    "ppo_minibatch_loss",
+    "RewardConfig",
+    "evaluate_reward_model",
+    "make_reward_step",
+    "normalize_reward_head",
+    "reward_init",
+    "SFTConfig",
+    "make_sft_step",
+    "sft_init",
+    "sft_loss_fn",
+    "TrainState",
+    "accumulate_gradients",
+    "check_vocab",
+    "guarded_apply",
+    "learning_rate_from_state",
+    "make_optimizer",
+    "model_context_length",
+    "optimizer_from_config",
+    "split_micro_batches",
+    "tree_all_finite",
+]

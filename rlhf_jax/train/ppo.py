@@ -1,0 +1,664 @@
+"""PPO for RLHF: rollout, score, and one jitted update per iteration.
+
+`PPOTrainer(policy, cfg, tx, ...)` owns three jitted phases:
+
+1. rollout: `rlhf_jax.generate` with the policy at `cfg.temperature`;
+2. score: a reward model's `scores` on [prompt | response] (on device), or a host
+   `reward_fn` (NumPy in, NumPy out: programmatic verifiers, RLVR);
+3. update: reference log-probs (frozen `ref_params`, an argument), old log-probs and
+   values from the current networks, shaped rewards with the KL controller's current
+   coefficient, GAE, whitening, then `ppo_epochs x num_minibatches (x grad_accum_steps
+   micro-batches)` as nested `lax.scan`s over `jax.random.permutation`s, then the
+   KL-controller update.
+
+The array math (`shaped_rewards`, `gae`, `masked_whiten`, `ppo_policy_loss`,
+`ppo_value_loss`, `kl_penalty`, ...) comes from `rlhf_jax`; this module only wires it.
+`ppo_advantages` and `ppo_minibatch_loss` are the two pure pieces, public so a
+researcher (and the TRL golden test) can call them alone.
+
+Batch semantics: one iteration samples one response for each of `cfg.batch_size`
+prompts; those `batch_size` sequences are the PPO batch, split into `num_minibatches`
+minibatches (one optimizer update each) per epoch, each minibatch into
+`grad_accum_steps` micro-batches whose gradients are accumulated. So one iteration
+makes `ppo_epochs * num_minibatches` optimizer updates.
+
+References:
+  Schulman et al. 2017, arXiv 1707.06347 (PPO); Schulman et al. 2015, arXiv 1506.02438
+  (GAE); Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022, arXiv 2203.02155;
+  Huang et al. 2024, arXiv 2403.17031 (the N+ implementation details).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from rlhf_jax import ops
+from rlhf_jax.train.state import (
+    accumulate_gradients,
+    guarded_apply,
+    learning_rate_from_state,
+    model_context_length,
+    tree_all_finite,
+)
+
+__all__ = [
+    "PPOConfig",
+    "PPOState",
+    "PPOTrainer",
+    "PPOBatch",
+    "ppo_advantages",
+    "ppo_minibatch_loss",
+]
+
+_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Hyper-parameters of a PPO-RLHF iteration.
+
+    Batch semantics:
+      batch_size: prompts per iteration; one response is sampled per prompt, so this is
+        also the number of sequences in the PPO batch.
+      num_minibatches: optimizer updates per epoch; minibatch = batch_size / num_minibatches.
+      ppo_epochs: passes over the batch per iteration (a fresh permutation each).
+      grad_accum_steps: micro-batches per minibatch (gradients accumulated, weighted by
+        the loss normaliser); `batch_size` must be divisible by
+        `num_minibatches * grad_accum_steps`.
+
+    Sampling (the same temperature divides the logits in the training forward):
+      max_new_tokens, temperature, top_k (0 = off), top_p (1 = off), eos_token_id,
+      pad_token_id.
+
+    Losses:
+      clip_eps: policy ratio clip. dual_clip: dual-clip constant c > 1 (None = off).
+      value_clip_eps: value clip around the old values. vf_coef: value-loss weight.
+      entropy_coef: entropy bonus weight (loss -= coef * entropy).
+      loss_agg, norm_constant: token aggregation of all three losses (see `aggregate`).
+
+    Rewards and advantages:
+      gamma, lam, gae_method: GAE. kl_coef: initial KL coefficient. kl_target: adaptive
+      controller target (None = fixed coefficient). kl_horizon: its horizon.
+      kl_estimator: "k1" | "k2" | "k3" in the shaped reward. whiten_rewards (no mean
+      shift, as OpenAI), whiten_advantages. missing_eos_penalty: subtracted from the score
+      of responses that did not end with EOS (None = off). reward_clip: clip scores to
+      [-c, c] (None = off).
+
+    Optimizer (policy; the value network uses `value_learning_rate` or the same):
+      learning_rate, value_learning_rate, warmup_steps, total_steps, schedule,
+      weight_decay, max_grad_norm, b1, b2.
+
+    seed: PRNG seed of the state.
+    """
+
+    batch_size: int = 64
+    num_minibatches: int = 4
+    ppo_epochs: int = 4
+    grad_accum_steps: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    norm_constant: float | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    gae_method: str = "auto"
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None
+    reward_clip: float | None = None
+    learning_rate: float = 1e-5
+    value_learning_rate: float | None = None
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = ("batch_size", "num_minibatches", "ppo_epochs", "grad_accum_steps", "max_new_tokens")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        per = self.num_minibatches * self.grad_accum_steps
+        if self.batch_size % per:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must be divisible by `num_minibatches` * "
+                f"`grad_accum_steps` ({self.num_minibatches} * {self.grad_accum_steps} = {per})"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}")
+        if self.loss_agg not in _AGGS:
+            raise ValueError(f"`loss_agg` must be one of {_AGGS}, got {self.loss_agg!r}")
+        if self.kl_estimator not in _ESTIMATORS:
+            raise ValueError(f"`kl_estimator` must be one of {_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"`dual_clip` must be > 1 (or None), got {self.dual_clip}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"`kl_target` must be > 0 (or None), got {self.kl_target}")
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.grad_accum_steps
+
+
+@struct.dataclass
+class PPOState:
+    """Everything a PPO run carries between iterations (a pytree: checkpoint it whole).
+
+    Attributes:
+      params: policy params (with the value head when the trunk is shared).
+      opt_state: optimizer state for `params`.
+      value_params: separate value network params, or None (shared trunk).
+      value_opt_state: its optimizer state, or None.
+      kl_ctl: `KLControllerState` (current coefficient; adaptive or fixed).
+      step: int32 scalar, iterations done.
+      rng: PRNG key; each iteration splits it into rollout / update keys.
+    """
+
+    params: Any
+    opt_state: Any
+    value_params: Any
+    value_opt_state: Any
+    kl_ctl: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+class PPOBatch(NamedTuple):
+    """The per-sequence arrays a PPO minibatch reads (all rows aligned).
+
+    input_ids/attention_mask: `[B, P + N]` prompt | response; response_mask, old_logprobs,
+    old_values, advantages, returns: `[B, N]`.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    old_values: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+
+
+def _kl_coef_of(ctl):
+    for name in ("kl_coef", "coef", "value"):
+        if hasattr(ctl, name):
+            return jnp.asarray(getattr(ctl, name), jnp.float32)
+    raise TypeError(f"cannot read the KL coefficient of {type(ctl).__name__}")
+
+
+def ppo_advantages(
+    scores,
+    logprobs,
+    ref_logprobs,
+    values,
+    mask,
+    *,
+    kl_coef,
+    cfg: PPOConfig,
+    eos_mask=None,
+):
+    """Shaped rewards, GAE and (optionally) whitened advantages of one PPO batch.
+
+    rewards_t = -kl_coef * kl_t, plus the score (minus `missing_eos_penalty` when the
+    response did not end with EOS; clipped to `reward_clip`) on the last valid token;
+    rewards optionally whitened without a mean shift; then GAE with (gamma, lam), and
+    advantages optionally whitened over valid tokens.
+
+    Args:
+      scores: `[B]` float.
+      logprobs, ref_logprobs, values, mask: `[B, N]` over response tokens.
+      kl_coef: scalar (may be traced: the controller's current value).
+      cfg: `PPOConfig`.
+      eos_mask: `[B]` bool, the response ended with EOS.
+
+    Returns:
+      dict with "rewards", "kl", "advantages" (whitened when configured),
+      "raw_advantages", "returns", all `[B, N]` float32.
+    """
+    from rlhf_jax.advantages import gae
+    from rlhf_jax.rewards import shaped_rewards
+
+    rewards, kl = shaped_rewards(
+        scores,
+        logprobs,
+        ref_logprobs,
+        mask,
+        kl_coef=kl_coef,
+        estimator=cfg.kl_estimator,
+        eos_mask=eos_mask,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        reward_clip=cfg.reward_clip,
+    )
+    if cfg.whiten_rewards:
+        rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, method=cfg.gae_method)
+    raw = advantages
+    if cfg.whiten_advantages:
+        advantages = ops.masked_whiten(advantages, mask)
+    return {"rewards": rewards, "kl": kl, "advantages": advantages, "raw_advantages": raw, "returns": returns}
+
+
+def _loss_weight(mask, agg: str):
+    if agg == "token-mean":
+        return jnp.sum(mask)
+    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
+
+
+def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg: PPOConfig):
+    """The PPO loss of one (micro-)batch given the new log-probs, values and entropies.
+
+    loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy, with the clipped
+    surrogate (optionally dual-clipped) and the clipped value loss
+    `0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2)`, all aggregated by
+    `cfg.loss_agg` over the valid response tokens.
+
+    Args:
+      logprobs, values, entropy: `[B, N]` from the current networks (entropy may be None).
+      batch: the `PPOBatch` rows.
+      cfg: `PPOConfig`.
+
+    Returns:
+      `(loss, aux)` with policy_loss, value_loss, entropy, clipfrac, approx_kl,
+      ratio_mean, ratio_max, value_clipfrac.
+    """
+    from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
+
+    mask = batch.response_mask
+    pg_kwargs = dict(clip_eps=cfg.clip_eps, agg=cfg.loss_agg)
+    if cfg.dual_clip is not None:
+        pg_kwargs["dual_clip"] = cfg.dual_clip
+    if cfg.norm_constant is not None:
+        pg_kwargs["norm_constant"] = cfg.norm_constant
+    pg_loss, pg_aux = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, **pg_kwargs)
+    vf_kwargs = dict(clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg)
+    if cfg.norm_constant is not None:
+        vf_kwargs["norm_constant"] = cfg.norm_constant
+    vf_loss, vf_aux = ppo_value_loss(values, batch.old_values, batch.returns, mask, **vf_kwargs)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if entropy is not None:
+        ent = aggregate(entropy, mask, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
+        loss = loss - cfg.entropy_coef * ent
+    else:
+        ent = jnp.zeros((), jnp.float32)
+    ratio = jnp.exp(logprobs - batch.old_logprobs)
+    aux = {
+        "policy_loss": pg_loss,
+        "value_loss": vf_loss,
+        "entropy": ops.masked_mean(entropy, mask) if entropy is not None else ent,
+        "clipfrac": pg_aux["clipfrac"],
+        "approx_kl": pg_aux["approx_kl"],
+        "ratio_mean": ops.masked_mean(ratio, mask),
+        "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
+        "value_clipfrac": vf_aux["value_clipfrac"],
+    }
+    return loss, aux
+
+
+class PPOTrainer:
+    """PPO-RLHF trainer: `init` builds a `PPOState`, `iteration` runs one PPO iteration.
+
+    Args:
+      policy: the policy `LM` ("lm" head with a separate `value_model`, or "lm+value"
+        for a value head on the shared trunk).
+      cfg: `PPOConfig`.
+      tx: the policy optimizer (e.g. `optimizer_from_config(cfg)`).
+      value_model: a scalar-head `LM` used as a separate value network (may be
+        initialised from the reward model, as in the N+ paper), or None to use the
+        policy's own value head (one loss: policy + vf_coef * value).
+      value_tx: the value network's optimizer (default: `tx`).
+      reward_model: a scalar-head `LM` whose `scores` on [prompt | response] is the
+        reward (its params are passed to `iteration`).
+      reward_fn: host function `(prompt_ids, prompt_mask, response_tokens, response_mask,
+        prompt_index) -> np.ndarray [B]`, used instead of a reward model.
+
+    A non-finite score skips the update: params, optimizer states and the KL
+    controller are left unchanged, the rng still advances (the same way as in a normal
+    iteration, so a run stays deterministic), and `metrics["skipped_nonfinite"]` is 1.
+    Non-finite gradients likewise skip their minibatch's update.
+    """
+
+    def __init__(
+        self,
+        policy,
+        cfg: PPOConfig,
+        tx: optax.GradientTransformation,
+        *,
+        value_model=None,
+        value_tx: optax.GradientTransformation | None = None,
+        reward_model=None,
+        reward_fn: Callable | None = None,
+    ):
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one of `reward_model` and `reward_fn`")
+        head = getattr(policy, "head", None)
+        if value_model is None and head is not None and head != "lm+value":
+            raise ValueError(
+                f"`value_model` is None, so the policy must have head='lm+value' (a value head "
+                f"on the shared trunk); got head={head!r}"
+            )
+        self.policy = policy
+        self.cfg = cfg
+        self.tx = tx
+        self.value_model = value_model
+        self.value_tx = value_tx if value_tx is not None else tx
+        self.reward_model = reward_model
+        self.reward_fn = reward_fn
+        self._rollout_jit = jax.jit(self._rollout)
+        self._score_jit = jax.jit(self._score) if reward_model is not None else None
+        self._update_jit = jax.jit(self._update)
+
+    # -- state ------------------------------------------------------------------------
+
+    def init(self, policy_params, value_params=None, *, seed: int | None = None) -> PPOState:
+        """A fresh `PPOState` (optimizer states, KL controller at `cfg.kl_coef`, step 0).
+
+        Args:
+          policy_params: the policy's params (SFT weights; also the reference's).
+          value_params: the separate value network's params (required when the trainer
+            has a `value_model`; e.g. the reward model's params, N+), else None.
+          seed: PRNG seed (default `cfg.seed`).
+        """
+        from rlhf_jax.kl import kl_controller_init
+
+        if self.value_model is not None and value_params is None:
+            raise ValueError("the trainer has a `value_model`, so `value_params` is required")
+        if self.value_model is None and value_params is not None:
+            raise ValueError("`value_params` given but the trainer has no `value_model` (shared trunk)")
+        seed = self.cfg.seed if seed is None else seed
+        return PPOState(
+            params=policy_params,
+            opt_state=self.tx.init(policy_params),
+            value_params=value_params,
+            value_opt_state=None if value_params is None else self.value_tx.init(value_params),
+            kl_ctl=kl_controller_init(self.cfg.kl_coef, target=self.cfg.kl_target, horizon=self.cfg.kl_horizon),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key(seed),
+        )
+
+    # -- phases -----------------------------------------------------------------------
+
+    def _rollout(self, params, prompt_ids, prompt_mask, key):
+        from rlhf_jax.rollout import generate
+
+        cfg = self.cfg
+        return generate(
+            self.policy,
+            params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id,
+        )
+
+    def _score(self, reward_params, prompt_ids, prompt_mask, tokens, response_mask):
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1)
+        return jnp.asarray(self.reward_model.scores(reward_params, ids, mask), jnp.float32)
+
+    def _forward(self, params, value_params, input_ids, attention_mask, *, with_entropy):
+        """Response log-probs (temperature-scaled), entropies and values `[B, N]`."""
+        n = self.cfg.max_new_tokens
+        p = jnp.shape(input_ids)[1] - n
+        out = self.policy.response_logprobs(
+            params, input_ids, attention_mask, n, temperature=self.cfg.temperature, with_entropy=with_entropy
+        )
+        logprobs, entropy = out if with_entropy else (out, None)
+        if self.value_model is None:
+            full = self.policy.values(params, input_ids, attention_mask)
+        else:
+            full = self.value_model.values(value_params, input_ids, attention_mask)
+        # The value of response token t is the value of the state before it: position P-1+t.
+        values = jnp.asarray(full, jnp.float32)[:, p - 1 : p + n - 1]
+        return logprobs, entropy, values
+
+    def _update(self, state: PPOState, prompt_ids, prompt_mask, rollout, scores, ref_params, key):
+        from rlhf_jax.kl import kl_controller_update, kl_penalty
+
+        cfg = self.cfg
+        b = jnp.shape(prompt_ids)[0]
+        mask = jnp.asarray(rollout.mask, jnp.float32)
+        input_ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
+        attention_mask = jnp.concatenate(
+            [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(rollout.mask > 0, jnp.int32)], axis=1
+        )
+        scores = jnp.asarray(scores, jnp.float32)
+        scores_finite = jnp.all(jnp.isfinite(scores))
+        safe_scores = jnp.where(jnp.isfinite(scores), scores, 0.0)
+
+        n = cfg.max_new_tokens
+        ref_logprobs = self.policy.response_logprobs(
+            ref_params, input_ids, attention_mask, n, temperature=cfg.temperature
+        )
+        old_logprobs, old_entropy, old_values = self._forward(
+            state.params, state.value_params, input_ids, attention_mask, with_entropy=True
+        )
+        old_logprobs = jax.lax.stop_gradient(old_logprobs)
+        kl_coef = _kl_coef_of(state.kl_ctl)
+        adv = ppo_advantages(
+            safe_scores, old_logprobs, ref_logprobs, old_values, mask,
+            kl_coef=kl_coef, cfg=cfg, eos_mask=rollout.ended_with_eos,
+        )
+        data = PPOBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=mask,
+            old_logprobs=old_logprobs,
+            old_values=old_values,
+            advantages=adv["advantages"],
+            returns=adv["returns"],
+        )
+
+        shared = self.value_model is None
+
+        def loss_fn(all_params, micro: PPOBatch):
+            params, value_params = all_params
+            logprobs, entropy, values = self._forward(
+                params, value_params, micro.input_ids, micro.attention_mask, with_entropy=True
+            )
+            loss, aux = ppo_minibatch_loss(logprobs, values, entropy, micro, cfg=cfg)
+            return loss, (aux, _loss_weight(micro.response_mask, cfg.loss_agg))
+
+        def minibatch(carry, idx):
+            params, opt_state, value_params, value_opt_state = carry
+            micro = jax.tree.map(lambda x: x[idx], data)  # [A, micro, ...]
+            loss, grads, aux, _ = accumulate_gradients(
+                loss_fn, (params, value_params), micro, num_micro=cfg.grad_accum_steps
+            )
+            g_policy, g_value = grads
+            ok = scores_finite & tree_all_finite(g_policy) & tree_all_finite(g_value)
+            params, opt_state, _ = guarded_apply(self.tx, g_policy, opt_state, params, ok=ok)
+            if not shared:
+                value_params, value_opt_state, _ = guarded_apply(
+                    self.value_tx, g_value, value_opt_state, value_params, ok=ok
+                )
+            aux = dict(aux)
+            aux["loss"] = loss
+            aux["grad_norm"] = optax.global_norm(g_policy)
+            if not shared:
+                aux["value_grad_norm"] = optax.global_norm(g_value)
+            aux["skipped_minibatch"] = 1.0 - ok.astype(jnp.float32)
+            return (params, opt_state, value_params, value_opt_state), aux
+
+        def epoch(carry, epoch_key):
+            perm = jax.random.permutation(epoch_key, b)
+            idx = perm.reshape(cfg.num_minibatches, cfg.grad_accum_steps, cfg.micro_batch_size)
+            return jax.lax.scan(minibatch, carry, idx)
+
+        carry = (state.params, state.opt_state, state.value_params, state.value_opt_state)
+        carry, mb_aux = jax.lax.scan(epoch, carry, jax.random.split(key, cfg.ppo_epochs))
+        params, opt_state, value_params, value_opt_state = carry
+
+        # KL controller: measured mean per-sequence KL (configured estimator), n_steps = batch.
+        kl_per_seq = jnp.sum(adv["kl"] * mask, axis=1)
+        new_ctl = kl_controller_update(state.kl_ctl, jnp.mean(kl_per_seq), b)
+        kl_ctl = jax.tree.map(lambda nw, old: jnp.where(scores_finite, nw, old), new_ctl, state.kl_ctl)
+
+        k1 = kl_penalty(old_logprobs, ref_logprobs, estimator="k1")
+        k3 = kl_penalty(old_logprobs, ref_logprobs, estimator="k3")
+        finite_scores = jnp.where(jnp.isfinite(scores), scores, 0.0)
+        n_finite = jnp.maximum(jnp.sum(jnp.isfinite(scores)), 1)
+        score_mean = jnp.sum(finite_scores) / n_finite
+        score_var = jnp.sum(jnp.where(jnp.isfinite(scores), (scores - score_mean) ** 2, 0.0)) / n_finite
+        metrics = {
+            "score_mean": score_mean,
+            "score_std": jnp.sqrt(score_var),
+            "kl_k1": jnp.mean(jnp.sum(k1 * mask, axis=1)),
+            "kl_k3": jnp.mean(jnp.sum(k3 * mask, axis=1)),
+            "kl_coef": kl_coef,
+            "non_score_reward": jnp.mean(-kl_coef * kl_per_seq),
+            "entropy_rollout": ops.masked_mean(old_entropy, mask),
+            "logprob_sampling_diff": ops.masked_mean(jnp.abs(old_logprobs - rollout.logprobs), mask),
+            "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "eos_fraction": jnp.mean(jnp.asarray(rollout.ended_with_eos, jnp.float32)),
+            "returns_mean": ops.masked_mean(adv["returns"], mask),
+            "advantages_mean": ops.masked_mean(adv["raw_advantages"], mask),
+            "advantages_std": jnp.sqrt(ops.masked_var(adv["raw_advantages"], mask)),
+            "values_mean": ops.masked_mean(old_values, mask),
+            "skipped_nonfinite": 1.0 - scores_finite.astype(jnp.float32),
+        }
+        for name, value in mb_aux.items():
+            metrics[name] = jnp.max(value) if name.endswith("_max") else jnp.mean(value)
+        lr = learning_rate_from_state(opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            value_params=value_params,
+            value_opt_state=value_opt_state,
+            kl_ctl=kl_ctl,
+            step=state.step + 1,
+        )
+        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    # -- public -----------------------------------------------------------------------
+
+    def check_prompts(self, prompt_ids, prompt_mask) -> None:
+        """Raise `ValueError` for a prompt batch this trainer cannot run."""
+        ops.check_rank(prompt_ids, 2, "prompt_ids")
+        ops.check_same_shape(prompt_ids, "prompt_ids", prompt_mask=prompt_mask)
+        b, p = np.shape(prompt_ids)
+        cfg = self.cfg
+        if b == 0:
+            raise ValueError("the prompt batch is empty (`prompt_ids` has no rows)")
+        if b != cfg.batch_size:
+            raise ValueError(
+                f"`prompt_ids` has {b} rows but `batch_size` is {cfg.batch_size}; pass exactly "
+                "`batch_size` prompts per iteration"
+            )
+        if p == 0:
+            raise ValueError("`prompt_ids` has no columns: prompts need at least one token")
+        ctx = model_context_length(self.policy)
+        if ctx is not None and p + cfg.max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt length {p} + `max_new_tokens` {cfg.max_new_tokens} = "
+                f"{p + cfg.max_new_tokens} exceeds the model's context length {ctx}"
+            )
+
+    def iteration(
+        self,
+        state: PPOState,
+        prompt_ids,
+        prompt_mask,
+        *,
+        ref_params,
+        reward_params=None,
+        prompt_index=None,
+    ):
+        """Run one PPO iteration: rollout, score, update.
+
+        Args:
+          state: `PPOState`.
+          prompt_ids: `[batch_size, P]` int32, left-padded prompts.
+          prompt_mask: `[batch_size, P]` 1 for real prompt tokens.
+          ref_params: frozen reference policy params (never trained, no optimizer state).
+          reward_params: the reward model's params (when the trainer has a reward model).
+          prompt_index: `[batch_size]` data-set row indices, passed to `reward_fn`.
+
+        Returns:
+          `(state, metrics, rollout)`: the new state; a dict of float32 scalars (device
+          arrays, plus host floats `time/rollout`, `time/score`, `time/update`,
+          `time/iteration`, `tokens_per_s` = batch * (P + N) / iteration time, and
+          `generated_tokens_per_s` = valid response tokens / rollout time); the `Rollout`.
+        """
+        self.check_prompts(prompt_ids, prompt_mask)
+        if self.reward_model is not None and reward_params is None:
+            raise ValueError("the trainer scores with a reward model: pass `reward_params`")
+        if ref_params is None:
+            raise ValueError("`ref_params` (the frozen reference policy) is required")
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+        rng, rollout_key, update_key = jax.random.split(state.rng, 3)
+        state = state.replace(rng=rng)
+
+        t0 = time.perf_counter()
+        rollout = self._rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key)
+        jax.block_until_ready(rollout)
+        t1 = time.perf_counter()
+        if self.reward_model is not None:
+            scores = self._score_jit(reward_params, prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
+        else:
+            host = jax.device_get((prompt_ids, prompt_mask, rollout.tokens, rollout.mask))
+            scores = np.asarray(self.reward_fn(*host, prompt_index), np.float32)
+            if scores.shape != (self.cfg.batch_size,):
+                raise ValueError(
+                    f"`reward_fn` must return shape ({self.cfg.batch_size},), got {scores.shape}"
+                )
+            scores = jnp.asarray(scores)
+        jax.block_until_ready(scores)
+        t2 = time.perf_counter()
+        state, metrics = self._update_jit(state, prompt_ids, prompt_mask, rollout, scores, ref_params, update_key)
+        jax.block_until_ready(metrics)
+        t3 = time.perf_counter()
+        metrics = dict(metrics)
+        total = t3 - t0
+        p = prompt_ids.shape[1]
+        metrics["time/rollout"] = t1 - t0
+        metrics["time/score"] = t2 - t1
+        metrics["time/update"] = t3 - t2
+        metrics["time/iteration"] = total
+        metrics["tokens_per_s"] = self.cfg.batch_size * (p + self.cfg.max_new_tokens) / max(total, 1e-9)
+        metrics["generated_tokens_per_s"] = metrics["response_length"] * self.cfg.batch_size / max(t1 - t0, 1e-9)
+        return state, metrics, rollout
+
+    def compile_counts(self) -> dict:
+        """How many times each jitted phase has been compiled (cache sizes), for tests."""
+        out = {"rollout": self._rollout_jit._cache_size(), "update": self._update_jit._cache_size()}
+        if self._score_jit is not None:
+            out["score"] = self._score_jit._cache_size()
+        return out
+

@@ -1,0 +1,178 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens only.
+
+`make_sft_step(lm, tx, cfg)` returns a pure `(state, batch) -> (state, metrics)` step
+with gradient accumulation over micro-batches (an explicit `lax.scan`); `sft_init`
+builds its `TrainState`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import ops
+from rlhf_jax.train.state import (
+    TrainState,
+    accumulate_gradients,
+    guarded_apply,
+    learning_rate_from_state,
+    split_micro_batches,
+)
+
+__all__ = ["SFTConfig", "sft_init", "make_sft_step", "sft_loss_fn"]
+
+_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Hyper-parameters of supervised fine-tuning.
+
+    Attributes:
+      batch_size: sequences per optimizer update (used by the driver).
+      num_epochs: passes over the data (used by the driver).
+      grad_accum_steps: micro-batches per update; `batch_size` must be divisible by it.
+        Micro-batch gradients are weighted by their share of the loss's normaliser
+        (valid tokens for "token-mean"), so the update equals the full-batch one.
+      loss_agg: loss aggregation over completion tokens, one of "token-mean",
+        "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm".
+      norm_constant: the constant of "seq-mean-token-sum-norm" (None: the length).
+      learning_rate, warmup_steps, total_steps, schedule, weight_decay, max_grad_norm,
+        b1, b2: optimizer settings, see `make_optimizer` / `optimizer_from_config`.
+      seed: PRNG seed of the state.
+    """
+
+    batch_size: int = 16
+    num_epochs: int = 1
+    grad_accum_steps: int = 1
+    loss_agg: str = "token-mean"
+    norm_constant: float | None = None
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"`grad_accum_steps` must be >= 1, got {self.grad_accum_steps}")
+        if self.loss_agg not in _AGGS:
+            raise ValueError(f"`loss_agg` must be one of {_AGGS}, got {self.loss_agg!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum_steps` "
+                f"({self.grad_accum_steps})"
+            )
+
+
+def sft_init(lm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
+    """A fresh `TrainState` for SFT: `params`, `tx.init(params)`, step 0, key from `seed`."""
+    del lm
+    return TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+
+
+def _loss_weight(mask, agg: str):
+    """The normaliser of an aggregated loss over `mask` (tokens or rows)."""
+    if agg == "token-mean":
+        return jnp.sum(mask)
+    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
+
+
+def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=None):
+    """Next-token cross-entropy over the completion tokens of one batch.
+
+    Position t predicts token t+1; a prediction counts where `loss_mask[:, t+1]` and
+    `attention_mask[:, t+1]` are 1 (completion tokens), so prompt tokens and padding
+    never contribute.
+
+    Args:
+      lm: the `LM`.
+      params: its parameters.
+      batch: {"input_ids" [B, L] int32, "attention_mask" [B, L], "loss_mask" [B, L]}.
+      agg, norm_constant: see `rlhf_jax.aggregate`.
+
+    Returns:
+      `(loss, (aux, weight))`: aux has "nll" (the token-mean negative log-likelihood)
+      and "token_accuracy" (argmax = target); weight is the loss's normaliser.
+    """
+    from rlhf_jax.losses import aggregate
+
+    ids = batch["input_ids"]
+    attn = batch["attention_mask"]
+    loss_mask = batch["loss_mask"]
+    ops.check_rank(ids, 2, "input_ids")
+    ops.check_same_shape(ids, "input_ids", attention_mask=attn, loss_mask=loss_mask)
+    logits = lm.logits(params, ids, attn)[:, :-1]
+    targets = ids[:, 1:]
+    mask = (jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(attn, jnp.float32))[:, 1:]
+    logprobs = ops.token_logprobs(logits, targets)
+    loss = aggregate(-logprobs, mask, agg=agg, norm_constant=norm_constant)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    aux = {
+        "nll": ops.masked_mean(-logprobs, mask),
+        "token_accuracy": ops.masked_mean(correct, mask),
+    }
+    return loss, (aux, _loss_weight(mask, agg))
+
+
+def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
+    """Build the pure SFT step `(state, batch) -> (state, metrics)`.
+
+    One call is one optimizer update over `batch` (`[B, L]` arrays, B divisible by
+    `cfg.grad_accum_steps`), its gradient accumulated over micro-batches in a `lax.scan`.
+    A non-finite gradient skips the update (params and optimizer state unchanged,
+    `metrics["skipped_nonfinite"] = 1`).
+
+    Args:
+      lm: the `LM` (closed over, static).
+      tx: the optimizer.
+      cfg: `SFTConfig`.
+
+    Returns:
+      `step(state, batch)`; jit it (`jax.jit(step, donate_argnums=0)`). `metrics` are
+      float32 scalars: loss, nll, token_accuracy, grad_norm, tokens, learning_rate,
+      skipped_nonfinite.
+    """
+
+    def loss_fn(params, micro):
+        return sft_loss_fn(lm, params, micro, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
+
+    def step(state: TrainState, batch):
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        micro = split_micro_batches(batch, cfg.grad_accum_steps)
+        loss, grads, aux, _ = accumulate_gradients(
+            loss_fn, state.params, micro, num_micro=cfg.grad_accum_steps
+        )
+        params, opt_state, applied = guarded_apply(tx, grads, state.opt_state, state.params)
+        tokens = jnp.sum(
+            (jnp.asarray(batch["loss_mask"], jnp.float32) * jnp.asarray(batch["attention_mask"], jnp.float32))[:, 1:]
+        )
+        metrics = {
+            "loss": loss,
+            **aux,
+            "grad_norm": optax.global_norm(grads),
+            "tokens": tokens,
+            "skipped_nonfinite": 1.0 - applied.astype(jnp.float32),
+        }
+        lr = learning_rate_from_state(opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            step=state.step + 1,
+        )
+        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    return step
