@@ -1,0 +1,411 @@
+"""The two built-in demo tasks, generated from a seed (no downloads).
+
+1. **Addition** (RLVR, a verifiable reward): prompts like `"374+458="`, the
+   reference answer `"832"`. The supervised data are deliberately noisy: a
+   fraction `noise_rate` of the training answers has one digit replaced by
+   a wrong one, so a model that imitates them is right only some of the
+   time, and a verifier can tell right from wrong exactly. The SFT,
+   RL and evaluation problems are disjoint.
+
+2. **Moods** (RLHF, a learned reward): prompts like `"the sea is"`,
+   completions that describe it with one to three adjectives
+   (`" calm."`, `" cold and wise."`, `" dull, kind and warm."`). The
+   supervised data draw the adjectives uniformly, so they favour no mood. A
+   hidden `GoldAnnotator` has a private weight per adjective (positive
+   words like "warm" get weights in [0.5, 1.5], negative ones in
+   [-1.5, -0.5], neutral ones near 0), dislikes repeating an adjective and
+   strongly dislikes text that does not follow the grammar or never ends.
+   It labels pairs with some label noise (the RLHF annotators of Ziegler et
+   al. 2019 and Stiennon et al. 2020 agreed with each other only ~70-80% of
+   the time) and *accepts* a response when its gold score is at least
+   `accept_threshold`. A reward model only sees the annotator's pairwise
+   labels of the SFT model's own samples, never the weights.
+
+Everything is host-side Python/NumPy; reward functions follow the host
+reward signature of `rlhf_jax.train` (`reward_fn(prompt_ids, prompt_mask,
+response_tokens, response_mask, prompt_index) -> np.ndarray [B]`).
+
+References:
+  Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+  Preferences", arXiv 1909.08593. Stiennon et al. 2020, "Learning to
+  summarize from human feedback", arXiv 2009.01325. Gao et al. 2022,
+  "Scaling Laws for Reward Model Overoptimization", arXiv 2210.10760.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.tokenizers import decode_tokens
+
+__all__ = [
+    "AdditionTask",
+    "make_addition_task",
+    "addition_prompt",
+    "corrupt_answer",
+    "make_addition_verifier",
+    "MoodTask",
+    "GoldAnnotator",
+    "make_mood_task",
+    "MOOD_NOUNS",
+    "POSITIVE_ADJECTIVES",
+    "NEGATIVE_ADJECTIVES",
+    "NEUTRAL_ADJECTIVES",
+    "mood_completion",
+    "parse_mood",
+    "label_pairs",
+]
+
+
+# --------------------------------------------------------------------------
+# Addition (RLVR)
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditionTask:
+    """Addition problems split three ways, as text.
+
+    Attributes:
+      sft_prompts, sft_completions: supervised pairs; a fraction of the
+        completions is wrong by one digit (`sft_is_correct` says which).
+      sft_is_correct: bool per SFT example.
+      rl_prompts, rl_answers: prompts for RL with their reference answers.
+      eval_prompts, eval_answers: held-out prompts for pass@k.
+      num_digits: digits per operand.
+    """
+
+    sft_prompts: tuple[str, ...]
+    sft_completions: tuple[str, ...]
+    sft_is_correct: tuple[bool, ...]
+    rl_prompts: tuple[str, ...]
+    rl_answers: tuple[str, ...]
+    eval_prompts: tuple[str, ...]
+    eval_answers: tuple[str, ...]
+    num_digits: int
+
+    @property
+    def max_answer_length(self) -> int:
+        """Characters in the longest possible answer (the sum can carry)."""
+        return self.num_digits + 1
+
+
+def addition_prompt(a: int, b: int) -> str:
+    """The prompt text for `a + b`, e.g. `"37+45="`."""
+    return f"{a}+{b}="
+
+
+def corrupt_answer(answer: str, rng: np.random.Generator) -> str:
+    """Replaces one digit of `answer` by a different digit.
+
+    A leading digit never becomes 0, so the result still looks like a
+    number and only its value is wrong.
+    """
+    position = int(rng.integers(len(answer)))
+    lowest = 1 if position == 0 and len(answer) > 1 else 0
+    choices = [d for d in "0123456789"[lowest:] if d != answer[position]]
+    digit = choices[int(rng.integers(len(choices)))]
+    return answer[:position] + digit + answer[position + 1 :]
+
+
+def make_addition_task(
+    seed: int,
+    *,
+    num_digits: int = 3,
+    num_sft: int = 4000,
+    num_rl: int = 4000,
+    num_eval: int = 128,
+    noise_rate: float = 0.4,
+) -> AdditionTask:
+    """Draws disjoint sets of `num_digits`-digit addition problems.
+
+    Operands are uniform over `[0, 10**num_digits)`; a pair `(a, b)` appears
+    in at most one split. In the SFT split a fraction `noise_rate` of the
+    answers (chosen at random) is corrupted by `corrupt_answer`.
+
+    Args:
+      seed: NumPy seed; the task is a pure function of the arguments.
+      num_digits: digits per operand (1-6).
+      num_sft, num_rl, num_eval: problems per split.
+      noise_rate: fraction of SFT answers with one wrong digit, in [0, 1).
+
+    Returns:
+      An `AdditionTask`.
+    """
+    if not 1 <= num_digits <= 6:
+        raise ValueError(f"`num_digits` must be in [1, 6], got {num_digits}")
+    if not 0.0 <= noise_rate < 1.0:
+        raise ValueError(f"`noise_rate` must be in [0, 1), got {noise_rate}")
+    total = num_sft + num_rl + num_eval
+    space = 10 ** (2 * num_digits)
+    if total > space // 2:
+        raise ValueError(f"{total} problems requested but {num_digits}-digit addition has only {space} pairs")
+    rng = np.random.default_rng(seed)
+    # Draw distinct pair codes a * 10**d + b without listing the whole space.
+    codes: dict[int, None] = {}
+    while len(codes) < total:
+        for code in rng.integers(0, space, size=total - len(codes)).tolist():
+            codes.setdefault(code, None)
+    pairs = [divmod(code, 10**num_digits) for code in codes]
+    pairs = [pairs[i] for i in rng.permutation(total)]
+    prompts = [addition_prompt(a, b) for a, b in pairs]
+    answers = [str(a + b) for a, b in pairs]
+    sft_slice = slice(0, num_sft)
+    rl_slice = slice(num_sft, num_sft + num_rl)
+    eval_slice = slice(num_sft + num_rl, total)
+    noisy = rng.random(num_sft) < noise_rate
+    completions = [corrupt_answer(ans, rng) if bad else ans for ans, bad in zip(answers[sft_slice], noisy)]
+    return AdditionTask(
+        sft_prompts=tuple(prompts[sft_slice]),
+        sft_completions=tuple(completions),
+        sft_is_correct=tuple(bool(not bad) for bad in noisy),
+        rl_prompts=tuple(prompts[rl_slice]),
+        rl_answers=tuple(answers[rl_slice]),
+        eval_prompts=tuple(prompts[eval_slice]),
+        eval_answers=tuple(answers[eval_slice]),
+        num_digits=num_digits,
+    )
+
+
+def make_addition_verifier(tokenizer, answers: Sequence[str]) -> Callable[..., np.ndarray]:
+    """A host reward function: 1.0 when the response is exactly the answer.
+
+    The response is the decoded text up to (not including) its EOS; a
+    response that never ended is as long as the sampling budget and so is
+    only right if the budget equals the answer length, which callers avoid
+    by allowing at least one token more than the longest answer.
+
+    Args:
+      tokenizer: the tokenizer the responses were sampled with.
+      answers: the reference answer for each data-set row; `prompt_index`
+        picks the row of every response.
+
+    Returns:
+      `reward_fn(prompt_ids, prompt_mask, response_tokens, response_mask,
+      prompt_index) -> float32 [B]` of 0.0 / 1.0.
+    """
+    answers = np.asarray(list(answers), dtype=object)
+
+    def reward_fn(prompt_ids, prompt_mask, response_tokens, response_mask, prompt_index):
+        del prompt_ids, prompt_mask
+        texts = decode_tokens(tokenizer, response_tokens, response_mask)
+        wanted = answers[np.asarray(prompt_index)]
+        return np.array([text == ans for text, ans in zip(texts, wanted)], dtype=np.float32)
+
+    return reward_fn
+
+
+# --------------------------------------------------------------------------
+# Moods (RLHF)
+# --------------------------------------------------------------------------
+
+MOOD_NOUNS = (
+    "the sea", "the cat", "the sun", "the tea", "the day", "the dog", "the sky", "the room",
+    "the song", "the road", "the town", "the bread", "the rain", "the hill", "the boat", "the park",
+)
+POSITIVE_ADJECTIVES = ("good", "kind", "warm", "calm", "nice", "glad", "safe", "wise")
+NEGATIVE_ADJECTIVES = ("bad", "cold", "sad", "dull", "rude", "grim", "sour", "weak")
+NEUTRAL_ADJECTIVES = ("big", "old", "new", "red", "tall", "flat", "slow", "loud")
+ADJECTIVES = POSITIVE_ADJECTIVES + NEGATIVE_ADJECTIVES + NEUTRAL_ADJECTIVES
+
+_MOOD_PATTERN = re.compile(r" ([a-z]+(?:, [a-z]+)*)(?: and ([a-z]+))?\.")
+
+
+def mood_completion(adjectives: Sequence[str]) -> str:
+    """Writes adjectives as a completion: `" a."`, `" a and b."`, `" a, b and c."`."""
+    adjectives = list(adjectives)
+    if not adjectives:
+        raise ValueError("a completion needs at least one adjective")
+    if len(adjectives) == 1:
+        return f" {adjectives[0]}."
+    return " " + ", ".join(adjectives[:-1]) + f" and {adjectives[-1]}."
+
+
+def parse_mood(text: str) -> list[str] | None:
+    """The adjectives of a completion, or None when it breaks the grammar.
+
+    The grammar is the one `mood_completion` writes; every word must be one
+    of the task's adjectives.
+    """
+    match = _MOOD_PATTERN.fullmatch(text)
+    if match is None:
+        return None
+    words = match.group(1).split(", ")
+    if match.group(2) is None:
+        if len(words) != 1:
+            return None
+    else:
+        words.append(match.group(2))
+    if any(word not in ADJECTIVES for word in words):
+        return None
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldAnnotator:
+    """The hidden preference of the moods task and a noisy labeller of pairs.
+
+    Gold score of a completion that follows the grammar and ended with EOS:
+    the sum of `weights[w]` over its distinct adjectives, minus
+    `repeat_penalty` for every repeated one. Anything else scores
+    `malformed_score`. The annotator accepts a completion whose gold score
+    is at least `accept_threshold`; when labelling a pair it prefers the
+    higher gold score, breaks ties at random, and flips its verdict with
+    probability `label_noise`.
+
+    Attributes:
+      weights: adjective -> hidden weight.
+      repeat_penalty, malformed_score, accept_threshold, label_noise: see above.
+    """
+
+    weights: dict
+    repeat_penalty: float = 1.0
+    malformed_score: float = -2.0
+    accept_threshold: float = 1.0
+    label_noise: float = 0.1
+
+    def score_one(self, text: str, ended_with_eos: bool = True) -> float:
+        """Gold score of one completion text."""
+        words = parse_mood(text) if ended_with_eos else None
+        if words is None:
+            return float(self.malformed_score)
+        distinct = set(words)
+        return float(sum(self.weights[w] for w in distinct) - self.repeat_penalty * (len(words) - len(distinct)))
+
+    def score(self, texts: Sequence[str], ended_with_eos=None) -> np.ndarray:
+        """Gold scores `[B]` float64 of completion texts."""
+        if ended_with_eos is None:
+            ended_with_eos = [True] * len(texts)
+        return np.array([self.score_one(t, bool(e)) for t, e in zip(texts, ended_with_eos)], dtype=np.float64)
+
+    def accepts(self, texts: Sequence[str], ended_with_eos=None) -> np.ndarray:
+        """Whether the annotator accepts each completion, `[B]` bool."""
+        return self.score(texts, ended_with_eos) >= self.accept_threshold
+
+    def reward_fn(self, tokenizer) -> Callable[..., np.ndarray]:
+        """The gold score as a host reward function (for diagnostics, not training)."""
+
+        def reward_fn(prompt_ids, prompt_mask, response_tokens, response_mask, prompt_index):
+            del prompt_ids, prompt_mask, prompt_index
+            texts = decode_tokens(tokenizer, response_tokens, response_mask)
+            ended = _ended_with_eos(tokenizer, response_tokens, response_mask)
+            return self.score(texts, ended).astype(np.float32)
+
+        return reward_fn
+
+
+def _ended_with_eos(tokenizer, tokens, mask) -> np.ndarray:
+    """`[B]` bool: the last kept token of every row is EOS."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask) > 0
+    length = mask.sum(axis=1)
+    last = tokens[np.arange(tokens.shape[0]), np.maximum(length - 1, 0)]
+    return (length > 0) & (last == tokenizer.eos_token_id)
+
+
+def label_pairs(annotator: GoldAnnotator, scores_a, scores_b, rng: np.random.Generator) -> np.ndarray:
+    """The annotator's noisy verdicts: `[B]` bool, True when `a` is preferred.
+
+    Args:
+      annotator: gives `label_noise`.
+      scores_a, scores_b: `[B]` gold scores of the two completions.
+      rng: NumPy generator (ties and flips are random).
+    """
+    scores_a = np.asarray(scores_a, dtype=np.float64)
+    scores_b = np.asarray(scores_b, dtype=np.float64)
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(f"score shapes differ: {scores_a.shape} vs {scores_b.shape}")
+    coin = rng.random(scores_a.shape) < 0.5
+    prefer_a = np.where(scores_a == scores_b, coin, scores_a > scores_b)
+    flip = rng.random(scores_a.shape) < annotator.label_noise
+    return prefer_a ^ flip
+
+
+@dataclasses.dataclass(frozen=True)
+class MoodTask:
+    """The moods task: SFT data, RL prompts and the hidden annotator.
+
+    Attributes:
+      sft_prompts, sft_completions: supervised pairs, adjectives uniform.
+      rl_prompts: prompts for preference sampling and PPO.
+      eval_prompts: held-out prompts for the final comparison.
+      annotator: the hidden `GoldAnnotator`.
+    """
+
+    sft_prompts: tuple[str, ...]
+    sft_completions: tuple[str, ...]
+    rl_prompts: tuple[str, ...]
+    eval_prompts: tuple[str, ...]
+    annotator: GoldAnnotator
+
+    @property
+    def max_completion_length(self) -> int:
+        """Characters in the longest completion the grammar writes with three adjectives."""
+        longest = max(len(a) for a in ADJECTIVES)
+        return len(mood_completion(["x" * longest] * 3))
+
+
+def make_mood_task(
+    seed: int,
+    *,
+    num_sft: int = 4000,
+    num_rl: int = 2048,
+    num_eval: int = 256,
+    adjective_counts: Sequence[float] = (0.3, 0.4, 0.3),
+    label_noise: float = 0.1,
+    accept_threshold: float = 1.0,
+    repeat_penalty: float = 1.0,
+) -> MoodTask:
+    """Draws the moods task.
+
+    Prompts are `MOOD_NOUNS` followed by `" is"`. SFT completions take
+    1, 2 or 3 adjectives with probabilities `adjective_counts`, each drawn
+    uniformly from all 24 (with replacement, so repeats occur naturally).
+    The hidden weights are drawn once from the seed: positive adjectives
+    U(0.5, 1.5), negative U(-1.5, -0.5), neutral U(-0.25, 0.25).
+
+    Args:
+      seed: NumPy seed.
+      num_sft, num_rl, num_eval: examples / prompts per split (prompts repeat
+        across splits: there are only 16 nouns; the completion is what is judged).
+      adjective_counts: probabilities of 1, 2, 3 adjectives in the SFT data.
+      label_noise, accept_threshold, repeat_penalty: the annotator's.
+
+    Returns:
+      A `MoodTask`.
+    """
+    counts = np.asarray(adjective_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or not np.isclose(counts.sum(), 1.0):
+        raise ValueError(f"`adjective_counts` must be probabilities summing to 1, got {adjective_counts!r}")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for words, low, high in (
+        (POSITIVE_ADJECTIVES, 0.5, 1.5),
+        (NEGATIVE_ADJECTIVES, -1.5, -0.5),
+        (NEUTRAL_ADJECTIVES, -0.25, 0.25),
+    ):
+        for word, w in zip(words, rng.uniform(low, high, size=len(words))):
+            weights[word] = float(w)
+    annotator = GoldAnnotator(
+        weights=weights,
+        repeat_penalty=repeat_penalty,
+        accept_threshold=accept_threshold,
+        label_noise=label_noise,
+    )
+
+    def prompts(n):
+        return tuple(f"{MOOD_NOUNS[i]} is" for i in rng.integers(len(MOOD_NOUNS), size=n))
+
+    sft_prompts = prompts(num_sft)
+    sizes = rng.choice(np.arange(1, counts.size + 1), size=num_sft, p=counts)
+    completions = tuple(mood_completion([ADJECTIVES[i] for i in rng.integers(len(ADJECTIVES), size=k)]) for k in sizes)
+    return MoodTask(
+        sft_prompts=sft_prompts,
+        sft_completions=completions,
+        rl_prompts=prompts(num_rl),
+        eval_prompts=prompts(num_eval),
+        annotator=annotator,
+    )
