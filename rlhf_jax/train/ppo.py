@@ -40,6 +40,11 @@ import optax
 from flax import struct
 
 from rlhf_jax import ops
+from rlhf_jax.advantages import gae
+from rlhf_jax.kl import kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.rewards import shaped_rewards
+from rlhf_jax.rollout import generate
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,
@@ -209,10 +214,7 @@ class PPOBatch(NamedTuple):
 
 
 def _kl_coef_of(ctl):
-    for name in ("kl_coef", "coef", "value"):
-        if hasattr(ctl, name):
-            return jnp.asarray(getattr(ctl, name), jnp.float32)
-    raise TypeError(f"cannot read the KL coefficient of {type(ctl).__name__}")
+    return jnp.asarray(ctl.kl_coef, jnp.float32)
 
 
 def ppo_advantages(
@@ -244,9 +246,6 @@ def ppo_advantages(
       dict with "rewards", "kl", "advantages" (whitened when configured),
       "raw_advantages", "returns", all `[B, N]` float32.
     """
-    from rlhf_jax.advantages import gae
-    from rlhf_jax.rewards import shaped_rewards
-
     rewards, kl = shaped_rewards(
         scores,
         logprobs,
@@ -290,34 +289,29 @@ def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg: PPOCo
       `(loss, aux)` with policy_loss, value_loss, entropy, clipfrac, approx_kl,
       ratio_mean, ratio_max, value_clipfrac.
     """
-    from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
-
     mask = batch.response_mask
-    pg_kwargs = dict(clip_eps=cfg.clip_eps, agg=cfg.loss_agg)
-    if cfg.dual_clip is not None:
-        pg_kwargs["dual_clip"] = cfg.dual_clip
-    if cfg.norm_constant is not None:
-        pg_kwargs["norm_constant"] = cfg.norm_constant
+    pg_kwargs = dict(
+        clip_eps=cfg.clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant, dual_clip=cfg.dual_clip
+    )
     pg_loss, pg_aux = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, **pg_kwargs)
-    vf_kwargs = dict(clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg)
-    if cfg.norm_constant is not None:
-        vf_kwargs["norm_constant"] = cfg.norm_constant
-    vf_loss, vf_aux = ppo_value_loss(values, batch.old_values, batch.returns, mask, **vf_kwargs)
+    vf_loss, vf_aux = ppo_value_loss(
+        values, batch.old_values, batch.returns, mask,
+        clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant,
+    )
     loss = pg_loss + cfg.vf_coef * vf_loss
     if entropy is not None:
         ent = aggregate(entropy, mask, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
         loss = loss - cfg.entropy_coef * ent
     else:
         ent = jnp.zeros((), jnp.float32)
-    ratio = jnp.exp(logprobs - batch.old_logprobs)
     aux = {
         "policy_loss": pg_loss,
         "value_loss": vf_loss,
         "entropy": ops.masked_mean(entropy, mask) if entropy is not None else ent,
         "clipfrac": pg_aux["clipfrac"],
         "approx_kl": pg_aux["approx_kl"],
-        "ratio_mean": ops.masked_mean(ratio, mask),
-        "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
+        "ratio_mean": pg_aux["ratio_mean"],
+        "ratio_max": pg_aux["ratio_max"],
         "value_clipfrac": vf_aux["value_clipfrac"],
     }
     return loss, aux
@@ -387,8 +381,6 @@ class PPOTrainer:
             has a `value_model`; e.g. the reward model's params, N+), else None.
           seed: PRNG seed (default `cfg.seed`).
         """
-        from rlhf_jax.kl import kl_controller_init
-
         if self.value_model is not None and value_params is None:
             raise ValueError("the trainer has a `value_model`, so `value_params` is required")
         if self.value_model is None and value_params is not None:
@@ -407,8 +399,6 @@ class PPOTrainer:
     # -- phases -----------------------------------------------------------------------
 
     def _rollout(self, params, prompt_ids, prompt_mask, key):
-        from rlhf_jax.rollout import generate
-
         cfg = self.cfg
         return generate(
             self.policy,
@@ -433,21 +423,28 @@ class PPOTrainer:
         """Response log-probs (temperature-scaled), entropies and values `[B, N]`."""
         n = self.cfg.max_new_tokens
         p = jnp.shape(input_ids)[1] - n
-        out = self.policy.response_logprobs(
-            params, input_ids, attention_mask, n, temperature=self.cfg.temperature, with_entropy=with_entropy
-        )
-        logprobs, entropy = out if with_entropy else (out, None)
+        temperature = self.cfg.temperature
+        # The value of response token t is that of the state before it (column P-1+t),
+        # the same column whose logits predict the token.
         if self.value_model is None:
-            full = self.policy.values(params, input_ids, attention_mask)
+            # Shared trunk: one forward gives both heads.
+            hidden, _ = self.policy.hidden_states(params, input_ids, attention_mask)
+            hidden = hidden[:, p - 1 : p + n - 1]
+            logits = self.policy.lm_head(params, hidden)
+            targets = input_ids[:, p:]
+            logprobs = ops.token_logprobs(logits, targets, temperature=temperature)
+            entropy = ops.token_entropy(logits, temperature=temperature) if with_entropy else None
+            values = self.policy.value_head(params, hidden)
         else:
+            out = self.policy.response_logprobs(
+                params, input_ids, attention_mask, n, temperature=temperature, with_entropy=with_entropy
+            )
+            logprobs, entropy = out if with_entropy else (out, None)
             full = self.value_model.values(value_params, input_ids, attention_mask)
-        # The value of response token t is the value of the state before it: position P-1+t.
-        values = jnp.asarray(full, jnp.float32)[:, p - 1 : p + n - 1]
-        return logprobs, entropy, values
+            values = full[:, p - 1 : p + n - 1]
+        return logprobs, entropy, jnp.asarray(values, jnp.float32)
 
     def _update(self, state: PPOState, prompt_ids, prompt_mask, rollout, scores, ref_params, key):
-        from rlhf_jax.kl import kl_controller_update, kl_penalty
-
         cfg = self.cfg
         b = jnp.shape(prompt_ids)[0]
         mask = jnp.asarray(rollout.mask, jnp.float32)

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import ops
+from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
@@ -126,12 +127,7 @@ def pair_scores(rm, params, batch):
 
 
 def _bt(chosen, rejected, margin, center_coef):
-    from rlhf_jax.losses import bradley_terry_loss
-
-    kwargs = {}
-    if center_coef:
-        kwargs["center_coef"] = center_coef
-    return bradley_terry_loss(chosen, rejected, margin=margin, **kwargs)
+    return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
 
 
 def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):

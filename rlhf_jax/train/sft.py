@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import ops
+from rlhf_jax.losses import sft_loss
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
@@ -106,8 +107,6 @@ def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=Non
       `(loss, (aux, weight))`: aux has "nll" (the token-mean negative log-likelihood)
       and "token_accuracy" (argmax = target); weight is the loss's normaliser.
     """
-    from rlhf_jax.losses import aggregate
-
     ids = batch["input_ids"]
     attn = batch["attention_mask"]
     loss_mask = batch["loss_mask"]
@@ -117,12 +116,9 @@ def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=Non
     targets = ids[:, 1:]
     mask = (jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(attn, jnp.float32))[:, 1:]
     logprobs = ops.token_logprobs(logits, targets)
-    loss = aggregate(-logprobs, mask, agg=agg, norm_constant=norm_constant)
+    loss, loss_aux = sft_loss(logprobs, mask, agg=agg, norm_constant=norm_constant)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    aux = {
-        "nll": ops.masked_mean(-logprobs, mask),
-        "token_accuracy": ops.masked_mean(correct, mask),
-    }
+    aux = {"nll": loss_aux["nll"], "token_accuracy": ops.masked_mean(correct, mask)}
     return loss, (aux, _loss_weight(mask, agg))
 
 
