@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf_jax.train.ppo import PPOConfig
 from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.sft import SFTConfig
 
@@ -39,6 +40,7 @@ __all__ = [
     "MeshSection",
     "SFTRunConfig",
     "RewardRunConfig",
+    "PPORunConfig",
     "EvalModel",
     "EvalConfig",
     "ExportConfig",
@@ -547,6 +549,42 @@ class RewardRunConfig:
 
 
 @dataclass(frozen=True)
+class PPORunConfig:
+    """`rlhf-jax ppo`: PPO against a reward model or a reward function, with a frozen reference."""
+
+    model: ModelSection = _help("the policy's starting point (usually the SFT run's hf/ folder)",
+                                factory=ModelSection)
+    reference: str | None = _help("frozen reference model folder (null: a copy of the starting policy)", None)
+    value_model: str | None = _help(
+        "null: a value head on the policy trunk; `reward_model`: a separate value network initialised "
+        "from reward.model_path (N+ recipe); or a model folder", None)
+    tokenizer: TokenizerSection = _help("tokenizer", factory=TokenizerSection)
+    data: DataSection = _help("prompts (`prompt`, optional `answer`)", factory=DataSection)
+    reward: RewardSection = _help("reward source", factory=RewardSection)
+    train: PPOConfig = _help("PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=lambda: PPOConfig())
+    num_iterations: int = _help("PPO iterations (each: sample, score, update)", 100)
+    output_dir: str = _help("run folder", "runs/ppo")
+    checkpoint_every: int = _help("save a checkpoint every N iterations", 20)
+    keep: int = _help("keep the newest K checkpoints", 2)
+    mesh: MeshSection = _help("device mesh", factory=MeshSection)
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data)
+        _check_common(self)
+        _require((self.reward.model_path is None) != (self.reward.function is None),
+                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+        if self.reward.function is not None:
+            _require(":" in self.reward.function,
+                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        if self.value_model == "reward_model":
+            _require(self.reward.model_path is not None,
+                     "`value_model`: `reward_model` needs `reward.model_path`")
+        _require(self.num_iterations >= 1, f"`num_iterations` must be >= 1, got {self.num_iterations}")
+
+
+@dataclass(frozen=True)
 class EvalModel:
     """One model to evaluate."""
 
@@ -608,6 +646,7 @@ class ExportConfig:
 COMMAND_CONFIGS = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
+    "ppo": PPORunConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }
