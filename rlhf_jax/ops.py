@@ -226,7 +226,7 @@ def token_logprobs(logits, tokens, *, temperature: float = 1.0):
 def token_entropy(logits, *, temperature: float = 1.0):
     """Entropy of `softmax(logits / temperature)` at each position.
 
-    Equation: `H = logsumexp(z) - sum_v softmax(z)_v z_v`, which equals
+    Equation: `H = logsumexp(z) - sum_v softmax(z)_v z_v` (z shifted by its max), which equals
     `-sum_v p_v log p_v` without forming `log p`.
 
     Args:
@@ -238,6 +238,9 @@ def token_entropy(logits, *, temperature: float = 1.0):
     """
     check_rank(logits, (2, 3), "logits")
     z = _scaled_logits(logits, temperature)
+    # Shifting by the max keeps both terms O(log V), so a peaked distribution's small
+    # entropy is not lost to cancellation between two large numbers.
+    z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     lse = jax.nn.logsumexp(z, axis=-1)
     probs = jnp.exp(z - lse[..., None])
     return lse - jnp.sum(probs * z, axis=-1)

@@ -1,0 +1,187 @@
+"""rlhf_jax.ops against float64 NumPy references on randomly right-padded inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlhf_jax import ops
+
+B, T, V = 5, 7, 11
+
+
+def padded_mask(rng, b, t, *, allow_empty=True):
+    lengths = rng.integers(0 if allow_empty else 1, t + 1, size=b)
+    lengths[0] = t  # one full row
+    if allow_empty and b > 1:
+        lengths[-1] = 0  # one empty row
+    return (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32), lengths
+
+
+@pytest.fixture(scope="module")
+def jitted():
+    return {
+        "mean": jax.jit(ops.masked_mean),
+        "var": jax.jit(ops.masked_var),
+        "whiten": jax.jit(ops.masked_whiten, static_argnames="shift_mean"),
+        "logp": jax.jit(ops.token_logprobs, static_argnames="temperature"),
+        "ent": jax.jit(ops.token_entropy, static_argnames="temperature"),
+        "last": jax.jit(ops.last_valid_index),
+    }
+
+
+def ref_log_softmax(logits):
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masked_stats_match_numpy(jitted, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(B, T)) * 3 + 1
+    mask, _ = padded_mask(rng, B, T)
+    valid = x[mask > 0]
+    np.testing.assert_allclose(jitted["mean"](x, mask), valid.mean(), rtol=1e-5)
+    np.testing.assert_allclose(jitted["var"](x, mask), valid.var(ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(ops.masked_var(x, mask, unbiased=False), valid.var(), rtol=1e-5)
+    np.testing.assert_allclose(ops.masked_sum(x, mask), valid.sum(), rtol=1e-5)
+    # per-row statistics (axis=1); the empty last row gives 0
+    row_means = [x[b, mask[b] > 0].mean() if mask[b].sum() else 0.0 for b in range(B)]
+    np.testing.assert_allclose(ops.masked_mean(x, mask, axis=1), row_means, rtol=1e-5, atol=1e-6)
+    white = np.asarray(jitted["whiten"](x, mask))
+    expected = (x - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8) * mask
+    np.testing.assert_allclose(white, expected, rtol=1e-4, atol=1e-5)
+    assert abs(white[mask > 0].mean()) < 1e-5
+    np.testing.assert_allclose(white[mask > 0].std(ddof=1), 1.0, rtol=1e-4)
+    kept = np.asarray(jitted["whiten"](x, mask, shift_mean=False))
+    np.testing.assert_allclose(kept[mask > 0].mean(), valid.mean(), rtol=1e-4)
+    assert np.all(kept[mask == 0] == 0)
+
+
+def test_bool_mask_equals_float_mask():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(B, T)).astype(np.float32)
+    mask, _ = padded_mask(rng, B, T)
+    np.testing.assert_allclose(ops.masked_mean(x, mask > 0), ops.masked_mean(x, mask))
+    np.testing.assert_allclose(ops.masked_whiten(x, mask > 0), ops.masked_whiten(x, mask))
+
+
+def test_padding_garbage_does_not_leak(jitted):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(B, T)).astype(np.float32)
+    mask, _ = padded_mask(rng, B, T)
+    dirty = np.where(mask > 0, x, np.nan).astype(np.float32)
+    dirty[0, -1] = x[0, -1]  # row 0 is full
+    dirty[1, mask[1] == 0] = np.inf
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(jitted[name](dirty, mask), jitted[name](x, mask), rtol=1e-6)
+    np.testing.assert_allclose(jitted["whiten"](dirty, mask), jitted["whiten"](x, mask), rtol=1e-6)
+
+
+def test_all_masked_is_finite_zero(jitted):
+    x = jnp.ones((B, T))
+    mask = jnp.zeros((B, T))
+    assert float(jitted["mean"](x, mask)) == 0.0
+    assert float(jitted["var"](x, mask)) == 0.0
+    w = jitted["whiten"](x, mask)
+    assert np.all(np.asarray(w) == 0.0)
+    g = jax.grad(lambda x: ops.masked_mean(x, mask) + ops.masked_whiten(x, mask).sum())(x)
+    assert np.all(np.isfinite(g))
+
+
+def test_masked_equals_sliced():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, T)).astype(np.float32)
+    for length in range(1, T + 1):
+        mask = (np.arange(T) < length).astype(np.float32)[None]
+        np.testing.assert_allclose(ops.masked_mean(x, mask), ops.masked_mean(x[:, :length], mask[:, :length]))
+        np.testing.assert_allclose(
+            ops.masked_whiten(x, mask)[:, :length], ops.masked_whiten(x[:, :length], mask[:, :length]), rtol=1e-6
+        )
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=4))
+def test_last_valid_index_any_mask(rows):
+    mask = np.array(rows, dtype=bool)
+    got = np.asarray(ops.last_valid_index(mask))
+    want = [max(np.nonzero(r)[0], default=-1) for r in mask]
+    assert got.dtype == np.int32
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy(jitted, temperature):
+    rng = np.random.default_rng(4)
+    logits = (rng.normal(size=(B, T, V)) * 4).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, T))
+    ref = ref_log_softmax(logits.astype(np.float64) / temperature)
+    want = np.take_along_axis(ref, tokens[..., None], -1)[..., 0]
+    got = jitted["logp"](logits, tokens, temperature=temperature)
+    assert got.dtype == jnp.float32 and got.shape == (B, T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    ent_want = -(np.exp(ref) * ref).sum(-1)
+    np.testing.assert_allclose(jitted["ent"](logits, temperature=temperature), ent_want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_bfloat16_upcast_and_extreme_logits():
+    logits = jnp.array([[[1000.0, 0.0, -1000.0]]], jnp.bfloat16)
+    lp = ops.token_logprobs(logits, jnp.array([[2]]))
+    assert lp.dtype == jnp.float32
+    np.testing.assert_allclose(lp, [[-2000.0]], rtol=1e-3)
+    assert np.isfinite(ops.token_entropy(logits)).all()
+    # a uniform distribution has entropy log V
+    np.testing.assert_allclose(ops.token_entropy(jnp.zeros((2, 3, 5))), np.full((2, 3), np.log(5)), rtol=1e-6)
+
+
+def test_token_logprobs_gradient_is_softmax_minus_onehot():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(2, 3, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(2, 3))
+    g = jax.grad(lambda z: ops.token_logprobs(z, tokens).sum())(logits)
+    p = np.exp(ref_log_softmax(logits.astype(np.float64)))
+    want = np.eye(V)[tokens] - p
+    np.testing.assert_allclose(g, want, atol=1e-5)
+
+
+def test_vmap_and_compile_once():
+    traces = []
+
+    def f(x, mask):
+        traces.append(1)
+        return ops.masked_whiten(x, mask), ops.masked_mean(x, mask)
+
+    fj = jax.jit(f)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        x = rng.normal(size=(B, T)).astype(np.float32)
+        mask, _ = padded_mask(rng, B, T)
+        fj(x, mask)
+    assert len(traces) == 1
+    xs = rng.normal(size=(3, B, T)).astype(np.float32)
+    ms = np.stack([padded_mask(rng, B, T)[0] for _ in range(3)])
+    w, m = jax.vmap(ops.masked_whiten)(xs, ms), jax.vmap(ops.masked_mean)(xs, ms)
+    for i in range(3):
+        np.testing.assert_allclose(w[i], ops.masked_whiten(xs[i], ms[i]), rtol=1e-6)
+        np.testing.assert_allclose(m[i], ops.masked_mean(xs[i], ms[i]), rtol=1e-6)
+    logits = rng.normal(size=(3, 2, T, V)).astype(np.float32)
+    toks = rng.integers(0, V, size=(3, 2, T))
+    lv = jax.vmap(ops.token_logprobs)(logits, toks)
+    np.testing.assert_allclose(lv[1], ops.token_logprobs(logits[1], toks[1]), rtol=1e-6)
+
+
+def test_shape_errors_name_the_argument():
+    x = jnp.ones((B, T))
+    with pytest.raises(ValueError, match="mask"):
+        ops.masked_mean(x, jnp.ones((B, T + 1)))
+    with pytest.raises(ValueError, match="mask"):
+        ops.masked_mean(x, jnp.ones((T,)))  # would broadcast silently elsewhere
+    with pytest.raises(ValueError, match="tokens"):
+        ops.token_logprobs(jnp.ones((B, T, V)), jnp.ones((B, T + 1), jnp.int32))
+    with pytest.raises(ValueError, match="logits"):
+        ops.token_logprobs(jnp.ones((V,)), jnp.ones((), jnp.int32))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(jnp.ones((B, T, V)), jnp.ones((B, T), jnp.int32), temperature=0.0)
+    with pytest.raises(ValueError, match="mask"):
+        ops.last_valid_index(jnp.ones((T,)))
