@@ -40,18 +40,22 @@ class Network(nnx.Module):
         trunk_cls = GPT2Model if cfg.family == "gpt2" else LlamaModel
         self.trunk = trunk_cls(cfg, rngs=rngs, **kw)
         d = cfg.hidden_size
-        self.lm_head = None
-        self.score = None
-        self.value_head = None
+        # Each attribute is assigned once (NNX fixes an attribute's data/static status
+        # at its first assignment).
         if head in ("lm", "lm+value") and not cfg.tie_word_embeddings:
             self.lm_head = Dense(d, cfg.vocab_size, use_bias=False, rngs=rngs,
                                  std=cfg.initializer_range, **kw)
+        else:
+            self.lm_head = None
         if head == "scalar":
             self.score = Dense(d, 1, use_bias=True, rngs=rngs, std=1.0 / math.sqrt(d + 1), **kw)
+        else:
+            self.score = None
         if head == "lm+value":
             self.value_head = Dense(d, 1, use_bias=True, rngs=rngs,
                                     kernel_init=jax.nn.initializers.zeros, **kw)
-
+        else:
+            self.value_head = None
 
 def _stringify(tree):
     """Pure-dict keys as strings (NNX list indices are ints; orbax prefers strings)."""

@@ -1,0 +1,370 @@
+"""HF checkpoints in and out: ``from_pretrained`` (config.json + safetensors, single or
+sharded) and ``save_pretrained`` (a checkpoint that transformers loads).
+
+Weights are mapped through one table per family of (HF name pattern, our parameter
+path, transpose?) rows; ``{i}`` stands for a layer index. The same table serves both
+directions. Every tensor's shape is checked; an unknown or missing tensor is an error
+that names it. safetensors files are read and written here directly (the format is
+a JSON header plus raw little-endian buffers), so bfloat16 checkpoints load without
+torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.lm import LM, HEADS, build
+
+# ------------------------------------------------------------- weight tables
+# (HF name without the trunk prefix, our path below "trunk" joined by "/", transpose)
+_GPT2_TRUNK = [
+    ("wte.weight", "wte/embedding", False),
+    ("wpe.weight", "wpe/embedding", False),
+    ("h.{i}.ln_1.weight", "h/{i}/ln_1/scale", False),
+    ("h.{i}.ln_1.bias", "h/{i}/ln_1/bias", False),
+    ("h.{i}.attn.c_attn.weight", "h/{i}/attn/c_attn/kernel", False),  # Conv1D: [in, out]
+    ("h.{i}.attn.c_attn.bias", "h/{i}/attn/c_attn/bias", False),
+    ("h.{i}.attn.c_proj.weight", "h/{i}/attn/c_proj/kernel", False),
+    ("h.{i}.attn.c_proj.bias", "h/{i}/attn/c_proj/bias", False),
+    ("h.{i}.ln_2.weight", "h/{i}/ln_2/scale", False),
+    ("h.{i}.ln_2.bias", "h/{i}/ln_2/bias", False),
+    ("h.{i}.mlp.c_fc.weight", "h/{i}/mlp/c_fc/kernel", False),
+    ("h.{i}.mlp.c_fc.bias", "h/{i}/mlp/c_fc/bias", False),
+    ("h.{i}.mlp.c_proj.weight", "h/{i}/mlp/c_proj/kernel", False),
+    ("h.{i}.mlp.c_proj.bias", "h/{i}/mlp/c_proj/bias", False),
+    ("ln_f.weight", "ln_f/scale", False),
+    ("ln_f.bias", "ln_f/bias", False),
+]
+_LLAMA_TRUNK = [("embed_tokens.weight", "embed_tokens/embedding", False),
+                ("norm.weight", "norm/scale", False)]
+for _proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    _LLAMA_TRUNK += [(f"layers.{{i}}.self_attn.{_proj}.weight", f"layers/{{i}}/self_attn/{_proj}/kernel", True),
+                     (f"layers.{{i}}.self_attn.{_proj}.bias", f"layers/{{i}}/self_attn/{_proj}/bias", False)]
+for _proj in ("gate_proj", "up_proj", "down_proj"):
+    _LLAMA_TRUNK += [(f"layers.{{i}}.mlp.{_proj}.weight", f"layers/{{i}}/mlp/{_proj}/kernel", True),
+                     (f"layers.{{i}}.mlp.{_proj}.bias", f"layers/{{i}}/mlp/{_proj}/bias", False)]
+for _norm in ("q_norm", "k_norm"):
+    _LLAMA_TRUNK.append((f"layers.{{i}}.self_attn.{_norm}.weight", f"layers/{{i}}/self_attn/{_norm}/scale", False))
+for _norm in ("input_layernorm", "post_attention_layernorm"):
+    _LLAMA_TRUNK.append((f"layers.{{i}}.{_norm}.weight", f"layers/{{i}}/{_norm}/scale", False))
+
+_HEADS_TABLE = [("lm_head.weight", "lm_head/kernel", True),
+                ("score.weight", "score/kernel", True),
+                ("score.bias", "score/bias", False)]
+_TRUNK_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = [re.compile(r"^(transformer\.)?h\.\d+\.attn\.(masked_)?bias$"),
+            re.compile(r"rotary_emb\.inv_freq$")]
+
+
+def _table(family: str):
+    """Rows of (compiled HF regex, HF format string, our path format string, transpose)."""
+    trunk = _GPT2_TRUNK if family == "gpt2" else _LLAMA_TRUNK
+    prefix = _TRUNK_PREFIX[family]
+    rows = []
+    for hf, ours, transpose in trunk:
+        # The trunk prefix is optional on load (base-model checkpoints lack it).
+        regex = "^(?:" + re.escape(prefix) + ")?" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
+        rows.append((re.compile(regex), prefix + hf, "trunk/" + ours, transpose))
+    for hf, ours, transpose in _HEADS_TABLE:
+        rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose))
+    return rows
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (str(k),)))
+        return out
+    return {"/".join(prefix): tree}
+
+
+def _unflatten(flat):
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree
+
+
+# -------------------------------------------------------------- safetensors
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(path):
+    """Yield ``(name, np.ndarray)`` for each tensor of a ``.safetensors`` file (memory-mapped)."""
+    path = str(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
+        yield name, arr.reshape(info["shape"])
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """Write ``{name: np.ndarray}`` as a ``.safetensors`` file (PyTorch-compatible)."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    arrays = []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+
+
+def _checkpoint_files(folder: Path):
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} "
+                            "(PyTorch .bin checkpoints are not supported: convert them to safetensors)")
+
+
+def _resolve(path) -> Path:
+    folder = Path(os.fspath(path)).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ValueError(f"from_pretrained expects a directory (or a hub repo id), got the file {folder}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(f"{path!r} is not a local directory and huggingface_hub is not "
+                                "installed to download it") from err
+    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                             "*.txt", "*.tiktoken"]))
+
+
+# ------------------------------------------------------------ from_pretrained
+def _architecture_kind(hf_config: dict) -> str:
+    archs = hf_config.get("architectures") or []
+    if not archs:
+        return "causal"
+    arch = archs[0]
+    if arch.endswith("ForSequenceClassification"):
+        return "classifier"
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "causal"
+    if arch.endswith("Model"):
+        return "base"
+    raise ValueError(f"unsupported architecture {arch!r} in config.json: expected a "
+                     "*ForCausalLM, *LMHeadModel, *ForSequenceClassification or base *Model")
+
+
+def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jnp.float32,
+                    seed: int = 0) -> LM:
+    """Load an HF checkpoint folder (or hub repo id) into an :class:`LM`.
+
+    Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
+    ``model.safetensors.index.json``). A hub download is tried only when ``path``
+    is not a local directory and ``huggingface_hub`` is installed.
+
+    Args:
+      path: local folder or hub repo id.
+      head: ``"lm"`` (needs a causal-LM checkpoint, or tied embeddings);
+        ``"scalar"`` from a ``*ForSequenceClassification`` checkpoint with one label
+        (its ``score``), or from a causal-LM checkpoint with a fresh score head
+        N(0, 1/sqrt(D+1)) (a reward model initialised from the SFT model);
+        ``"lm+value"``: causal LM plus a zero value head.
+      dtype: compute dtype; param_dtype: storage dtype of the loaded weights.
+      seed: PRNG seed for freshly initialised heads.
+
+    Raises:
+      ValueError: unsupported model type/architecture, a tensor with the wrong shape,
+        an unknown tensor or a missing one (each named).
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    folder = _resolve(path)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    hf_config = json.loads(config_path.read_text())
+    config = ModelConfig.from_hf_config(hf_config)
+    kind = _architecture_kind(hf_config)
+    if kind == "classifier":
+        num_labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {0: 0, 1: 1}))
+        if num_labels != 1:
+            raise ValueError(f"{folder}: a ForSequenceClassification checkpoint with num_labels="
+                             f"{num_labels}; only one label (a scalar reward) is supported")
+        if head != "scalar":
+            raise ValueError(f"{folder} holds a {hf_config['architectures'][0]} (a scalar head); "
+                             "load it with head='scalar'")
+
+    graphdef, abstract = build(config, head, dtype=dtype, param_dtype=param_dtype, abstract=True)
+    expected = _flatten(abstract)
+    loaded: dict = {}
+    rows = _table(config.family)
+    for file in _checkpoint_files(folder):
+        for name, array in read_safetensors(file):
+            if any(p.search(name) for p in _IGNORED):
+                continue
+            ours, transpose = _match(rows, name)
+            if ours is None:
+                raise ValueError(f"{file.name}: unknown tensor {name!r} for model_type "
+                                 f"{config.model_type!r} with head {head!r}")
+            if ours.startswith("lm_head/") and (head == "scalar" or config.tie_word_embeddings):
+                continue  # an LM head we do not need (reward model from SFT) or tied
+            if ours.startswith("score/") and head != "scalar":
+                raise ValueError(f"tensor {name!r} is a sequence-classification head; "
+                                 "load with head='scalar'")
+            if ours not in expected:
+                raise ValueError(f"{file.name}: tensor {name!r} (-> {ours}) has no place in this "
+                                 f"model (config: {config.model_type}, head {head!r}); "
+                                 "config.json and weights disagree")
+            if transpose:
+                array = array.T
+            want = tuple(expected[ours].shape)
+            if tuple(array.shape) != want:
+                raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)} "
+                                 f"(after transpose: {transpose}) but the config needs {want}")
+            loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
+    fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
+    loaded.update(fresh)
+    missing = [p for p in expected if p not in loaded]
+    if missing:
+        names = [_to_hf(rows, p)[0] or p for p in missing]
+        raise ValueError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
+    return LM(config, head, graphdef, _unflatten(loaded), dtype=dtype, param_dtype=param_dtype)
+
+
+def _match(rows, name):
+    for regex, _, ours, transpose in rows:
+        m = regex.match(name)
+        if m:
+            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transpose
+    return None, False
+
+
+def _to_hf(rows, ours_path):
+    """(HF tensor name, transpose) of one of our parameter paths, or (None, False)."""
+    for _, hf, ours, transpose in rows:
+        regex = "^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"
+        m = re.match(regex, ours_path)
+        if m:
+            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transpose
+    return None, False
+
+
+def _fresh_heads(expected, loaded, config, head, seed, param_dtype):
+    """Heads that a causal-LM checkpoint does not hold: score (reward init) and value (zeros)."""
+    d = config.hidden_size
+    out = {}
+    if head == "scalar" and "score/kernel" not in loaded:
+        key = jax.random.PRNGKey(seed)
+        out["score/kernel"] = (jax.random.normal(key, (d, 1), jnp.float32) / math.sqrt(d + 1)).astype(param_dtype)
+    if "score/bias" in expected and "score/bias" not in loaded:
+        out["score/bias"] = jnp.zeros((1,), param_dtype)
+    if head == "lm+value":
+        out["value_head/kernel"] = jnp.zeros((d, 1), param_dtype)
+        out["value_head/bias"] = jnp.zeros((1,), param_dtype)
+    return out
+
+
+# ------------------------------------------------------------ save_pretrained
+def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers loads.
+
+    Head ``"lm"`` writes a ``*ForCausalLM`` (GPT-2: ``GPT2LMHeadModel``); ``"scalar"``
+    writes a ``*ForSequenceClassification`` with one label (HF's ``score`` has no
+    bias: a nonzero bias is dropped with a warning; HF reads the score at the last
+    token that is not ``pad_token_id``, so ``pad_token_id`` is written, falling back
+    to ``eos_token_id``); ``"lm+value"`` writes the causal LM without the value head
+    (warning).
+
+    Args:
+      lm: the model. out_dir: created if needed.
+      params: parameters to save (``lm.params`` by default).
+      tokenizer: optional; saved with ``tokenizer.save_pretrained(out_dir)``.
+      save_dtype: storage dtype (default: the params' own dtype).
+
+    Returns:
+      the output folder.
+    """
+    params = lm.params if params is None else params
+    out = Path(os.fspath(out_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = lm.config
+    rows = _table(cfg.family)
+    flat = _flatten(params)
+    tensors = {}
+    for path, value in flat.items():
+        if path.startswith("value_head/"):
+            continue
+        if path == "score/bias":
+            bias = float(np.asarray(value, np.float32)[0])
+            if bias != 0.0:
+                warnings.warn(f"the reward head bias ({bias:.4g}) has no place in an HF "
+                              "ForSequenceClassification checkpoint and is not saved: HF scores "
+                              "will be shifted by it", stacklevel=2)
+            continue
+        name, transpose = _to_hf(rows, path)
+        if name is None:
+            raise ValueError(f"parameter {path!r} has no HF name")
+        array = np.asarray(jax.device_get(value))
+        if save_dtype is not None:
+            array = array.astype(jnp.dtype(save_dtype))
+        if transpose:
+            array = array.T
+        tensors[name] = np.ascontiguousarray(array)
+    if lm.head == "lm+value":
+        warnings.warn("head 'lm+value': the value head is not part of an HF causal-LM "
+                      "checkpoint and is not saved", stacklevel=2)
+    head = "scalar" if lm.head == "scalar" else "lm"
+    stored = next(iter(tensors.values())).dtype
+    hf_config = cfg.to_hf_config(head=head, dtype=np.dtype(stored).name)
+    if head == "scalar" and hf_config.get("pad_token_id") is None:
+        fallback = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        warnings.warn(f"config has no pad_token_id; writing pad_token_id={fallback} so HF can find "
+                      "the last token (HF treats every token equal to it as padding)", stacklevel=2)
+        hf_config["pad_token_id"] = fallback
+    write_safetensors(out / "model.safetensors", tensors)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
