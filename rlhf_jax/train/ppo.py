@@ -44,7 +44,6 @@ from rlhf_jax.advantages import gae
 from rlhf_jax.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.rewards import shaped_rewards
-from rlhf_jax.rollout import generate
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,
@@ -399,6 +398,8 @@ class PPOTrainer:
     # -- phases -----------------------------------------------------------------------
 
     def _rollout(self, params, prompt_ids, prompt_mask, key):
+        from rlhf_jax.rollout import generate  # imported late: the sampler is optional for the update
+
         cfg = self.cfg
         return generate(
             self.policy,
