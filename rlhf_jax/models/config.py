@@ -244,7 +244,12 @@ class ModelConfig:
             ``*ForSequenceClassification`` with one label.
           dtype: the stored weight dtype name (``"float32"``, ``"bfloat16"``...).
         """
-        arch = self.architecture_prefix + ("ForSequenceClassification" if head == "scalar" else "ForCausalLM")
+        if head == "scalar":
+            arch = self.architecture_prefix + "ForSequenceClassification"
+        elif self.family == "gpt2":
+            arch = "GPT2LMHeadModel"
+        else:
+            arch = self.architecture_prefix + "ForCausalLM"
         out: dict[str, Any] = {"architectures": [arch], "model_type": self.model_type,
                                "vocab_size": self.vocab_size, "dtype": dtype,
                                "initializer_range": self.initializer_range,
