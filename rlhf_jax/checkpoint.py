@@ -129,6 +129,20 @@ def _describe(leaves_with_paths) -> tuple[list[str], list[list[int]], list[str]]
     return paths, shapes, dtypes
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf} (for naming the differing config fields)."""
+    if not isinstance(tree, dict):
+        return {prefix or "config": tree}
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
 class Checkpointer:
     """Save and restore a whole train state plus host-side data with orbax.
 
@@ -156,6 +170,8 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
+            # a save cut short by a kill leaves a temporary directory: remove it on start
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host"))
@@ -275,7 +291,7 @@ class Checkpointer:
         stored = host.get("config_hash")
         if stored == self.config_hash or self.allow_config_mismatch:
             return
-        old, new = host.get("config", {}), self.config
+        old, new = _flatten(host.get("config", {})), _flatten(self.config)
         keys = sorted(set(old) | set(new))
         diffs = [f"{k}: checkpoint={old.get(k, '<absent>')!r} run={new.get(k, '<absent>')!r}"
                  for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]

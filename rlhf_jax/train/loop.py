@@ -1,0 +1,541 @@
+"""Driver loops: `fit_sft`, `fit_reward`, `fit_ppo`.
+
+A driver is the thin host-side loop around a jitted step: it orders the data,
+feeds fixed-shape batches, logs (`rlhf_jax.logging.MetricsLogger`), saves
+checkpoints (`rlhf_jax.checkpoint.Checkpointer`), and resumes a killed run
+from its newest checkpoint so that it continues exactly as if it had never
+stopped (same batches, same PRNG draws, same metrics bit for bit on CPU).
+
+Data order. Epoch `e` visits the rows in the order of a permutation drawn
+from NumPy's PCG64 seeded with `(cfg.seed, e)`; a step takes the next
+`cfg.batch_size` rows of it. The last partial batch of an epoch is DROPPED
+(every batch has the same shape, so the step compiles once); with N rows an
+epoch has `N // batch_size` steps. Because the order is a function of the
+seed and the epoch, the data position (epoch, index within the epoch) saved
+with each checkpoint is all a resumed run needs to see the same batches.
+
+Output directory layout:
+
+    output_dir/metrics.jsonl     one JSON line per logged step (see MetricsLogger)
+    output_dir/tb/               TensorBoard events
+    output_dir/checkpoints/<step>/   orbax checkpoints (state + host JSON)
+
+Resuming. With `resume=True` (the default) a driver restores the newest
+checkpoint in `output_dir/checkpoints` (after checking that its config and
+data fingerprint equal this run's), truncates `metrics.jsonl` to the steps it
+covers, and continues. A fresh run (no checkpoint) empties an old
+`metrics.jsonl`. `resume=False` with existing checkpoints is an error: use a
+new `output_dir` or delete the old one.
+
+Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
+placed with `param_shardings` (FSDP when the mesh's "fsdp" axis is larger
+than 1), batches with `shard_batch`, and the step is jitted with the state's
+shardings as `out_shardings`. Without a mesh everything runs on the default
+device.
+
+Metrics. Each logged step fetches its metrics with one `jax.device_get`;
+the driver adds ``epoch``, ``time/step`` (wall clock since the previous
+logged step) and, for SFT, ``tokens_per_s``. A skipped non-finite update
+and, for PPO, a k1 KL estimate that stays negative over a window, are
+reported as warnings (Python `logging` and the JSON line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.logging import KLSignMonitor, MetricsLogger
+from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
+
+__all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
+
+_SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+_PAIR_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+_PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def epoch_permutation(num_rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The row order of epoch `epoch`: a permutation of `range(num_rows)` from `(seed, epoch)`."""
+    return np.random.Generator(np.random.PCG64([int(seed), int(epoch)])).permutation(num_rows)
+
+
+def batch_rows(step: int, *, num_rows: int, batch_size: int, seed: int) -> tuple[int, int, np.ndarray]:
+    """The data rows of global step `step` (0-based): `(epoch, index_in_epoch, rows)`.
+
+    The last partial batch of each epoch is dropped, so an epoch has
+    `num_rows // batch_size` steps.
+    """
+    per_epoch = num_rows // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"`batch_size` ({batch_size}) is larger than the data ({num_rows} rows)")
+    epoch, index = divmod(int(step), per_epoch)
+    perm = epoch_permutation(num_rows, seed=seed, epoch=epoch)
+    return epoch, index, perm[index * batch_size:(index + 1) * batch_size]
+
+
+class _Order:
+    """Caches one epoch's permutation (drawing it per step would cost O(N) each)."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.per_epoch = num_rows // batch_size
+        self._epoch, self._perm = None, None
+
+    def rows(self, step: int) -> tuple[int, int, np.ndarray]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = epoch_permutation(self.num_rows, seed=self.seed, epoch=epoch)
+        return epoch, index, self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def _check_data(data: Any, keys: tuple[str, ...], name: str) -> tuple[dict[str, np.ndarray], int]:
+    """NumPy arrays for `keys` of `data`, all with the same number of rows."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"`{name}` must be a dict of arrays with keys {list(keys)}, got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"`{name}` is missing keys {missing}; it has {sorted(data)}")
+    arrays = {k: np.asarray(v) for k, v in data.items()}
+    rows = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
+    n = rows[keys[0]]
+    if n is None or any(r != n for r in rows.values()):
+        raise ValueError(f"every array of `{name}` needs the same number of rows, got {rows}")
+    if n == 0:
+        raise ValueError(f"`{name}` is empty (0 rows)")
+    return arrays, n
+
+
+def _fingerprint(arrays: Mapping[str, np.ndarray]) -> dict:
+    """Shapes, dtypes and a content hash of the data, so a resume on other data is caught."""
+    digest = hashlib.blake2b(digest_size=12)
+    out = {}
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        digest.update(key.encode())
+        digest.update(a.tobytes())
+        out[key] = [list(a.shape), str(a.dtype)]
+    return {"arrays": out, "hash": digest.hexdigest()}
+
+
+def _num_steps(per_epoch: int, num_epochs: int | None, max_steps: int | None) -> int:
+    if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+        raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}")
+    if num_epochs is None:
+        return int(max_steps) if max_steps is not None else per_epoch
+    if num_epochs < 1:
+        raise ValueError(f"`num_epochs` must be >= 1, got {num_epochs}")
+    total = per_epoch * int(num_epochs)
+    return min(total, int(max_steps)) if max_steps is not None else total
+
+
+def _with_schedule_length(cfg, total_steps: int):
+    """`cfg` with `total_steps` filled in when a decaying schedule needs it."""
+    if getattr(cfg, "total_steps", 0) is None and getattr(cfg, "schedule", "constant") != "constant":
+        return dataclasses.replace(cfg, total_steps=total_steps)
+    return cfg
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class _Run:
+    """Shared set-up and bookkeeping of the three drivers (checkpointing, logging, mesh)."""
+
+    def __init__(self, *, kind: str, cfg, fingerprint: dict, output_dir, mesh, keep: int,
+                 resume: bool, allow_config_mismatch: bool, log_every: int, print_every: int | None,
+                 checkpoint_every: int, total_steps: int, stdout: bool, tensorboard: bool,
+                 progress: bool | None, async_checkpoint: bool):
+        for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
+                            ("keep", keep)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if output_dir is None:
+            raise ValueError("`output_dir` is required")
+        self.output_dir = os.fspath(output_dir)
+        self.mesh = mesh
+        self.log_every = int(log_every)
+        self.checkpoint_every = int(checkpoint_every)
+        self.total_steps = total_steps
+        self.resume = resume
+        self.ckpt = Checkpointer(
+            os.path.join(self.output_dir, "checkpoints"), max_to_keep=keep,
+            async_save=async_checkpoint, config={"driver": kind, "cfg": cfg, "data": fingerprint},
+            allow_config_mismatch=allow_config_mismatch)
+        self._logger_kwargs = dict(stdout=stdout, tensorboard=tensorboard,
+                                   print_every=print_every or 10 * self.log_every,
+                                   total_steps=total_steps, progress=progress)
+        self.logger: MetricsLogger | None = None
+        self._last_time = None
+
+    # -- state placement and resume ------------------------------------------------
+    def shardings(self, tree):
+        if self.mesh is None:
+            return None
+        fsdp = self.mesh.shape[FSDP_AXIS] > 1
+        return param_shardings(tree, self.mesh, fsdp=fsdp)
+
+    def place(self, tree):
+        """`tree` on the mesh (FSDP or replicated), or unchanged without a mesh."""
+        if self.mesh is None or tree is None:
+            return tree
+        return jax.device_put(tree, self.shardings(tree))
+
+    def restore_or_start(self, state) -> tuple[Any, int]:
+        """The restored state and its step (or `state` and 0); opens the logger."""
+        start = 0
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            if not self.resume:
+                self.ckpt.close()
+                raise ValueError(
+                    f"`output_dir` {self.output_dir} already holds checkpoints (newest: step {latest}) "
+                    "and resume=False; use a new output_dir or delete the old one")
+            state, host = self.ckpt.restore(state)
+            start = int(host.get("step", latest))
+        self.logger = MetricsLogger(self.output_dir, resume_step=start, **self._logger_kwargs)
+        self._last_time = time.perf_counter()
+        return state, start
+
+    # -- per step ------------------------------------------------------------------
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def fetch(self, metrics: Mapping[str, Any]) -> dict:
+        """One `device_get` of the whole metrics dict, plus `time/step`."""
+        host = jax.device_get(dict(metrics))
+        now = time.perf_counter()
+        host["time/step"] = (now - self._last_time) / self.log_every
+        self._last_time = now
+        return host
+
+    def warn_if_skipped(self, step: int, host: Mapping[str, Any]) -> None:
+        skipped = host.get("skipped_nonfinite")
+        if skipped is not None and float(np.asarray(skipped)) > 0:
+            self.logger.warn(f"step {step}: non-finite loss, gradients or scores; the update was "
+                             "skipped (params and optimizer state unchanged)")
+
+    def log(self, step: int, host: dict, on_step: Callable | None) -> dict:
+        if on_step is not None:
+            extra = on_step(step, dict(host))
+            if extra is not None:
+                if not isinstance(extra, Mapping):
+                    raise TypeError(f"`on_step` must return a dict of metrics or None, got {type(extra).__name__}")
+                host.update(extra)
+        return self.logger.log(step, host)
+
+    def maybe_save(self, step: int, state, position: dict) -> None:
+        if step % self.checkpoint_every == 0 or step == self.total_steps:
+            self.ckpt.save(step, state, host_state={"step": step, **position})
+
+    def close(self) -> None:
+        self.ckpt.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def _position(step_done: int, per_epoch: int) -> dict:
+    epoch, index = divmod(step_done, per_epoch)
+    return {"epoch": epoch, "index": index}
+
+
+def _check_model_inputs(model, pairs) -> None:
+    """Eager vocab / shape / context checks through the model's `check_inputs`, if it has one."""
+    check = getattr(model, "check_inputs", None)
+    if check is None:
+        return
+    for ids, mask in pairs:
+        check(ids, mask)
+
+
+def _jit_step(step_fn, run: _Run, state):
+    if run.mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    return jax.jit(step_fn, donate_argnums=0,
+                   out_shardings=(run.shardings(state), replicated(run.mesh)))
+
+
+def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step, output_dir, tx,
+                    mesh, log_every, print_every, checkpoint_every, keep, resume, max_steps,
+                    on_step, stdout, tensorboard, progress, allow_config_mismatch,
+                    async_checkpoint, eval_fn=None, eval_every=None, return_state=False):
+    from rlhf_jax.train.state import optimizer_from_config
+
+    arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
+    batch_size = int(cfg.batch_size)
+    if n < batch_size:
+        raise ValueError(f"the data has {n} rows, fewer than `batch_size` ({batch_size}): "
+                         "no full batch can be formed")
+    if mesh is not None:
+        n_dev = mesh.devices.size
+        if batch_size % n_dev:
+            raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} devices")
+    order = _Order(n, batch_size, cfg.seed)
+    total = _num_steps(order.per_epoch, cfg.num_epochs, max_steps)
+    if tx is None:
+        cfg = _with_schedule_length(cfg, total)
+        tx = optimizer_from_config(cfg)
+    optional = ("margin",) if kind == "reward" and "margin" in arrays else ()
+    arrays = {k: arrays[k] for k in keys + optional}
+    if kind == "sft":
+        _check_model_inputs(model, [(arrays["input_ids"], arrays["attention_mask"])])
+    else:
+        _check_model_inputs(model, [(arrays["chosen_ids"], arrays["chosen_mask"]),
+                                    (arrays["rejected_ids"], arrays["rejected_mask"])])
+
+    run = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), output_dir=output_dir,
+               mesh=mesh, keep=keep, resume=resume, allow_config_mismatch=allow_config_mismatch,
+               log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
+               total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
+               async_checkpoint=async_checkpoint)
+    try:
+        state = run.place(init_fn(model, params, tx, seed=cfg.seed))
+        state, start = run.restore_or_start(state)
+        step_fn = _jit_step(make_step(model, tx, cfg), run, state)
+        for step in range(start, total):
+            epoch, _, rows = order.rows(step)
+            batch = {k: v[rows] for k, v in arrays.items()}
+            if mesh is not None:
+                batch = shard_batch(batch, mesh)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if run.should_log(done):
+                host = run.fetch(metrics)
+                host["epoch"] = epoch
+                if "tokens" in host:
+                    host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
+                if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
+                    host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
+                run.warn_if_skipped(done, host)
+                run.log(done, host, on_step)
+            run.maybe_save(done, state, _position(done, order.per_epoch))
+        history = list(run.logger.history)
+    finally:
+        run.close()
+    if return_state:
+        return state.params, history, state
+    return state.params, history
+
+
+# --------------------------------------------------------------------------- public drivers
+
+_COMMON_DOC = """
+      output_dir: directory for metrics.jsonl, tb/ and checkpoints/ (required).
+      tx: the optimizer; default `optimizer_from_config(cfg)` (with `total_steps`
+        filled in from the run length when a decaying schedule needs it).
+      mesh: a `make_mesh` mesh to run data-parallel / FSDP; None = one device.
+      log_every: fetch, log and check metrics every this many steps (and at the end).
+      print_every: stdout period in steps (default 10 * log_every).
+      checkpoint_every: save a checkpoint every this many steps (and at the end).
+      keep: how many checkpoints to keep.
+      resume: continue from the newest checkpoint in output_dir.
+      max_steps: stop after this many steps in total (counting restored ones).
+      on_step: `on_step(step, metrics) -> dict | None`, called at each logged step
+        with the host metrics before they are written; a returned dict is added to
+        the step's record (values must be deterministic for resumes to match).
+      stdout, tensorboard, progress: logging sinks (see `MetricsLogger`).
+      allow_config_mismatch: resume even if cfg / data differ from the checkpoint's.
+      async_checkpoint: write checkpoints in the background.
+      return_state: also return the final train state (3-tuple).
+"""
+
+
+def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=None, mesh=None,
+            log_every: int = 1, print_every: int | None = None, checkpoint_every: int = 500,
+            keep: int = 3, resume: bool = True, max_steps: int | None = None,
+            on_step: Callable | None = None, stdout: bool = True, tensorboard: bool = True,
+            progress: bool | None = None, allow_config_mismatch: bool = False,
+            async_checkpoint: bool = True, return_state: bool = False):
+    """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
+
+    Args:
+      lm: the `LM` (closed over by the step).
+      params: its initial parameters.
+      data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
+        (right-padded; `loss_mask` is 1 on completion tokens).
+      cfg: `SFTConfig` (batch_size, num_epochs, seed, optimizer settings).
+    {common}
+    Returns:
+      `(params, history)`: final params, and the list of logged records (the
+      lines of metrics.jsonl, including those of a run this one resumed).
+    """
+    from rlhf_jax.train.sft import make_sft_step, sft_init
+
+    return _fit_supervised(
+        kind="sft", model=lm, params=params, data=data, cfg=cfg, keys=_SFT_KEYS, init_fn=sft_init,
+        make_step=make_sft_step, output_dir=output_dir, tx=tx, mesh=mesh, log_every=log_every,
+        print_every=print_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
+        max_steps=max_steps, on_step=on_step, stdout=stdout, tensorboard=tensorboard,
+        progress=progress, allow_config_mismatch=allow_config_mismatch,
+        async_checkpoint=async_checkpoint, return_state=return_state)
+
+
+def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_data=None,
+               eval_every: int | None = None, eval_batch_size: int | None = None, output_dir,
+               tx=None, mesh=None, log_every: int = 1, print_every: int | None = None,
+               checkpoint_every: int = 500, keep: int = 3, resume: bool = True,
+               max_steps: int | None = None, on_step: Callable | None = None, stdout: bool = True,
+               tensorboard: bool = True, progress: bool | None = None,
+               allow_config_mismatch: bool = False, async_checkpoint: bool = True,
+               return_state: bool = False):
+    """Bradley-Terry reward-model training on preference pairs.
+
+    Args:
+      rm: a scalar-head `LM`.
+      params: its initial parameters (e.g. the SFT trunk with a fresh head).
+      train_data: {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
+        `[N, L]` arrays (+ optional "margin" `[N]`).
+      cfg: `RewardConfig`.
+      eval_data: held-out pairs (same keys); evaluated with
+        `evaluate_reward_model` at the last step and every `eval_every` steps
+        (on logged steps); results logged as "eval/accuracy", "eval/loss", ...
+      eval_every: evaluation period in steps (None: only at the end).
+      eval_batch_size: evaluate in chunks of this many pairs.
+    {common}
+    Returns:
+      `(params, history)` as for `fit_sft`; the head is not normalised (call
+      `normalize_reward_head` on reference samples afterwards).
+    """
+    from rlhf_jax.train.reward import evaluate_reward_model, make_reward_step, reward_init
+
+    eval_fn = None
+    if eval_data is not None:
+        eval_arrays, _ = _check_data(eval_data, _PAIR_KEYS, "eval_data")
+        _check_model_inputs(rm, [(eval_arrays["chosen_ids"], eval_arrays["chosen_mask"]),
+                                 (eval_arrays["rejected_ids"], eval_arrays["rejected_mask"])])
+
+        def eval_fn(p):
+            return evaluate_reward_model(rm, p, eval_arrays, batch_size=eval_batch_size)
+
+    return _fit_supervised(
+        kind="reward", model=rm, params=params, data=train_data, cfg=cfg, keys=_PAIR_KEYS,
+        init_fn=reward_init, make_step=make_reward_step, output_dir=output_dir, tx=tx, mesh=mesh,
+        log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
+        keep=keep, resume=resume, max_steps=max_steps, on_step=on_step, stdout=stdout,
+        tensorboard=tensorboard, progress=progress, allow_config_mismatch=allow_config_mismatch,
+        async_checkpoint=async_checkpoint, eval_fn=eval_fn, eval_every=eval_every,
+        return_state=return_state)
+
+
+def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], cfg=None, *,
+            value_params=None, reward_params=None, output_dir, num_epochs: int | None = None,
+            mesh=None, log_every: int = 1, print_every: int | None = None,
+            checkpoint_every: int = 50, keep: int = 3, resume: bool = True,
+            max_steps: int | None = None, on_step: Callable | None = None,
+            on_rollout: Callable | None = None, kl_warn_window: int = 10, stdout: bool = True,
+            tensorboard: bool = True, progress: bool | None = None,
+            allow_config_mismatch: bool = False, async_checkpoint: bool = True,
+            return_state: bool = False):
+    """PPO-RLHF: `trainer.iteration` over batches of prompts.
+
+    One step is one PPO iteration on `cfg.batch_size` prompts (rollout, score,
+    `ppo_epochs x num_minibatches` updates). Run length: `num_epochs` passes
+    over the prompts (capped by `max_steps`); with `num_epochs=None`,
+    `max_steps` iterations (cycling over the prompts in per-epoch seeded
+    orders), or one pass when `max_steps` is None too.
+
+    Args:
+      trainer: a `PPOTrainer` (its optimizers, models and reward are used).
+      policy_params: initial policy params (also the reference's, usually).
+      ref_params: the frozen reference policy's params.
+      prompts: {"prompt_ids", "prompt_mask"} `[N, P]` left-padded prompts.
+        The rows of each batch are passed to a host `reward_fn` as `prompt_index`.
+      cfg: the `PPOConfig`; None = `trainer.cfg` (if given it must equal it).
+      value_params: the separate value network's params (trainers with a `value_model`).
+      reward_params: the reward model's params (trainers with a `reward_model`).
+      num_epochs: passes over the prompts (see above).
+      on_rollout: `on_rollout(step, prompt_index, rollout) -> dict | None`, called
+        on logged steps with the iteration's `Rollout` (device arrays) and the
+        prompt rows; a returned dict is added to the step's metrics (e.g. a gold
+        reward of the responses).
+      kl_warn_window: warn when the k1 KL mean ("kl_k1") is negative over this
+        many logged steps.
+    {common}
+    Returns:
+      `(policy_params, history)`; with `return_state=True` also the final
+      `PPOState` (value params, optimizer and KL-controller states).
+    """
+    if cfg is None:
+        cfg = trainer.cfg
+    elif cfg != trainer.cfg:
+        raise ValueError("`cfg` differs from `trainer.cfg`; build the trainer with this cfg or pass cfg=None")
+    if ref_params is None:
+        raise ValueError("`ref_params` (the frozen reference policy) is required")
+    arrays, n = _check_data(prompts, _PROMPT_KEYS, "prompts")
+    arrays = {k: arrays[k] for k in _PROMPT_KEYS}
+    batch_size = int(cfg.batch_size)
+    if n < batch_size:
+        raise ValueError(f"`prompts` has {n} rows, fewer than `batch_size` ({batch_size})")
+    if mesh is not None and batch_size % mesh.devices.size:
+        raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's "
+                         f"{mesh.devices.size} devices")
+    _check_model_inputs(trainer.policy, [(arrays["prompt_ids"], arrays["prompt_mask"])])
+    trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
+    order = _Order(n, batch_size, cfg.seed)
+    total = _num_steps(order.per_epoch, num_epochs, max_steps)
+
+    run = _Run(kind="ppo", cfg=cfg, fingerprint=_fingerprint(arrays), output_dir=output_dir,
+               mesh=mesh, keep=keep, resume=resume, allow_config_mismatch=allow_config_mismatch,
+               log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
+               total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
+               async_checkpoint=async_checkpoint)
+    monitor = KLSignMonitor(window=kl_warn_window, key="kl_k1")
+    try:
+        state = run.place(trainer.init(policy_params, value_params, seed=cfg.seed))
+        state_sh = run.shardings(state)
+        ref_params = run.place(ref_params)
+        reward_params = run.place(reward_params)
+        state, start = run.restore_or_start(state)
+        monitor.replay(run.logger.history)
+        for step in range(start, total):
+            epoch, _, rows = order.rows(step)
+            ids, mask = arrays["prompt_ids"][rows], arrays["prompt_mask"][rows]
+            if mesh is not None:
+                ids, mask = shard_batch((ids, mask), mesh)
+            state, metrics, rollout = trainer.iteration(
+                state, ids, mask, ref_params=ref_params, reward_params=reward_params,
+                prompt_index=rows)
+            if state_sh is not None:
+                state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
+            done = step + 1
+            if run.should_log(done):
+                host = run.fetch(metrics)
+                host["epoch"] = epoch
+                if on_rollout is not None:
+                    extra = on_rollout(done, rows, rollout)
+                    if extra is not None:
+                        host.update(jax.device_get(dict(extra)))
+                run.warn_if_skipped(done, host)
+                message = monitor.update({k: float(np.asarray(v)) for k, v in host.items()
+                                          if k == "kl_k1"})
+                if message:
+                    run.logger.warn(f"step {done}: {message}")
+                run.log(done, host, on_step)
+            run.maybe_save(done, state, _position(done, order.per_epoch))
+        history = list(run.logger.history)
+    finally:
+        run.close()
+    if return_state:
+        return state.params, history, state
+    return state.params, history
+
+
+def _fill_docs() -> None:
+    common = _COMMON_DOC.strip("\n")
+    no_tx = "\n".join(line for line in common.splitlines()
+                      if "tx: the optimizer" not in line and "filled in from the run length" not in line)
+    for fn, text in ((fit_sft, common), (fit_reward, common), (fit_ppo, no_tx)):
+        fn.__doc__ = fn.__doc__.replace("    {common}", text.rstrip() + "\n")
+
+
+_fill_docs()
