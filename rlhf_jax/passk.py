@@ -54,8 +54,10 @@ def pass_at_k(n, c, k: int):
     References:
       Chen et al. 2021 (Codex), arXiv 2107.03374.
 
-    >>> float(pass_at_k(10, 3, 1))
+    >>> round(float(pass_at_k(10, 3, 1)), 12)
     0.3
+    >>> pass_at_k([10, 10], [3, 9], 2).round(4).tolist()
+    [0.5333, 1.0]
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
         raise ValueError(f"`k` must be a Python int, got {k!r}")
@@ -98,7 +100,7 @@ def _per_problem_curve(n, c, ks) -> np.ndarray:
     if ks.ndim != 1 or ks.size == 0:
         raise ValueError("`ks` must be a non-empty 1-D sequence of ints")
     if np.any(ks < 1) or np.any(ks > n.min()):
-        raise ValueError(f"every k must satisfy 1 <= k <= min(n) = {n.min()}, got {ks.tolist()}")
+        raise ValueError(f"every k in `ks` must satisfy 1 <= k <= min(n) = {n.min()}, got {ks.tolist()}")
     kmax = int(ks.max())
     n = n.astype(np.float64)[:, None]
     c = c.astype(np.float64)[:, None]
