@@ -479,17 +479,18 @@ def _check_model(model: ModelSection, tokenizer: TokenizerSection, prefix: str =
                  "`tokenizer.path`: a randomly initialised model needs an explicit tokenizer path")
 
 
-def _check_data(data: DataSection, *, needs_train: bool = True):
-    if needs_train:
-        _require(len(data.train_files) > 0, "`data.train_files`: give at least one JSONL/Parquet file")
+def _check_data(data: DataSection, *, prompts_only: bool = False):
+    _require(len(data.train_files) > 0, "`data.train_files`: give at least one JSONL/Parquet file")
     _require(data.max_prompt_length >= 1, f"`data.max_prompt_length` must be >= 1, got {data.max_prompt_length}")
-    _require(data.max_length > data.max_prompt_length,
-             f"`data.max_length` ({data.max_length}) must exceed `data.max_prompt_length` "
-             f"({data.max_prompt_length})")
     _require(len(data.buckets) > 0 and min(data.buckets) >= 1, "`data.buckets` must be positive lengths")
-    _require(max(data.buckets) >= data.max_length,
-             f"`data.buckets`: the largest bucket ({max(data.buckets)}) is shorter than `data.max_length` "
-             f"({data.max_length})")
+    # Prompt sets (PPO, eval) only use max_prompt_length; sequences also need max_length.
+    longest, name = (data.max_prompt_length, "max_prompt_length") if prompts_only else (data.max_length, "max_length")
+    if not prompts_only:
+        _require(data.max_length > data.max_prompt_length,
+                 f"`data.max_length` ({data.max_length}) must exceed `data.max_prompt_length` "
+                 f"({data.max_prompt_length})")
+    _require(max(data.buckets) >= longest,
+             f"`data.buckets`: the largest bucket ({max(data.buckets)}) is shorter than `data.{name}` ({longest})")
     _require(data.max_rows is None or data.max_rows >= 1, "`data.max_rows` must be >= 1 or null")
 
 
@@ -571,7 +572,7 @@ class PPORunConfig:
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
         _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
+        _check_data(self.data, prompts_only=True)
         _check_common(self)
         _require((self.reward.model_path is None) != (self.reward.function is None),
                  "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
@@ -604,8 +605,7 @@ class EvalConfig:
     num_samples: int = _help("n, samples per prompt (pass@k for k = 1..n)", 16)
     max_new_tokens: int = _help("response length limit", 64)
     temperature: float = _help("sampling temperature", 1.0)
-    top_k: int = _help("top-k sampling (0: off)", 0)
-    top_p: float = _help("nucleus sampling (1.0: off)", 1.0)
+    ks: tuple[int, ...] = _help("the k to report (empty: powers of two up to n, and n)", ())
     batch_size: int = _help("prompts per sampling batch", 16)
     reward_model: str | None = _help("optional reward-model folder: also report its mean score", None)
     reference: str | None = _help("optional reference-model folder: also report KL(model || reference)", None)
@@ -621,12 +621,13 @@ class EvalConfig:
         names = [m.name for m in self.models]
         _require(len(set(names)) == len(names), f"`models`: names must be distinct, got {names}")
         _require(":" in self.verifier, f"`verifier` must be `module:function`, got {self.verifier!r}")
-        _check_data(self.data)
+        _check_data(self.data, prompts_only=True)
         _require(self.num_samples >= 1, f"`num_samples` must be >= 1, got {self.num_samples}")
         _require(self.max_new_tokens >= 1, f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")
         _require(self.batch_size >= 1, f"`batch_size` must be >= 1, got {self.batch_size}")
-        _require(self.temperature >= 0, f"`temperature` must be >= 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"`top_p` must be in (0, 1], got {self.top_p}")
+        _require(self.temperature > 0, f"`temperature` must be > 0 for pass@k sampling, got {self.temperature}")
+        _require(all(1 <= k <= self.num_samples for k in self.ks),
+                 f"`ks` must lie in 1..num_samples ({self.num_samples}), got {list(self.ks)}")
         _require(self.bootstrap >= 0, f"`bootstrap` must be >= 0, got {self.bootstrap}")
 
 

@@ -1,0 +1,446 @@
+"""The stages behind `rlhf-jax`: run folders, data -> model -> driver -> HF export.
+
+Each `run_<command>(cfg, *, overwrite)` takes a validated config from
+`rlhf_jax.config`, loads the tokenizer and the data first (so bad rows fail
+before a model is built), claims the run folder (`prepare_output_dir`),
+builds the models, calls the driver of `rlhf_jax.train.loop` (which logs,
+checkpoints and resumes) and writes the final model in HF format to
+`output_dir/hf/`. `run_eval` wires `rlhf_jax.evaluation`, `run_export`
+re-exports a finished run.
+
+A run folder is marked by `run.json` (`command`, `config_hash`, `config`)
+and `resolved_config.yaml`. The same config resumes; a different one is
+refused unless `overwrite`, which deletes the old run first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+
+from rlhf_jax.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, from_dict, to_dict
+from rlhf_jax.data.datasets import (
+    preference_examples,
+    prompt_examples,
+    read_sources,
+    sft_examples,
+    special_token_ids,
+)
+
+__all__ = [
+    "RunError",
+    "CONFIG_FILE",
+    "RUN_FILE",
+    "SCORE_BIAS_FILE",
+    "prepare_output_dir",
+    "read_run",
+    "load_tokenizer",
+    "load_model",
+    "run_sft",
+    "run_reward",
+    "run_ppo",
+    "run_eval",
+    "run_export",
+]
+
+CONFIG_FILE = "resolved_config.yaml"
+RUN_FILE = "run.json"
+# HF's *ForSequenceClassification has no score bias; the reward head's bias (set by the
+# normalisation to mean 0) travels next to the weights and `load_model` puts it back.
+SCORE_BIAS_FILE = "rlhf_jax_score_bias.json"
+
+
+class RunError(ValueError):
+    """A run folder or a path that cannot be used as asked."""
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if k != "output_dir" and a.get(k) != b.get(k))
+
+
+def prepare_output_dir(command: str, cfg, *, overwrite: bool) -> bool:
+    """Create or check `cfg.output_dir` and write the resolved config into it.
+
+    Returns:
+      True when the folder holds an earlier run of the same command and config
+      (the driver then resumes from its newest checkpoint).
+
+    Raises:
+      RunError: the folder holds a run with another config (without
+        `overwrite`), or files that are not an rlhf-jax run (never deleted).
+    """
+    out = cfg.output_dir
+    run_path = os.path.join(out, RUN_FILE)
+    digest = config_hash(cfg)
+    resume = False
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(run_path):
+            raise RunError(f"output_dir {out} is not empty and holds no rlhf-jax run ({RUN_FILE} missing); "
+                           "choose another output_dir (nothing was deleted)")
+        with open(run_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("command") == command and previous.get("config_hash") == digest:
+            resume = True
+        elif not overwrite:
+            changed = _changed_keys(previous.get("config", {}), to_dict(cfg))
+            what = (f"changed keys: {', '.join(changed[:6])}" if previous.get("command") == command
+                    else f"it is a `{previous.get('command')}` run")
+            raise RunError(f"output_dir {out} holds a run with a different config ({what}); pass --overwrite "
+                           "to replace it, or choose another output_dir")
+        else:
+            shutil.rmtree(out)
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"output_dir {out} exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(f"# rlhf-jax {command}, config hash {digest}\n")
+        f.write(dump_config(cfg))
+    with open(run_path, "w", encoding="utf-8") as f:
+        json.dump({"command": command, "config_hash": digest, "config": to_dict(cfg)}, f, indent=1)
+    return resume
+
+
+def read_run(run_dir: str) -> tuple[str, object]:
+    """`(command, config)` of an existing training run folder."""
+    run_path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(run_path):
+        raise RunError(f"{run_dir} is not an rlhf-jax run folder ({RUN_FILE} missing)")
+    with open(run_path, encoding="utf-8") as f:
+        info = json.load(f)
+    command = info.get("command")
+    if command not in ("sft", "reward", "ppo"):
+        raise RunError(f"{run_path}: a `{command}` run has no trained model to export")
+    try:
+        cfg = from_dict(COMMAND_CONFIGS[command], info["config"])
+    except ConfigError as e:
+        raise RunError(f"{run_path}: the stored config no longer loads ({e})") from None
+    return command, cfg
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None):
+    """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`)."""
+    path = tokenizer_cfg.path or (model_cfg.path if model_cfg is not None else None) or fallback
+    if path is None:
+        raise ConfigError("`tokenizer.path`: no tokenizer given and no model path to take it from")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot load a tokenizer from {path!r} (tokenizer.path / model.path): "
+                       f"{' '.join(str(e).split())[:300]}") from None
+    if tokenizer_cfg.pad_token is not None:
+        special_token_ids(tok, pad_token=tokenizer_cfg.pad_token)  # checks it exists and differs from EOS
+        tok.pad_token = tokenizer_cfg.pad_token
+    return tok
+
+
+def load_model(model_cfg, *, head: str, seed: int = 0):
+    """An `LM` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
+    from rlhf_jax.models import ModelConfig, from_config
+
+    kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype)}
+    if model_cfg.random_init is not None:
+        try:
+            config = ModelConfig.from_hf_config(dict(model_cfg.random_init))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"`model.random_init`: not a usable model config ({e})") from None
+        return from_config(config, head=head, seed=seed, **kwargs)
+    return load_pretrained(model_cfg.path, head=head, seed=seed, **kwargs)
+
+
+def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None):
+    """`from_pretrained`, restoring a reward head's bias saved next to an HF export."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.models import from_pretrained
+
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise RunError(f"model folder {path} does not exist")
+    lm = from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
+                         param_dtype=param_dtype or jnp.float32)
+    bias_file = os.path.join(path, SCORE_BIAS_FILE)
+    if head == "scalar" and os.path.isfile(bias_file) and "score" in lm.params:
+        with open(bias_file, encoding="utf-8") as f:
+            bias = float(json.load(f)["bias"])
+        score = dict(lm.params["score"])
+        if "bias" in score:
+            score["bias"] = jnp.full_like(score["bias"], bias)
+            lm.params = {**lm.params, "score": score}
+    return lm
+
+
+def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str:
+    """Write `lm` with `params` as an HF folder (+ tokenizer, + the score bias of a reward model)."""
+    import warnings
+
+    os.makedirs(out_dir, exist_ok=True)
+    bias = None
+    if lm.head == "scalar" and "bias" in params.get("score", {}):
+        bias = float(np.asarray(params["score"]["bias"], np.float32).reshape(-1)[0])
+    if lm.head == "lm+value":
+        lm, params = lm.with_head("lm", params=params)
+    with warnings.catch_warnings():
+        # The value head and the score bias are handled here; the exporter's warnings do not apply.
+        warnings.filterwarnings("ignore", message=".*(value head|reward head bias).*")
+        lm.save_pretrained(out_dir, params=params, tokenizer=tokenizer, save_dtype=save_dtype)
+    if bias is not None:
+        with open(os.path.join(out_dir, SCORE_BIAS_FILE), "w", encoding="utf-8") as f:
+            json.dump({"bias": bias}, f)
+    return out_dir
+
+
+def _data_kwargs(data, *, kind: str, pad_token=None) -> dict:
+    common = {"prompt_column": data.prompt_column, "max_prompt_length": data.max_prompt_length,
+              "buckets": data.buckets, "chat_template": data.chat_template, "pad_token": pad_token}
+    if kind == "sft":
+        return {**common, "completion_column": data.completion_column, "messages_column": data.messages_column,
+                "max_length": data.max_length, "too_long": data.too_long}
+    if kind == "preference":
+        return {**common, "chosen_column": data.chosen_column, "rejected_column": data.rejected_column,
+                "max_length": data.max_length, "too_long": data.too_long}
+    return {**common, "answer_column": data.answer_column}
+
+
+def _load_examples(data, tokenizer, *, kind: str, pad_token=None):
+    build = {"sft": sft_examples, "preference": preference_examples, "prompt": prompt_examples}[kind]
+    kwargs = _data_kwargs(data, kind=kind, pad_token=pad_token)
+    train = build(read_sources(data.train_files, max_rows=data.max_rows), tokenizer, **kwargs)
+    held_out = None
+    if data.eval_files:
+        held_out = build(read_sources(data.eval_files, max_rows=data.max_rows), tokenizer, **kwargs)
+    return train, held_out
+
+
+def _mesh(mesh_cfg):
+    import jax
+
+    from rlhf_jax.train.sharding import make_mesh
+
+    if jax.device_count() == 1 and mesh_cfg.fsdp == 1 and mesh_cfg.data in (-1, 1):
+        return None
+    return make_mesh(data=None if mesh_cfg.data == -1 else mesh_cfg.data, fsdp=mesh_cfg.fsdp)
+
+
+def _report(message: str):
+    print(f"[rlhf-jax] {message}", flush=True)
+
+
+def _driver_kwargs(cfg) -> dict:
+    return {"output_dir": cfg.output_dir, "mesh": _mesh(cfg.mesh), "checkpoint_every": cfg.checkpoint_every,
+            "keep": cfg.keep, "resume": True}
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def run_sft(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax sft`: returns the HF export folder (`output_dir/hf`)."""
+    from rlhf_jax.train.loop import fit_sft
+    from rlhf_jax.train.state import check_vocab
+
+    tok = load_tokenizer(cfg.tokenizer, cfg.model)
+    train, _ = _load_examples(cfg.data, tok, kind="sft", pad_token=cfg.tokenizer.pad_token)
+    _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
+            + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
+    resumed = prepare_output_dir("sft", cfg, overwrite=overwrite)
+    if resumed:
+        _report(f"resuming the run in {cfg.output_dir}")
+    lm = load_model(cfg.model, head="lm", seed=cfg.train.seed)
+    check_vocab(tok, lm)
+    params, _ = fit_sft(lm, lm.params, train.arrays, cfg.train, **_driver_kwargs(cfg))
+    return export_model(lm, params, tok, os.path.join(cfg.output_dir, "hf"))
+
+
+def run_reward(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax reward`: returns the HF export folder (a *ForSequenceClassification)."""
+    from rlhf_jax.train.loop import fit_reward
+    from rlhf_jax.train.reward import evaluate_reward_model, normalize_reward_head
+    from rlhf_jax.train.state import check_vocab
+
+    tok = load_tokenizer(cfg.tokenizer, cfg.model)
+    train, held_out = _load_examples(cfg.data, tok, kind="preference", pad_token=cfg.tokenizer.pad_token)
+    _report(f"reward: {len(train)} training pairs, {len(held_out) if held_out else 0} held-out pairs")
+    resumed = prepare_output_dir("reward", cfg, overwrite=overwrite)
+    if resumed:
+        _report(f"resuming the run in {cfg.output_dir}")
+    rm = load_model(cfg.model, head="scalar", seed=cfg.train.seed)
+    check_vocab(tok, rm)
+    params, _ = fit_reward(rm, rm.params, train.arrays, cfg.train,
+                           eval_data=held_out.arrays if held_out else None, **_driver_kwargs(cfg))
+    if cfg.normalize:
+        # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
+        # centre on reference samples; PPO then sees scores around 0.
+        ids = np.concatenate([train.arrays["chosen_ids"], train.arrays["rejected_ids"]])
+        mask = np.concatenate([train.arrays["chosen_mask"], train.arrays["rejected_mask"]])
+        params = normalize_reward_head(rm, params, ids, mask)
+    summary = {}
+    if held_out is not None:
+        summary = {k: float(v) for k, v in evaluate_reward_model(rm, params, held_out.arrays).items()}
+        _report("reward: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())))
+    with open(os.path.join(cfg.output_dir, "reward_eval.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    return export_model(rm, params, tok, os.path.join(cfg.output_dir, "hf"))
+
+
+def _build_ppo(cfg, tok, prompts):
+    """The PPO trainer, its models and params, from a PPORunConfig."""
+    from rlhf_jax.reward_functions import host_reward_fn, load_function
+    from rlhf_jax.train.ppo import PPOTrainer
+    from rlhf_jax.train.state import check_vocab, optimizer_from_config
+
+    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
+    ppo_cfg = dataclasses.replace(
+        cfg.train, pad_token_id=pad_id,
+        eos_token_id=eos_id if cfg.train.eos_token_id is None else cfg.train.eos_token_id)
+    shared = cfg.value_model is None
+    head = "lm+value" if shared else "lm"
+    policy = load_model(cfg.model, head=head, seed=ppo_cfg.seed)
+    check_vocab(tok, policy)
+    if cfg.reference is None:
+        ref_params = policy.params
+    else:
+        ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
+                                     param_dtype=policy.param_dtype).params
+    value_model = value_params = value_tx = None
+    if not shared:
+        value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
+        value_model = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1)
+        value_params = value_model.params
+        value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
+    reward_model = reward_params = reward_fn = None
+    if cfg.reward.model_path is not None:
+        reward_model = load_pretrained(cfg.reward.model_path, head="scalar")
+        check_vocab(tok, reward_model)
+        reward_params = reward_model.params
+    else:
+        reward_fn = host_reward_fn(load_function(cfg.reward.function), tok, prompts=prompts.prompts,
+                                   answers=prompts.answers, name=cfg.reward.function)
+    trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg), value_model=value_model,
+                         value_tx=value_tx, reward_model=reward_model, reward_fn=reward_fn)
+    return trainer, policy, ref_params, value_params, reward_params
+
+
+def run_ppo(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    from rlhf_jax.train.loop import fit_ppo
+
+    tok = load_tokenizer(cfg.tokenizer, cfg.model)
+    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
+    if cfg.reward.function is not None:
+        from rlhf_jax.reward_functions import load_function
+
+        load_function(cfg.reward.function)  # a bad `module:function` fails before the run folder is claimed
+    resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
+    if resumed:
+        _report(f"resuming the run in {cfg.output_dir}")
+    trainer, policy, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts)
+    params, _ = fit_ppo(trainer, policy.params, ref_params, prompts.arrays, value_params=value_params,
+                        reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
+                        **_driver_kwargs(cfg))
+    return export_model(policy, params, tok, os.path.join(cfg.output_dir, "hf"))
+
+
+def run_eval(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax eval`: pass@k of every model; returns the path of eval.json."""
+    import jax
+
+    from rlhf_jax.evaluation import evaluate_pass_at_k, write_eval
+    from rlhf_jax.reward_functions import host_reward_fn, load_function
+
+    tok = load_tokenizer(cfg.tokenizer, fallback=cfg.models[0].path)
+    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
+    verifier = host_reward_fn(load_function(cfg.verifier), tok, prompts=prompts.prompts,
+                              answers=prompts.answers, name=cfg.verifier)
+    prepare_output_dir("eval", cfg, overwrite=overwrite)
+    models = {m.name: (lm := load_pretrained(m.path, head="lm"), lm.params) for m in cfg.models}
+    ref = reward_model = None
+    if cfg.reference is not None:
+        lm = load_pretrained(cfg.reference, head="lm")
+        ref = (lm, lm.params)
+    if cfg.reward_model is not None:
+        lm = load_pretrained(cfg.reward_model, head="scalar")
+        reward_model = (lm, lm.params)
+    results = evaluate_pass_at_k(
+        models, prompts.arrays["prompt_ids"], prompts.arrays["prompt_mask"], verifier,
+        n_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, key=jax.random.key(cfg.seed),
+        temperature=cfg.temperature, ks=list(cfg.ks) if cfg.ks else None, ref=ref,
+        reward_model=reward_model, batch_size=cfg.batch_size, eos_token_id=eos_id, pad_token_id=pad_id,
+        prompt_index=np.arange(len(prompts)), num_bootstrap=cfg.bootstrap)
+    paths = write_eval(results, cfg.output_dir, title=f"pass@k on {', '.join(cfg.data.train_files)}")
+    return paths["json"]
+
+
+def _restored_params(command: str, run_cfg, lm, tok):
+    """The parameters in the newest checkpoint of a training run (template: a fresh state)."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.train.state import TrainState, optimizer_from_config
+
+    ckpt_dir = os.path.join(run_cfg.output_dir, "checkpoints")
+    if command == "ppo":
+        class _Prompts:  # the export needs the trainer's state layout, not its data
+            prompts, answers = ("",), (None,)
+
+        cfg = dataclasses.replace(run_cfg, reward=dataclasses.replace(
+            run_cfg.reward, model_path=None, function="rlhf_jax.verifiers:math_reward"))
+        if run_cfg.value_model == "reward_model":
+            cfg = dataclasses.replace(cfg, value_model=run_cfg.reward.model_path)
+        trainer, policy, _, value_params, _ = _build_ppo(cfg, tok, _Prompts)
+        template = trainer.init(policy.params, value_params)
+    else:
+        import jax
+
+        tx = optimizer_from_config(dataclasses.replace(run_cfg.train, total_steps=run_cfg.train.total_steps or 1))
+        template = TrainState(params=lm.params, opt_state=tx.init(lm.params), step=np.zeros((), np.int32),
+                              rng=jax.random.key(run_cfg.train.seed))
+    with Checkpointer(ckpt_dir, max_to_keep=None, async_save=False, allow_config_mismatch=True) as ckpt:
+        if ckpt.latest_step() is None:
+            raise RunError(f"{ckpt_dir} holds no checkpoint to export")
+        state, host = ckpt.restore(template)
+        step = ckpt.latest_step()
+    return state.params, step
+
+
+def run_export(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax export`: the newest checkpoint of `run_dir` as an HF folder; returns the folder."""
+    command, run_cfg = read_run(cfg.run_dir)
+    run_cfg = dataclasses.replace(run_cfg, output_dir=cfg.run_dir)
+    out = cfg.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
+    tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
+    head = {"sft": "lm", "reward": "scalar", "ppo": "lm+value" if run_cfg.value_model is None else "lm"}[command]
+    lm = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
+    params, step = _restored_params(command, run_cfg, lm, tok)
+    export_model(lm, params, tok, out, save_dtype=_dtype(cfg.dtype) if cfg.dtype != "float32" else None)
+    _report(f"export: {command} run {cfg.run_dir}, checkpoint step {step} -> {out}")
+    return out
