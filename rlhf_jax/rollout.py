@@ -53,15 +53,18 @@ class Rollout(NamedTuple):
 # One sampling step: [B, V] logits -> tokens and their log-probs.
 
 
-def _filter_logits(z, *, top_k: int, top_p: float):
-    """Set to -inf every logit outside the top-k set and then the top-p nucleus."""
+def _filter_logits(z, *, top_k: int, top_p):
+    """Set to -inf every logit outside the top-k set and then the top-p nucleus.
+
+    `top_k` is static (0 = off); `top_p` is None (off) or a scalar, possibly traced.
+    """
     vocab = z.shape[-1]
     neg_inf = jnp.asarray(-jnp.inf, z.dtype)
     sorted_desc = None
     if 0 < top_k < vocab:
         sorted_desc, _ = jax.lax.top_k(z, top_k)
         z = jnp.where(z >= sorted_desc[:, -1:], z, neg_inf)
-    if top_p < 1.0:
+    if top_p is not None:
         if sorted_desc is None:
             sorted_desc = -jnp.sort(-z, axis=-1)
         probs = jax.nn.softmax(sorted_desc, axis=-1)
@@ -72,6 +75,21 @@ def _filter_logits(z, *, top_k: int, top_p: float):
         threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         z = jnp.where(z >= threshold, z, neg_inf)
     return z
+
+
+def _sample(logits, key, *, greedy: bool, temperature, top_k: int, top_p):
+    """`sample_logits` with the structure static and the values (possibly) traced."""
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        z = logits
+    else:
+        z = logits / temperature
+        filtered = _filter_logits(z, top_k=top_k, top_p=top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    log_norm = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - log_norm
 
 
 def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -87,7 +105,7 @@ def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0, top_
     Args:
       logits: `[B, V]` any float dtype (computed in float32).
       key: a PRNG key.
-      temperature: >= 0 (Python float, static).
+      temperature: >= 0, a Python number (0 = greedy).
       top_k: keep the k most likely tokens; 0 keeps all.
       top_p: nucleus mass in (0, 1]; 1 keeps all.
 
@@ -97,17 +115,18 @@ def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0, top_
     References:
       Holtzman et al. 2019, arXiv 1904.09751 (top-p); Huang et al. 2024, arXiv 2403.17031.
     """
-    logits = jnp.asarray(logits).astype(jnp.float32)
-    if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        z = logits
-    else:
-        z = logits if temperature == 1.0 else logits / temperature
-        filtered = _filter_logits(z, top_k=top_k, top_p=top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    log_norm = jax.nn.logsumexp(z, axis=-1)
-    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked - log_norm
+    _check_knobs(temperature, top_k, top_p)
+    return _sample(logits, key, greedy=temperature == 0, temperature=temperature, top_k=int(top_k),
+                   top_p=None if top_p >= 1.0 else top_p)
+
+
+def _check_knobs(temperature, top_k, top_p):
+    if not isinstance(temperature, (int, float, np.floating, np.integer)) or temperature < 0:
+        raise ValueError(f"`temperature` must be a Python number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"`top_k` must be an int >= 0 (0 = no top-k), got {top_k!r}")
+    if not isinstance(top_p, (int, float, np.floating, np.integer)) or not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -130,8 +149,11 @@ def _vocab_size(config) -> int | None:
     return int(value) if isinstance(value, (int, np.integer)) else None
 
 
-def _generate_body(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens, temperature,
-                   top_k, top_p, eos_token_id, pad_token_id) -> Rollout:
+def _generate_body(lm, params, prompt_ids, prompt_mask, key, knobs, *, max_new_tokens: int,
+                   greedy: bool, top_k: int, use_top_p: bool, has_eos: bool) -> Rollout:
+    """The sampler. Keyword arguments fix the program's structure (static); `knobs`
+    holds the values that may change without recompiling: `temperature`, `top_p`,
+    `eos_token_id`, `pad_token_id` (scalars, possibly traced)."""
     global _trace_count
     _trace_count += 1
     batch, prompt_len = prompt_ids.shape
@@ -150,9 +172,10 @@ def _generate_body(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens, 
                                      cache=cache, cache_index=0)
     first_logits = lm.lm_head(params, hidden[:, -1])
 
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    pad = jnp.int32(pad_token_id)
-    has_eos = eos_token_id is not None
+    sample = functools.partial(_sample, greedy=greedy, temperature=knobs["temperature"],
+                               top_k=top_k, top_p=knobs["top_p"] if use_top_p else None)
+    pad = jnp.asarray(knobs["pad_token_id"], jnp.int32)
+    eos = jnp.asarray(knobs["eos_token_id"], jnp.int32)
 
     def record(t, logits, tokens, logprobs, done, lengths, ended):
         token, logprob = sample(logits, jax.random.fold_in(key, t))
@@ -162,7 +185,7 @@ def _generate_body(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens, 
         logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, t))
         lengths = lengths + (~done).astype(jnp.int32)
         if has_eos:
-            hit = (~done) & (token == eos_token_id)
+            hit = (~done) & (token == eos)
             ended = ended | hit
             done = done | hit
         return token, tokens, logprobs, done, lengths, ended
@@ -220,12 +243,7 @@ def _validate_static(lm, prompt_ids, prompt_mask, *, max_new_tokens, temperature
         raise ValueError("`prompt_ids` must have at least one column (prompt length P >= 1)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"`temperature` must be a Python number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"`top_k` must be an int >= 0 (0 = no top-k), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+    _check_knobs(temperature, top_k, top_p)
     config = lm.config
     vocab = _vocab_size(config)
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
@@ -265,40 +283,40 @@ def _validate_values(lm, prompt_ids, prompt_mask):
         raise ValueError("`prompt_mask` must be zeros then ones per row (left padding)")
 
 
-# Compiled samplers per model: {id(lm): (weakref-or-lm, {static args: jitted fn})}.
+# Compiled samplers per model: {id(lm): (weakref-or-lm, {structure: jitted fn})}.
 _JIT_CACHE: dict[int, tuple[Any, dict]] = {}
-
-
-def _jitted_sampler(lm, static: tuple):
-    key = id(lm)
-    entry = _JIT_CACHE.get(key)
-    if entry is not None and _deref(entry[0]) is not lm:
-        entry = None
-    if entry is None:
-        try:
-            ref = weakref.ref(lm, lambda _r, k=key: _JIT_CACHE.pop(k, None))
-        except TypeError:  # not weak-referenceable: keep it alive with the cache
-            ref = lm
-        entry = (ref, {})
-        _JIT_CACHE[key] = entry
-    fns = entry[1]
-    if static not in fns:
-        # Close over a weak reference so the cache does not keep the model alive.
-        model_ref = entry[0]
-        kwargs = dict(zip(_STATIC_NAMES, static))
-
-        def run(params, prompt_ids, prompt_mask, rng):
-            return _generate_body(_deref(model_ref), params, prompt_ids, prompt_mask, rng, **kwargs)
-
-        fns[static] = jax.jit(run)
-    return fns[static]
 
 
 def _deref(ref):
     return ref() if isinstance(ref, weakref.ref) else ref
 
 
-_STATIC_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+def _jitted_sampler(lm, structure: tuple):
+    entry = _JIT_CACHE.get(id(lm))
+    if entry is not None and _deref(entry[0]) is not lm:  # a dead model's id was reused
+        entry = None
+    if entry is None:
+        try:
+            ref = weakref.ref(lm, lambda _r, k=id(lm): _JIT_CACHE.pop(k, None))
+        except TypeError:  # not weak-referenceable: the cache keeps it alive
+            ref = lm
+        entry = (ref, {})
+        _JIT_CACHE[id(lm)] = entry
+    fns = entry[1]
+    if structure not in fns:
+        # Close over the weak reference so the cache does not keep the model alive.
+        model_ref = entry[0]
+        kwargs = dict(zip(_STRUCTURE_NAMES, structure))
+
+        def run(params, prompt_ids, prompt_mask, rng, knobs):
+            return _generate_body(_deref(model_ref), params, prompt_ids, prompt_mask, rng, knobs,
+                                  **kwargs)
+
+        fns[structure] = jax.jit(run)
+    return fns[structure]
+
+
+_STRUCTURE_NAMES = ("max_new_tokens", "greedy", "top_k", "use_top_p", "has_eos")
 
 
 def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
@@ -320,9 +338,11 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
     those of the untempered distribution (temperature 1).
 
     Callable eagerly (inputs are validated, and a jitted sampler is cached per model
-    and static arguments) or inside a caller's `jax.jit` with `lm` closed over
+    and program structure, see below) or inside a caller's `jax.jit` with `lm` closed over
     (shape checks only). Step `t` draws with `jax.random.fold_in(key, t)`, so a fixed
-    key gives fixed samples.
+    key gives fixed samples. What recompiles: the shapes, `max_new_tokens`, greedy or
+    not, `top_k`, top-p on or off, EOS on or off; the values of `temperature`,
+    `top_p`, `eos_token_id` and `pad_token_id` do not.
 
     Args:
       lm: an `rlhf_jax.models` LM (needs `config`, `init_cache`, `hidden_states`, `lm_head`).
@@ -330,12 +350,12 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
       prompt_ids: `[B, P]` int, left-padded prompts (last column is a real token).
       prompt_mask: `[B, P]`, 1 on real prompt tokens.
       key: a PRNG key.
-      max_new_tokens: N >= 1 (static); `P + N` must fit the model's context.
-      temperature: >= 0 (static); 0 = greedy.
-      top_k: keep the k most likely tokens (static); 0 = off.
-      top_p: nucleus mass in (0, 1] (static); 1 = off.
-      eos_token_id: stop token (static) or None for fixed-length sampling.
-      pad_token_id: written after a row's EOS (static); should differ from EOS.
+      max_new_tokens: N >= 1; `P + N` must fit the model's context.
+      temperature: >= 0, a Python number; 0 = greedy.
+      top_k: keep the k most likely tokens; 0 = off.
+      top_p: nucleus mass in (0, 1]; 1 = off.
+      eos_token_id: stop token, or None for fixed-length sampling.
+      pad_token_id: written after a row's EOS; should differ from EOS.
 
     Returns:
       `Rollout(tokens [B, N] int32, logprobs [B, N] float32, mask [B, N] float32,
@@ -352,10 +372,17 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
     _validate_static(lm, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p,
                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    static = (int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-              None if eos_token_id is None else int(eos_token_id), int(pad_token_id))
+    greedy = temperature == 0
+    structure = (int(max_new_tokens), bool(greedy), 0 if greedy else int(top_k),
+                 not greedy and top_p < 1.0, eos_token_id is not None)
+    knobs = {
+        "temperature": np.float32(1.0 if greedy else temperature),
+        "top_p": np.float32(top_p),
+        "eos_token_id": np.int32(-1 if eos_token_id is None else eos_token_id),
+        "pad_token_id": np.int32(pad_token_id),
+    }
     if _is_traced(params, prompt_ids, prompt_mask, key):
         return _generate_body(lm, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key,
-                              **dict(zip(_STATIC_NAMES, static)))
+                              knobs, **dict(zip(_STRUCTURE_NAMES, structure)))
     _validate_values(lm, prompt_ids, prompt_mask)
-    return _jitted_sampler(lm, static)(params, prompt_ids, prompt_mask, key)
+    return _jitted_sampler(lm, structure)(params, prompt_ids, prompt_mask, key, knobs)
