@@ -12,8 +12,16 @@ from flax import nnx
 from rlhf_jax.models.config import ModelConfig, rope_attention_factor
 
 
-def _normal(std):
-    return jax.nn.initializers.normal(stddev=std)
+def init_normal(rng, shape, std, dtype):
+    """A parameter tensor drawn N(0, std^2) from the NumPy generator ``rng``.
+
+    ``rng=None`` gives zeros: used under ``nnx.eval_shape`` to build an abstract
+    model (no numbers drawn, nothing allocated). Initialising from NumPy avoids
+    compiling one random-number kernel per tensor shape.
+    """
+    if rng is None or std == 0:
+        return jnp.zeros(shape, dtype)
+    return jnp.asarray((rng.standard_normal(shape) * std).astype(np.float32), dtype)
 
 
 def _lead(v, x):
@@ -22,12 +30,15 @@ def _lead(v, x):
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel + bias`` with ``kernel`` ``[in, out]`` (HF Conv1D layout)."""
+    """``y = x @ kernel + bias`` with ``kernel`` ``[in, out]`` (HF Conv1D layout).
+
+    ``rngs`` is a ``numpy.random.Generator`` (or None for an abstract model); the
+    kernel is drawn N(0, std^2) (``std=0``: zeros), the bias is zero.
+    """
 
     def __init__(self, in_features, out_features, *, use_bias, rngs, std=0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=None):
-        init = kernel_init or _normal(std)
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.kernel = nnx.Param(init_normal(rngs, (in_features, out_features), std, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.dtype = dtype
 
@@ -42,7 +53,7 @@ class Embedding(nnx.Module):
     """Token (or position) embedding table ``[num, dim]``."""
 
     def __init__(self, num, dim, *, rngs, std=0.02, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.embedding = nnx.Param(_normal(std)(rngs.params(), (num, dim), param_dtype))
+        self.embedding = nnx.Param(init_normal(rngs, (num, dim), std, param_dtype))
         self.dtype = dtype
 
     def __call__(self, ids):

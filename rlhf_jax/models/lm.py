@@ -52,8 +52,7 @@ class Network(nnx.Module):
         else:
             self.score = None
         if head == "lm+value":
-            self.value_head = Dense(d, 1, use_bias=True, rngs=rngs,
-                                    kernel_init=jax.nn.initializers.zeros, **kw)
+            self.value_head = Dense(d, 1, use_bias=True, rngs=rngs, std=0.0, **kw)
         else:
             self.value_head = None
 
@@ -313,14 +312,21 @@ def _embedding(cfg: ModelConfig, params):
 
 def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
           param_dtype=jnp.float32, abstract: bool = False):
-    """(graphdef, params) of a fresh :class:`Network`; ``abstract`` gives ShapeDtypeStructs."""
+    """(graphdef, params) of a fresh :class:`Network`; ``abstract`` gives ShapeDtypeStructs.
+
+    Random tensors are drawn from ``numpy.random.default_rng(seed)`` (fast and
+    reproducible; no per-shape compilation).
+    """
     _check_head(head)
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
 
-    def make():
-        return Network(config, head, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+    def make(rng):
+        return Network(config, head, rngs=rng, dtype=dtype, param_dtype=param_dtype)
 
-    net = nnx.eval_shape(make) if abstract else make()
-    graphdef, state = nnx.split(net, nnx.Param)
+    if abstract:
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: make(None)), nnx.Param)
+    else:
+        graphdef, state = nnx.split(make(np.random.default_rng(seed)), nnx.Param)
     return graphdef, _stringify(state.to_pure_dict())
 
 
