@@ -101,6 +101,10 @@ def test_aggregate_matches_loops(agg):
         np.testing.assert_allclose(got, ref_aggregate(x, mask, agg, 3.0), rtol=1e-5)
 
 
+agg_j = jax.jit(losses.aggregate, static_argnames=("agg", "norm_constant"))
+policy_j = jax.jit(losses.ppo_policy_loss, static_argnames=("clip_eps", "agg", "dual_clip", "norm_constant"))
+
+
 def test_aggregate_invariances():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(B, T)).astype(np.float32)
@@ -109,26 +113,26 @@ def test_aggregate_invariances():
     wider_m = np.concatenate([mask, np.zeros((B, 3), np.float32)], 1)
     # Extra padding columns change nothing, except Dr. GRPO's constant (default T).
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        np.testing.assert_allclose(losses.aggregate(wider_x, wider_m, agg=agg), losses.aggregate(x, mask, agg=agg), rtol=1e-6)
+        np.testing.assert_allclose(agg_j(wider_x, wider_m, agg=agg), agg_j(x, mask, agg=agg), rtol=1e-6)
     np.testing.assert_allclose(
-        losses.aggregate(wider_x, wider_m, agg="seq-mean-token-sum-norm", norm_constant=T),
-        losses.aggregate(x, mask, agg="seq-mean-token-sum-norm"),
+        agg_j(wider_x, wider_m, agg="seq-mean-token-sum-norm", norm_constant=T),
+        agg_j(x, mask, agg="seq-mean-token-sum-norm"),
         rtol=1e-6,
     )
     # token-mean weighs tokens equally; seq-mean-token-mean weighs sequences equally.
     two = np.array([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]], np.float32)
     m2 = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
-    assert float(losses.aggregate(two, m2, agg="token-mean")) == pytest.approx(7 / 5)
-    assert float(losses.aggregate(two, m2, agg="seq-mean-token-mean")) == pytest.approx(2.0)
-    assert float(losses.aggregate(two, m2, agg="seq-mean-token-sum")) == pytest.approx(3.5)
-    assert float(losses.aggregate(two, m2, agg="seq-mean-token-sum-norm")) == pytest.approx(7 / 4 / 2)
+    assert float(agg_j(two, m2, agg="token-mean")) == pytest.approx(7 / 5)
+    assert float(agg_j(two, m2, agg="seq-mean-token-mean")) == pytest.approx(2.0)
+    assert float(agg_j(two, m2, agg="seq-mean-token-sum")) == pytest.approx(3.5)
+    assert float(agg_j(two, m2, agg="seq-mean-token-sum-norm")) == pytest.approx(7 / 4 / 2)
     # a constant per-token loss: seq-mean-token-sum grows with length, token-mean does not
     ones = np.ones((1, T), np.float32)
     short = (np.arange(T) < 2).astype(np.float32)[None]
-    assert float(losses.aggregate(ones, short, agg="token-mean")) == pytest.approx(1.0)
-    assert float(losses.aggregate(ones, short, agg="seq-mean-token-sum")) == pytest.approx(2.0)
+    assert float(agg_j(ones, short, agg="token-mean")) == pytest.approx(1.0)
+    assert float(agg_j(ones, short, agg="seq-mean-token-sum")) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="agg"):
-        losses.aggregate(x, mask, agg="mean")
+        agg_j(x, mask, agg="mean")
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)
@@ -152,14 +156,14 @@ def test_ppo_policy_loss_matches_loops(jit_policy, agg, dual_clip):
 def test_dual_clip_bounds_negative_advantage_loss():
     # A = -1, ratio = e^2 >> 1 + eps: standard PPO loss is -A*ratio = 7.39; dual clip bounds it at 3.
     logp, old, adv, mask = (jnp.array([[2.0]]), jnp.array([[0.0]]), jnp.array([[-1.0]]), jnp.ones((1, 1)))
-    plain, _ = losses.ppo_policy_loss(logp, old, adv, mask)
-    dual, aux = losses.ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0)
+    plain, _ = policy_j(logp, old, adv, mask)
+    dual, aux = policy_j(logp, old, adv, mask, dual_clip=3.0)
     assert float(plain) == pytest.approx(math.exp(2.0), rel=1e-6)
     assert float(dual) == pytest.approx(3.0)
     assert float(aux["dual_clipfrac"]) == 1.0
-    assert float(jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0)[0])(logp)[0, 0]) == 0.0
+    assert float(jax.jit(jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0)[0]))(logp)[0, 0]) == 0.0
     # positive advantages are untouched by dual clip
-    pos, _ = losses.ppo_policy_loss(logp, old, -adv, mask, dual_clip=3.0)
+    pos, _ = policy_j(logp, old, -adv, mask, dual_clip=3.0)
     assert float(pos) == pytest.approx(-1.2)
     with pytest.raises(ValueError, match="dual_clip"):
         losses.ppo_policy_loss(logp, old, adv, mask, dual_clip=0.5)
@@ -178,7 +182,7 @@ def test_ppo_value_loss_matches_loops():
         np.testing.assert_allclose(loss, ref_aggregate(per_token, mask, agg), rtol=1e-5)
         np.testing.assert_allclose(aux["value_clipfrac"], clipfrac, rtol=1e-6)
         assert 0.0 < clipfrac < 1.0
-    loss, aux = losses.ppo_value_loss(v, old, ret, mask, clip_eps=None)
+    loss, aux = f(v, old, ret, mask, clip_eps=None)
     valid = mask > 0
     np.testing.assert_allclose(loss, 0.5 * np.mean((v - ret)[valid] ** 2), rtol=1e-5)
     np.testing.assert_allclose(aux["value_mse"], np.mean((v - ret)[valid] ** 2), rtol=1e-5)
@@ -190,18 +194,19 @@ def test_bradley_terry_loss_and_accuracy():
     rejected = rng.normal(size=16)
     rejected[0] = chosen[0]  # a tie counts as wrong
     margin = rng.uniform(0, 1, size=16)
-    loss, aux = jax.jit(losses.bradley_terry_loss)(chosen.astype(np.float32), rejected.astype(np.float32))
+    bt_j = jax.jit(losses.bradley_terry_loss, static_argnames="center_coef")
+    loss, aux = bt_j(chosen.astype(np.float32), rejected.astype(np.float32))
     want = np.mean(np.log1p(np.exp(-(chosen - rejected))))
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(aux["accuracy"], np.mean(chosen > rejected))
     np.testing.assert_allclose(aux["reward_margin"], np.mean(chosen - rejected), rtol=1e-5)
-    loss_m, _ = losses.bradley_terry_loss(chosen, rejected, margin=margin)
+    loss_m, _ = bt_j(chosen, rejected, margin=margin)
     np.testing.assert_allclose(loss_m, np.mean(np.log1p(np.exp(-(chosen - rejected - margin)))), rtol=1e-5)
-    loss_c, aux_c = losses.bradley_terry_loss(chosen, rejected, center_coef=0.01)
+    loss_c, aux_c = bt_j(chosen, rejected, center_coef=0.01)
     np.testing.assert_allclose(loss_c, want + 0.01 * np.mean((chosen + rejected) ** 2), rtol=1e-5)
     np.testing.assert_allclose(aux_c["bt_loss"], want, rtol=1e-5)
     # numerically stable far in the tails
-    big, _ = losses.bradley_terry_loss(jnp.array([-100.0]), jnp.array([100.0]))
+    big, _ = bt_j(jnp.array([-100.0]), jnp.array([100.0]))
     assert float(big) == pytest.approx(200.0)
     with pytest.raises(ValueError, match="rejected_rewards"):
         losses.bradley_terry_loss(jnp.ones(3), jnp.ones(4))
@@ -211,12 +216,13 @@ def test_sft_loss():
     rng = np.random.default_rng(5)
     logp = -rng.uniform(0.1, 3, size=(B, T))
     mask = padded_mask(rng)
-    loss, aux = losses.sft_loss(logp.astype(np.float32), mask)
+    sft_j = jax.jit(losses.sft_loss, static_argnames="agg")
+    loss, aux = sft_j(logp.astype(np.float32), mask)
     nll = -logp[mask > 0].mean()
     np.testing.assert_allclose(loss, nll, rtol=1e-5)
     np.testing.assert_allclose(aux["perplexity"], np.exp(nll), rtol=1e-5)
     assert float(aux["num_tokens"]) == mask.sum()
-    loss_s, aux_s = losses.sft_loss(logp.astype(np.float32), mask, agg="seq-mean-token-sum")
+    loss_s, aux_s = sft_j(logp.astype(np.float32), mask, agg="seq-mean-token-sum")
     np.testing.assert_allclose(loss_s, ref_aggregate(-logp, mask, "seq-mean-token-sum"), rtol=1e-5)
     np.testing.assert_allclose(aux_s["nll"], nll, rtol=1e-5)
 
@@ -264,8 +270,9 @@ def test_masked_equals_sliced_and_padding_garbage():
     dirty = [np.where(mask > 0, a, np.nan).astype(np.float32) for a in (logp, old, adv)]
     dirty[0] = np.where(mask > 0, logp, np.inf).astype(np.float32)
     f = lambda lp, o, a: losses.ppo_policy_loss(lp, o, a, mask)  # noqa: E731
-    (clean_loss, _), clean_grad = jax.value_and_grad(f, has_aux=True)(logp, old, adv)
-    (dirty_loss, _), dirty_grad = jax.value_and_grad(f, has_aux=True)(*dirty)
+    vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (clean_loss, _), clean_grad = vg(logp, old, adv)
+    (dirty_loss, _), dirty_grad = vg(*dirty)
     np.testing.assert_allclose(dirty_loss, clean_loss, rtol=1e-6)
     np.testing.assert_allclose(dirty_grad, clean_grad, rtol=1e-6)
 
@@ -301,9 +308,9 @@ def test_vmap_and_compile_once():
         stepj(*policy_inputs(seed))
     assert len(traces) == 1
     stacked = [np.stack(x) for x in zip(*[policy_inputs(s) for s in range(3)])]
-    batched = jax.vmap(lambda *a: losses.ppo_policy_loss(*a)[0])(*stacked)
+    batched = jax.jit(jax.vmap(lambda *a: losses.ppo_policy_loss(*a)[0]))(*stacked)
     for i in range(3):
-        np.testing.assert_allclose(batched[i], losses.ppo_policy_loss(*policy_inputs(i))[0], rtol=1e-6)
+        np.testing.assert_allclose(batched[i], policy_j(*policy_inputs(i))[0], rtol=1e-6)
 
 
 def test_shape_errors_name_the_argument():
