@@ -194,3 +194,32 @@ def test_shape_errors_name_the_argument():
         ops.token_logprobs(jnp.ones((B, T, V)), jnp.ones((B, T), jnp.int32), temperature=0.0)
     with pytest.raises(ValueError, match="mask"):
         ops.last_valid_index(jnp.ones((T,)))
+
+
+def test_package_exports_math_without_importing_models():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rlhf_jax\n"
+        "names = ['gae', 'masked_whiten', 'ppo_policy_loss', 'ppo_value_loss', 'bradley_terry_loss', 'sft_loss',\n"
+        "         'aggregate', 'kl_penalty', 'kl_controller_init', 'kl_controller_update', 'KLControllerState',\n"
+        "         'shaped_rewards', 'pass_at_k', 'pass_at_k_curve', 'pass_at_k_bootstrap', 'token_logprobs',\n"
+        "         'token_entropy', 'last_valid_index', 'masked_mean', 'masked_var', 'masked_sum']\n"
+        "missing = [n for n in names if not callable(getattr(rlhf_jax, n, None))]\n"
+        "assert not missing, missing\n"
+        "assert not any(m.startswith(('rlhf_jax.models', 'rlhf_jax.rollout')) for m in sys.modules), 'eager import'\n"
+        "try:\n"
+        "    rlhf_jax.foo\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('unknown attribute resolved')\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('rlhf_jax.rollout') is not None:\n"
+        "    assert callable(rlhf_jax.generate) and rlhf_jax.Rollout is not None\n"
+        "    assert 'rlhf_jax.rollout' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
