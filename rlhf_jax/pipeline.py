@@ -143,6 +143,15 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
+def _check_exists(path: str, what: str):
+    """A local-looking path that does not exist is an error (instead of a hub lookup)."""
+    if os.path.exists(path):
+        return
+    first = path.split("/")[0]
+    if path.count("/") != 1 or path.startswith((".", "/", "~")) or os.path.exists(first):
+        raise RunError(f"{what} {path} does not exist")
+
+
 def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None):
     """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`)."""
     path = tokenizer_cfg.path or (model_cfg.path if model_cfg is not None else None) or fallback
@@ -150,6 +159,7 @@ def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None
         raise ConfigError("`tokenizer.path`: no tokenizer given and no model path to take it from")
     from transformers import AutoTokenizer
 
+    _check_exists(path, "tokenizer folder")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -181,9 +191,7 @@ def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dt
 
     from rlhf_jax.models import from_pretrained
 
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise RunError(f"model folder {path} does not exist")
+    _check_exists(path, "model folder")
     lm = from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
                          param_dtype=param_dtype or jnp.float32)
     bias_file = os.path.join(path, SCORE_BIAS_FILE)

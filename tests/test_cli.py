@@ -1,0 +1,248 @@
+"""End-to-end tests of `rlhf-jax` on the tiny configs: sft -> reward -> ppo -> eval -> export.
+
+The tiny configs (configs/tiny/*.yaml) use paths relative to the working
+directory under `tiny_run/`; the fixture builds that folder (a character
+tokenizer and small JSONL files) in a temporary directory and runs there.
+"""
+import json
+import os
+import random
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from rlhf_jax import cli
+from rlhf_jax.config import COMMAND_CONFIGS, field_help
+from rlhf_jax.data.tokenizers import char_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny")
+
+
+def tiny_config(name):
+    return os.path.join(TINY, f"{name}.yaml")
+
+
+def make_tiny_run(root):
+    """Tokenizer and data files that configs/tiny/*.yaml expect under `root/tiny_run`."""
+    base = os.path.join(root, "tiny_run")
+    os.makedirs(base, exist_ok=True)
+    char_tokenizer().save_pretrained(os.path.join(base, "tokenizer"))
+    rng = random.Random(0)
+
+    def sums(n):
+        return [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]
+
+    def dump(name, records):
+        with open(os.path.join(base, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    dump("sft.jsonl", [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in sums(32)])
+    dump("pairs.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + rng.randrange(5))}
+                         for a, b in sums(32)])
+    dump("pairs_eval.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+                              for a, b in sums(8)])
+    dump("prompts.jsonl", [{"prompt": f"{a}+{b}=", "answer": a + b} for a, b in sums(16)])
+    return base
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_run(str(root))
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        yield root
+    finally:
+        os.chdir(old)
+
+
+def run(*argv):
+    return cli.main(list(argv))
+
+
+def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
+    import transformers
+
+    from rlhf_jax.models import from_pretrained
+
+    # SFT from a random tiny GPT-2.
+    assert run("sft", "--config", tiny_config("sft")) == 0
+    out = capsys.readouterr().out
+    assert "# rlhf-jax sft: resolved config" in out and "output_dir: tiny_run/sft" in out
+    sft = workdir / "tiny_run" / "sft"
+    for name in ("resolved_config.yaml", "run.json", "metrics.jsonl", "hf/config.json",
+                 "hf/model.safetensors", "hf/tokenizer_config.json"):
+        assert (sft / name).exists(), name
+    assert any((sft / "checkpoints").iterdir())
+    assert any(p.name.startswith("events") for p in (sft / "tb").rglob("*"))  # TensorBoard
+    steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4  # 32 rows / batch 8, one epoch
+
+    # Reward model from the SFT export: a *ForSequenceClassification with a normalised head.
+    assert run("reward", "--config", tiny_config("reward")) == 0
+    rm_dir = workdir / "tiny_run" / "reward" / "hf"
+    rm_config = json.loads((rm_dir / "config.json").read_text())
+    assert rm_config["architectures"] == ["GPT2ForSequenceClassification"] and rm_config["num_labels"] == 1
+    assert "accuracy" in json.loads((workdir / "tiny_run" / "reward" / "reward_eval.json").read_text())
+
+    # PPO from the SFT export against the reward model.
+    assert run("ppo", "--config", tiny_config("ppo")) == 0
+    ppo = workdir / "tiny_run" / "ppo"
+    records = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records][-1] == 2
+    policy_sft = from_pretrained(str(sft / "hf"))
+    policy_ppo = from_pretrained(str(ppo / "hf"))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax_leaves(policy_sft.params), jax_leaves(policy_ppo.params)))
+    assert moved > 0  # PPO changed the policy
+
+    # pass@k of both exports with the math verifier.
+    capsys.readouterr()
+    assert run("eval", "--config", tiny_config("eval")) == 0
+    table = capsys.readouterr().out
+    assert "pass@1" in table and "sft" in table and "ppo" in table
+    results = json.loads((workdir / "tiny_run" / "eval" / "eval.json").read_text())
+    assert set(results["models"]) == {"sft", "ppo"}
+    for model in results["models"].values():
+        assert set(model["pass_at_k"]) == {"1", "2", "4"}
+        values = [model["pass_at_k"][k] for k in ("1", "2", "4")]
+        assert all(0 <= v <= 1 for v in values) and values == sorted(values)
+    assert (workdir / "tiny_run" / "eval" / "pass_at_k.png").exists()
+
+    # Export the newest PPO checkpoint; transformers loads it and agrees with our logits.
+    assert run("export", "--config", tiny_config("export")) == 0
+    export = workdir / "tiny_run" / "export"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export))
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    ids = tok(["12+5="], return_tensors="np")
+    import torch
+
+    with torch.no_grad():
+        hf_logits = hf_model(torch.tensor(ids["input_ids"])).logits.numpy()
+    ours = policy_ppo.logits(policy_ppo.params, ids["input_ids"], ids["attention_mask"])
+    np.testing.assert_allclose(hf_logits, np.asarray(ours), atol=1e-4)
+
+    # The reward model export loads in transformers too.
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(rm_dir))
+    assert rm.config.num_labels == 1
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def test_same_config_resumes_and_different_config_is_refused(workdir, capsys):
+    sft = workdir / "tiny_run" / "sft"
+    if not (sft / "run.json").exists():
+        pytest.skip("needs the chain test's SFT run")
+    before = (sft / "run.json").read_text()
+    metrics_before = (sft / "metrics.jsonl").read_text()
+    # A different config: refused with a one-line error naming the changed key, nothing touched.
+    assert run("sft", "--config", tiny_config("sft"), "train.learning_rate=0.01") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "different config" in err and "train.learning_rate" in err and "--overwrite" in err
+    assert (sft / "run.json").read_text() == before
+    # The same config: resumes (all steps are done, so it only re-exports).
+    assert run("sft", "--config", tiny_config("sft")) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (sft / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_config_errors_are_one_line_and_name_the_key(workdir, capsys, tmp_path):
+    assert run("sft", "--config", tiny_config("sft"), "train.learnig_rate=1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "unknown key `train.learnig_rate`" in err and "did you mean" in err and "learning_rate" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: x\ndata:\n  train_files: [a.jsonl]\n  max_length: sixteen\n")
+    assert run("sft", "--config", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 5" in err and "`data.max_length`: expected int, got str 'sixteen'" in err
+    assert run("ppo", "--config", tiny_config("ppo"), "train.num_minibatches=3") == 2
+    err = capsys.readouterr().err
+    assert "`train.batch_size` (8) must be divisible by `train.num_minibatches`" in err
+
+
+def test_bad_data_row_fails_before_the_run_folder_exists(workdir, capsys):
+    bad = workdir / "tiny_run" / "bad_sft.jsonl"
+    bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2="}\n')
+    out_dir = workdir / "tiny_run" / "bad_run"
+    code = run("sft", "--config", tiny_config("sft"), f"data.train_files=[{bad}]", f"output_dir={out_dir}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: missing column `completion`" in err
+    assert not out_dir.exists()
+
+
+def test_missing_model_folder_and_bad_reward_function(workdir, capsys):
+    code = run("reward", "--config", tiny_config("reward"), "model.path=tiny_run/nope", "output_dir=tiny_run/r2")
+    assert code == 2 and "tiny_run/nope does not exist" in capsys.readouterr().err
+    code = run("ppo", "--config", tiny_config("ppo_verifier"), "reward.function=rlhf_jax.verifiers:nope",
+               "output_dir=tiny_run/p2")
+    assert code == 2
+    assert "no attribute 'nope'" in capsys.readouterr().err
+    assert not (workdir / "tiny_run" / "p2").exists()
+
+
+def test_foreign_folder_is_never_deleted(workdir, capsys):
+    foreign = workdir / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code = run("sft", "--config", tiny_config("sft"), f"output_dir={foreign}", "--overwrite")
+    assert code == 2 and "holds no rlhf-jax run" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_a_run_with_another_config(tmp_path):
+    from rlhf_jax.config import load_config
+    from rlhf_jax.pipeline import RunError, prepare_output_dir
+
+    cls = COMMAND_CONFIGS["sft"]
+    first = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run"], cls)
+    assert prepare_output_dir("sft", first, overwrite=False) is False
+    (tmp_path / "run" / "checkpoints").mkdir()
+    assert prepare_output_dir("sft", first, overwrite=False) is True  # same config: resume
+    second = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run", "train.seed=1"], cls)
+    with pytest.raises(RunError, match=r"changed keys: train.seed"):
+        prepare_output_dir("sft", second, overwrite=False)
+    assert prepare_output_dir("sft", second, overwrite=True) is False
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "seed: 1" in (tmp_path / "run" / "resolved_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
+def test_help_lists_every_config_key(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key, _, _ in field_help(COMMAND_CONFIGS[command]):
+        assert f"  {key} (" in text, key
+    assert "--overwrite" in text and "--config" in text
+
+
+def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "dry"
+    assert run("ppo", "--config", tiny_config("ppo"), f"output_dir={out_dir}", "train.kl_coef=0.2", "--dry_run") == 0
+    assert "kl_coef: 0.2" in capsys.readouterr().out
+    assert not out_dir.exists()
+
+
+def test_demo_forwards_its_options(monkeypatch, tmp_path):
+    calls = []
+    fake = types.ModuleType("rlhf_jax.demo")
+    fake.run_demo = lambda output_dir, *, seed=0, quick=False: calls.append((output_dir, seed, quick))
+    monkeypatch.setitem(sys.modules, "rlhf_jax.demo", fake)
+    assert cli.main(["demo", "--output_dir", str(tmp_path / "d"), "--seed", "3", "--quick"]) == 0
+    assert calls == [(str(tmp_path / "d"), 3, True)]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert cli.main(["demo", "--output_dir", str(tmp_path / "full")]) == 2
+    assert cli.main(["demo", "--output_dir", str(tmp_path / "full"), "--overwrite"]) == 0
