@@ -183,22 +183,27 @@ def last_valid_index(mask):
 # Token log-probabilities.
 
 
-def _scaled_logits(logits, temperature):
-    logits = as_float(logits)
-    if isinstance(temperature, (int, float)):
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}")
-        if temperature == 1.0:
-            return logits
-    return logits / temperature
+def _logits_and_peak(logits, temperature):
+    """float32 logits and their max over the vocabulary (a constant for autodiff).
+
+    Callers form `(logits - peak) / temperature` (every entry <= 0) inside each reduction:
+    a positive temperature keeps the argmax, the max cancels in every quantity computed
+    from the shifted logits, and keeping the expression next to its consumers lets XLA
+    fuse it instead of materialising a shifted or scaled copy of the logits.
+    """
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+    z = as_float(logits)
+    return z, jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
 
 
 def token_logprobs(logits, tokens, *, temperature: float = 1.0):
     """Log-probability of `tokens` under `softmax(logits / temperature)`.
 
     Equation: `log p(y_t) = z_{t, y_t} - logsumexp_v z_{t, v}` with `z = logits / temperature`,
-    computed in float32 from a gather and a `logsumexp`, so no second `[B, T, V]` array
-    (a full log-softmax) is ever materialised.
+    computed in float32 from a gather and a `logsumexp` over `z - max(z)`, written so that
+    XLA fuses it into reductions: no second `[B, T, V]` array (a log-softmax or a scaled
+    copy of the logits) is materialised (tests/test_ops.py checks the compiled temp size).
 
     Args:
       logits: `[..., T, V]` any float dtype (bfloat16 is upcast to float32).
@@ -218,16 +223,20 @@ def token_logprobs(logits, tokens, *, temperature: float = 1.0):
             f"`tokens` must have shape {jnp.shape(logits)[:-1]} (logits without the vocab axis), "
             f"got {jnp.shape(tokens)}"
         )
-    z = _scaled_logits(logits, temperature)
+    z, peak = _logits_and_peak(logits, temperature)
+    inv_t = 1.0 / temperature
+    lse = jnp.log(jnp.sum(jnp.exp((z - peak) * inv_t), axis=-1))
     picked = jnp.take_along_axis(z, jnp.asarray(tokens, jnp.int32)[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(z, axis=-1)
+    return (picked - peak[..., 0]) * inv_t - lse
 
 
 def token_entropy(logits, *, temperature: float = 1.0):
     """Entropy of `softmax(logits / temperature)` at each position.
 
-    Equation: `H = logsumexp(z) - sum_v softmax(z)_v z_v` (z shifted by its max), which equals
-    `-sum_v p_v log p_v` without forming `log p`.
+    Equation: `H = -sum_v p_v log p_v` with `log p = z - logsumexp(z)`, `z = logits / temperature`,
+    in float32, shifted by the max. At temperature 1 XLA fuses it into two reductions (no
+    `[..., V]` temporary; tests/test_ops.py checks); at other temperatures XLA on CPU keeps
+    one scaled copy of the logits.
 
     Args:
       logits: `[..., T, V]` any float dtype.
@@ -237,10 +246,10 @@ def token_entropy(logits, *, temperature: float = 1.0):
       `[..., T]` float32 entropies (nats).
     """
     check_rank(logits, (2, 3), "logits")
-    z = _scaled_logits(logits, temperature)
-    # Shifting by the max keeps both terms O(log V), so a peaked distribution's small
-    # entropy is not lost to cancellation between two large numbers.
-    z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    lse = jax.nn.logsumexp(z, axis=-1)
-    probs = jnp.exp(z - lse[..., None])
-    return lse - jnp.sum(probs * z, axis=-1)
+    z, peak = _logits_and_peak(logits, temperature)
+    inv_t = 1.0 / temperature
+    # Every term is taken relative to the max, so a peaked distribution's small entropy
+    # is not lost to cancellation between two large numbers.
+    lse = jnp.log(jnp.sum(jnp.exp((z - peak) * inv_t), axis=-1, keepdims=True))
+    logp = z * inv_t - (peak * inv_t + lse)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)

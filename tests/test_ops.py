@@ -223,3 +223,20 @@ def test_package_exports_math_without_importing_models():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_no_vocab_sized_temporaries():
+    # logits [B, T, V] are an argument; log-probs and entropy must not allocate another one
+    logits = jnp.zeros((2, 16, 2048))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    vocab_bytes = logits.size * 4
+    for fn in (
+        lambda z, t: ops.token_logprobs(z, t, temperature=0.7),
+        lambda z, t: ops.token_logprobs(z, t),
+        lambda z, t: ops.token_entropy(z),
+    ):
+        compiled = jax.jit(fn).lower(logits, tokens).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("no memory analysis on this backend")
+        assert analysis.temp_size_in_bytes < vocab_bytes // 8
