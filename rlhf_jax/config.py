@@ -94,7 +94,7 @@ class DataSection:
     """Training / evaluation data and how it is tokenized."""
 
     train_files: tuple[str, ...] = _help(
-        "JSONL or Parquet files (or an HF dataset name `name` / `name:split` when online)", ())
+        "JSONL or Parquet files, or HF data sets `name[:config]:split` (needs `datasets` and network)", ())
     eval_files: tuple[str, ...] = _help("held-out files in the same format (optional)", ())
     prompt_column: str = _help("column with the prompt (string or message list)", "prompt")
     completion_column: str = _help("SFT: column with the completion", "completion")
@@ -105,7 +105,11 @@ class DataSection:
     max_prompt_length: int = _help("longest prompt in tokens; a longer prompt is an error naming its line", 256)
     max_length: int = _help("longest prompt + completion in tokens", 512)
     too_long: Literal["error", "truncate", "drop"] = _help(
-        "what to do with a completion that makes a row longer than max_length", "error")
+        "rows over the limits: error; truncate the completion to max_length (a too-long prompt stays an "
+        "error); or drop the row (too-long prompts too)", "error")
+    prompt_template: str | None = _help(
+        "for string prompts: a text with `{prompt}` where the prompt goes, e.g. 'Question: {prompt}\\nAnswer:'",
+        None)
     buckets: tuple[int, ...] = _help("allowed padded lengths (the data is padded to the smallest that fits)",
                                       (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
     chat_template: bool = _help("apply tokenizer.apply_chat_template to message-list rows when it has one", True)
@@ -492,6 +496,8 @@ def _check_data(data: DataSection, *, prompts_only: bool = False):
     _require(max(data.buckets) >= longest,
              f"`data.buckets`: the largest bucket ({max(data.buckets)}) is shorter than `data.{name}` ({longest})")
     _require(data.max_rows is None or data.max_rows >= 1, "`data.max_rows` must be >= 1 or null")
+    _require(data.prompt_template is None or "{prompt}" in data.prompt_template,
+             "`data.prompt_template` must contain `{prompt}` where the prompt goes")
 
 
 def _check_common(cfg):

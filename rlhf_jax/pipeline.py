@@ -227,7 +227,8 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
 
 def _data_kwargs(data, *, kind: str, pad_token=None) -> dict:
     common = {"prompt_column": data.prompt_column, "max_prompt_length": data.max_prompt_length,
-              "buckets": data.buckets, "chat_template": data.chat_template, "pad_token": pad_token}
+              "buckets": data.buckets, "chat_template": data.chat_template, "pad_token": pad_token,
+              "prompt_template": data.prompt_template, "too_long": data.too_long}
     if kind == "sft":
         return {**common, "completion_column": data.completion_column, "messages_column": data.messages_column,
                 "max_length": data.max_length, "too_long": data.too_long}

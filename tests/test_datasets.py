@@ -181,3 +181,12 @@ def test_pad_must_differ_from_eos(tok):
     assert special_token_ids(tok, pad_token="<unk>") == (3, 1)
     with pytest.raises(DataError, match=r"`tokenizer.pad_token` '<nope>' is not in the tokenizer's vocabulary"):
         special_token_ids(tok, pad_token="<nope>")
+
+
+def test_prompt_template_and_dropping_long_prompts(tmp_path, tok):
+    path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "1+1", "answer": "2"}, {"prompt": "1" * 20, "answer": "1"}])
+    ex = prompt_examples(read_rows(path), tok, max_prompt_length=8, buckets=BUCKETS, prompt_template="q{prompt}=",
+                         too_long="drop")
+    assert ex.prompts == ("q1+1=",) and ex.dropped == 1 and ex.answers == ("2",)
+    with pytest.raises(DataError, match=r"rl\.jsonl, line 2: the prompt has 20 tokens"):
+        prompt_examples(read_rows(path), tok, max_prompt_length=8, buckets=BUCKETS)

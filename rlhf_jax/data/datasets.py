@@ -134,10 +134,14 @@ def _read_hub(name: str) -> list[Row]:
     except ImportError:
         raise DataError(f"{name!r} is not a local file, and HF `datasets` is not installed to load it "
                         "from the hub (pip install 'rlhf_jax[hub]')") from None
-    dataset_name, _, split = name.partition(":")
-    split = split or "train"
+    parts = name.split(":")
+    if len(parts) > 3:
+        raise DataError(f"{name!r}: write an HF data set as `name`, `name:split` or `name:config:split`")
+    dataset_name = parts[0]
+    config = parts[1] if len(parts) == 3 else None
+    split = parts[-1] if len(parts) > 1 else "train"
     try:
-        ds = datasets.load_dataset(dataset_name, split=split)
+        ds = datasets.load_dataset(dataset_name, config, split=split)
     except Exception as e:  # offline, unknown name, ...
         raise DataError(f"{name!r} is not a local file and could not be loaded from the HF hub "
                         f"({type(e).__name__}: {e})") from None
@@ -149,7 +153,8 @@ def read_rows(source: str, *, max_rows: int | None = None) -> list[Row]:
 
     Args:
       source: a `.parquet` file, a JSONL file (any other local path), or an HF
-        dataset name `name` / `name:split` (needs `datasets` and network).
+        data set `name`, `name:split` or `name:config:split` (needs `datasets`
+        and network; the split defaults to "train").
       max_rows: keep only the first N records.
 
     Returns:
@@ -244,9 +249,10 @@ def _get(row: Row, column: str, *, optional: bool = False):
 class _Renderer:
     """Turns prompts and completions (strings or message lists) into token ids."""
 
-    def __init__(self, tokenizer, *, chat_template: bool, eos_id: int):
+    def __init__(self, tokenizer, *, chat_template: bool, eos_id: int, prompt_template: str | None = None):
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+        self.prompt_template = prompt_template
         self.templated = bool(chat_template and getattr(tokenizer, "chat_template", None))
 
     def _plain(self, messages, *, generation_prompt: bool) -> str:
@@ -255,7 +261,9 @@ class _Renderer:
 
     def prompt_text(self, row: Row, prompt) -> str:
         if isinstance(prompt, str):
-            text = prompt
+            if not prompt.strip():
+                raise row.error("empty prompt")
+            text = self.prompt_template.replace("{prompt}", prompt) if self.prompt_template else prompt
         elif self.templated:
             text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         else:
@@ -303,8 +311,10 @@ class _Renderer:
 def _fit(row: Row, prompt_ids, completion_ids, *, max_prompt_length, max_length, too_long):
     """Apply the length limits; None means drop the row."""
     if len(prompt_ids) > max_prompt_length:
+        if too_long == "drop":
+            return None
         raise row.error(f"the prompt has {len(prompt_ids)} tokens, more than data.max_prompt_length="
-                        f"{max_prompt_length}")
+                        f"{max_prompt_length} (set data.too_long to drop to skip such rows)")
     if len(prompt_ids) + len(completion_ids) <= max_length:
         return completion_ids
     if too_long == "drop":
@@ -330,7 +340,8 @@ def _no_rows(rows, dropped):
 
 def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", completion_column="completion",
                  messages_column="messages", max_prompt_length=256, max_length=512, too_long="error",
-                 buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None) -> Examples:
+                 buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None,
+                 prompt_template=None) -> Examples:
     """Tokenize SFT rows (`prompt` + `completion`, or `messages`) into right-padded arrays.
 
     Args:
@@ -343,13 +354,16 @@ def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", comp
       buckets: allowed padded lengths.
       chat_template: use the tokenizer's chat template for message lists.
       pad_token: PAD override (see `special_token_ids`).
+      prompt_template: for string prompts, a text with `{prompt}` where the
+        prompt goes (e.g. "Question: {prompt}\nAnswer:"); None keeps them as they are.
 
     Returns:
       `Examples` with arrays `input_ids`, `attention_mask`, `loss_mask`, all
       `[N, L]` int32; `loss_mask` is 1 on the completion tokens (EOS included).
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id)
+    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+                       prompt_template=prompt_template)
     sequences, masks, kept, prompts, dropped = [], [], [], [], 0
     for row in rows:
         if isinstance(row.data, dict) and messages_column in row.data and prompt_column not in row.data:
@@ -386,7 +400,8 @@ def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", comp
 
 def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", chosen_column="chosen",
                         rejected_column="rejected", max_prompt_length=256, max_length=512, too_long="error",
-                        buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None) -> Examples:
+                        buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None,
+                        prompt_template=None) -> Examples:
     """Tokenize preference rows (`prompt`, `chosen`, `rejected`) into right-padded pairs.
 
     Without a prompt column, `chosen` and `rejected` must be conversations
@@ -399,7 +414,8 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
       float32 when every row has a numeric `margin`.
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id)
+    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+                       prompt_template=prompt_template)
     chosen_seqs, rejected_seqs, margins, kept, prompts, dropped = [], [], [], [], [], 0
     for row in rows:
         chosen, rejected = _get(row, chosen_column), _get(row, rejected_column)
@@ -442,12 +458,15 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
 
 def prompt_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", answer_column="answer",
                     max_prompt_length=256, buckets=DEFAULT_BUCKETS, chat_template=True,
-                    pad_token=None) -> Examples:
+                    pad_token=None, prompt_template=None, too_long="error") -> Examples:
     """Tokenize RL prompts into left-padded arrays, keeping the reference answers.
 
     Args:
       rows: records with a `prompt` (string or messages) and an optional `answer`.
-      tokenizer, max_prompt_length, buckets, chat_template, pad_token: as in `sft_examples`.
+      tokenizer, max_prompt_length, buckets, chat_template, pad_token, prompt_template:
+        as in `sft_examples`.
+      too_long: "drop" skips prompts longer than `max_prompt_length`; otherwise
+        they are an error.
       prompt_column, answer_column: column names.
 
     Returns:
@@ -455,14 +474,18 @@ def prompt_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", a
       and `answers` (strings, None where a row has none).
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id)
-    sequences, kept, prompts, answers = [], [], [], []
+    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+                       prompt_template=prompt_template)
+    sequences, kept, prompts, answers, dropped = [], [], [], [], 0
     for row in rows:
         text = render.prompt_text(row, _get(row, prompt_column))
         ids = render.prompt_ids(row, text)
         if len(ids) > max_prompt_length:
+            if too_long == "drop":
+                dropped += 1
+                continue
             raise row.error(f"the prompt has {len(ids)} tokens, more than data.max_prompt_length="
-                            f"{max_prompt_length}")
+                            f"{max_prompt_length} (set data.too_long to drop to skip such rows)")
         answer = row.data.get(answer_column)
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise row.error(f"column `{answer_column}` must be a string or a number, got {type(answer).__name__}")
@@ -470,8 +493,8 @@ def prompt_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", a
         kept.append(row.where)
         prompts.append(text)
         answers.append(None if answer is None else str(answer))
-    _no_rows(kept, 0)
+    _no_rows(kept, dropped)
     length = _padded_length([len(s) for s in sequences], buckets, "prompt")
     prompt_ids, prompt_mask = left_pad(sequences, length, pad_id)
     return Examples({"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}, tuple(kept), tuple(prompts),
-                    answers=tuple(answers))
+                    answers=tuple(answers), dropped=dropped)

@@ -1,0 +1,216 @@
+"""Tests of rlhf_jax.config: strict YAML loading, overrides, validation errors, dump/hash,
+and that every YAML in configs/ loads and validates."""
+import dataclasses
+import glob
+import os
+
+import pytest
+import yaml
+
+from rlhf_jax.config import (
+    COMMAND_CONFIGS,
+    ConfigError,
+    EvalConfig,
+    PPORunConfig,
+    RewardRunConfig,
+    SFTRunConfig,
+    apply_overrides,
+    config_hash,
+    dump_config,
+    field_help,
+    from_dict,
+    load_config,
+)
+from rlhf_jax.train import PPOConfig, SFTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def config_class(path):
+    """The command of a config file is the first word of its name (sft, reward, ppo, eval, export)."""
+    command = os.path.basename(path).split(".")[0].split("_")[0]
+    return COMMAND_CONFIGS[command]
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+MINIMAL_SFT = "model:\n  path: m\ndata:\n  train_files: [a.jsonl]\n"
+
+
+def test_every_shipped_config_loads_and_validates():
+    assert len(ALL_CONFIGS) >= 8, ALL_CONFIGS
+    commands = set()
+    for path in ALL_CONFIGS:
+        cls = config_class(path)
+        cfg = load_config(path, [], cls)
+        commands.add(cls)
+        # The resolved config round-trips through YAML.
+        assert from_dict(cls, yaml.safe_load(dump_config(cfg))) == cfg, path
+    assert commands == set(COMMAND_CONFIGS.values())
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_CONFIGS if "tiny" not in p])
+def test_real_recipes_validate_with_tiny_stand_ins(path, tmp_path):
+    """The real-run recipes also validate with every model/data path pointed at local stand-ins."""
+    cls = config_class(path)
+    cfg = load_config(path, [], cls)
+    overrides = [f"output_dir={tmp_path}/out"]
+    if hasattr(cfg, "model"):
+        overrides.append(f"model.path={tmp_path}/model")
+    if hasattr(cfg, "data") and cfg.data.train_files:
+        overrides.append(f"data.train_files=[{tmp_path}/train.jsonl]")
+    local = load_config(path, overrides, cls)
+    assert local.output_dir == f"{tmp_path}/out"
+    assert "expected cost" in open(path).read().lower(), f"{path} must state its expected cost"
+
+
+def test_unknown_key_names_dotted_key_file_and_line(tmp_path):
+    path = write(tmp_path, MINIMAL_SFT + "train:\n  batch_size: 8\n  learnin_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], SFTRunConfig)
+    message = str(e.value)
+    assert f"{path}, line 7" in message and "unknown key `train.learnin_rate`" in message
+    assert "learning_rate" in message  # the suggestion
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = write(tmp_path, MINIMAL_SFT + "optimiser:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"line 5: unknown key `optimiser`"):
+        load_config(path, [], SFTRunConfig)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("train:\n  batch_size: 8.5\n", r"line 6: `train.batch_size`: expected int, got float 8.5"),
+    ("train:\n  batch_size: true\n", r"line 6: `train.batch_size`: expected int, got bool True"),
+    ("tokenizer:\n  pad_token: 3\n", r"line 6: `tokenizer.pad_token`: expected str \| None, got int 3"),
+    ("train:\n  learning_rate: fast\n", r"line 6: `train.learning_rate`: expected float, got str 'fast'"),
+    ("mesh: 4\n", r"line 5: `mesh`: expected a mapping, got int 4"),
+    ("keep: [1]\n", r"line 5: `keep`: expected int, got list \[1\]"),
+])
+def test_wrong_types_name_key_expected_and_got(tmp_path, extra, message):
+    path = write(tmp_path, MINIMAL_SFT + extra)
+    with pytest.raises(ConfigError, match=r"c\.yaml, " + message):
+        load_config(path, [], SFTRunConfig)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("  chat_template: 1\n", r"`data.chat_template`: expected bool, got int 1"),
+    ("  buckets: [16, x]\n", r"`data.buckets\[1\]`: expected int, got str 'x'"),
+    ("  train_files: {a: 1}\n", r"`data.train_files`: expected a list, got dict"),
+])
+def test_wrong_types_in_lists_and_sections(tmp_path, data, message):
+    path = write(tmp_path, "model:\n  dtype: float32\n  path: m\ndata:\n  train_files: [a.jsonl]\n" + data)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [], SFTRunConfig)
+    path = write(tmp_path, "model:\n  path: m\n  dtype: float64\n")
+    with pytest.raises(ConfigError, match=r"line 3: `model.dtype`: expected one of \['float32', 'bfloat16', "
+                                          r"'float16'\], got 'float64'"):
+        load_config(path, [], SFTRunConfig)
+
+
+def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
+    # PyYAML reads `1e-4` as a string; a float field takes it anyway.
+    path = write(tmp_path, MINIMAL_SFT + "train:\n  learning_rate: 1e-4\n")
+    assert load_config(path, [], SFTRunConfig).train.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=10", "train.grad_accum_steps=4"],
+     r"`train.batch_size` \(10\) must be divisible by `train.grad_accum_steps` \(4\)"),
+    (["train.batch_size=12", "mesh.data=8"], r"`train.batch_size` \(12\) must be divisible by `mesh.data` \(8\)"),
+    (["data.max_length=8", "data.max_prompt_length=16"], r"`data.max_length` \(8\) must exceed"),
+    (["data.buckets=[8]"], r"`data.buckets`: the largest bucket \(8\) is shorter than `data.max_length` \(512\)"),
+    (["model.random_init={model_type: gpt2}"], r"give exactly one of `model.path` and `model.random_init`"),
+    (["checkpoint_every=0"], r"`checkpoint_every` must be >= 1"),
+])
+def test_impossible_settings_name_the_keys(overrides, message):
+    base = ["model.path=m", "data.train_files=[a.jsonl]"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, base + overrides, SFTRunConfig)
+
+
+def test_ppo_batch_arithmetic_and_reward_source():
+    base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.verifiers:math_reward"]
+    with pytest.raises(ConfigError, match=r"`train.batch_size` \(64\) must be divisible by `train.num_minibatches` \* "
+                                          r"`train.grad_accum_steps` \(4 \* 32 = 128\)"):
+        load_config(None, base + ["train.grad_accum_steps=32"], PPORunConfig)
+    with pytest.raises(ConfigError, match=r"give exactly one of `reward.model_path` and `reward.function`"):
+        load_config(None, base[:2], PPORunConfig)
+    with pytest.raises(ConfigError, match=r"`reward.function` must be `module:function`"):
+        load_config(None, base[:2] + ["reward.function=verifiers.math"], PPORunConfig)
+    with pytest.raises(ConfigError, match=r"`value_model`: `reward_model` needs `reward.model_path`"):
+        load_config(None, base + ["value_model=reward_model"], PPORunConfig)
+    cfg = load_config(None, base + ["train.batch_size=32", "train.num_minibatches=8"], PPORunConfig)
+    assert isinstance(cfg.train, PPOConfig) and cfg.train.batch_size == 32
+
+
+def test_override_values_are_yaml_scalars():
+    cfg = load_config(None, ["model.path=m", "data.train_files=[a.jsonl, b.parquet]", "train.max_grad_norm=null",
+                             "data.chat_template=false", "train.learning_rate=3e-5", "data.max_rows=10",
+                             "model.random_init=null"], SFTRunConfig)
+    assert cfg.data.train_files == ("a.jsonl", "b.parquet")
+    assert cfg.train.max_grad_norm is None and cfg.data.chat_template is False
+    assert cfg.train.learning_rate == 3e-5 and cfg.data.max_rows == 10
+    # A single string for a list of files is a one-item list.
+    assert load_config(None, ["model.path=m", "data.train_files=x.jsonl"], SFTRunConfig).data.train_files == ("x.jsonl",)
+
+
+def test_override_errors_name_the_override(tmp_path):
+    path = write(tmp_path, MINIMAL_SFT)
+    with pytest.raises(ConfigError, match=r"with override 'train.batch_size=big': `train.batch_size`: expected int"):
+        load_config(path, ["train.batch_size=big"], SFTRunConfig)
+    with pytest.raises(ConfigError, match=r"not of the form key=value"):
+        load_config(path, ["train.batch_size"], SFTRunConfig)
+    with pytest.raises(ConfigError, match=r"`model.path.x` .*`model.path` is not a section|is not a section"):
+        apply_overrides({"model": {"path": "m"}}, ["model.path.x=1"])
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"), [], SFTRunConfig)
+    path = write(tmp_path, "model:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c.yaml, line \d+: invalid YAML"):
+        load_config(path, [], SFTRunConfig)
+    path = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"the top level must be a mapping"):
+        load_config(path, [], SFTRunConfig)
+
+
+def test_dump_round_trip_and_hash(tmp_path):
+    cfg = load_config(None, ["model.path=m", "data.train_files=[a.jsonl]", "train.batch_size=4"], SFTRunConfig)
+    path = write(tmp_path, dump_config(cfg))
+    again = load_config(path, [], SFTRunConfig)
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(dataclasses.replace(cfg, output_dir="elsewhere")) == config_hash(cfg)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=2e-4))
+    assert config_hash(changed) != config_hash(cfg)
+    assert isinstance(cfg.train, SFTConfig)
+
+
+def test_field_help_documents_every_leaf():
+    for cls in (SFTRunConfig, RewardRunConfig, PPORunConfig, EvalConfig):
+        rows = field_help(cls)
+        keys = [k for k, _, _ in rows]
+        assert len(keys) == len(set(keys))
+        undocumented = [k for k, _, text in rows if text.startswith("[default")]
+        # Our sections all carry help; trainer fields take theirs from the docstrings.
+        assert not [k for k in undocumented if not k.startswith("train.")], undocumented
+    ppo_keys = {k for k, _, _ in field_help(PPORunConfig)}
+    assert {"train.kl_coef", "train.num_minibatches", "reward.function", "mesh.fsdp"} <= ppo_keys
+
+
+def test_eval_config_checks():
+    base = ["data.train_files=[p.jsonl]"]
+    with pytest.raises(ConfigError, match=r"`models`: list at least one"):
+        load_config(None, base, EvalConfig)
+    with pytest.raises(ConfigError, match=r"`models`: names must be distinct"):
+        load_config(None, base + ["models=[{name: a, path: x}, {name: a, path: y}]"], EvalConfig)
+    with pytest.raises(ConfigError, match=r"`ks` must lie in 1..num_samples \(4\)"):
+        load_config(None, base + ["models=[{name: a, path: x}]", "num_samples=4", "ks=[1, 8]"], EvalConfig)
+    with pytest.raises(ConfigError, match=r"unknown key `models\[0\].pth`|unknown key `models\[0\]\.pth`"):
+        load_config(None, base + ["models=[{name: a, pth: x}]"], EvalConfig)
