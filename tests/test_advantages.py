@@ -151,7 +151,7 @@ def test_gae_vmap_compile_once_and_errors(jitted):
         f(*random_inputs(rng))
     assert len(traces) == 1
     stacked = [np.stack(x) for x in zip(*[random_inputs(np.random.default_rng(s)) for s in range(3)])]
-    adv, _ = jax.vmap(lambda r, v, m: gae(r, v, m, method="associative"))(*stacked)
+    adv, _ = jax.jit(jax.vmap(lambda r, v, m: gae(r, v, m, method="associative")))(*stacked)
     for i in range(3):
         want = jitted["scan"](*(x[i] for x in stacked), method="scan")[0]
         np.testing.assert_allclose(adv[i], want, rtol=1e-5, atol=1e-6)
