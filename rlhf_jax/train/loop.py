@@ -52,6 +52,7 @@ import numpy as np
 
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.logging import KLSignMonitor, MetricsLogger
+from rlhf_jax.logging import logger as _log
 from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
@@ -175,6 +176,7 @@ class _Run:
         self._logger_kwargs = dict(stdout=stdout, tensorboard=tensorboard,
                                    print_every=print_every or 10 * self.log_every,
                                    total_steps=total_steps, progress=progress)
+        self._stdout = stdout
         self.logger: MetricsLogger | None = None
         self._last_time = None
 
@@ -186,9 +188,17 @@ class _Run:
         return param_shardings(tree, self.mesh, fsdp=fsdp)
 
     def place(self, tree):
-        """`tree` on the mesh (FSDP or replicated), or unchanged without a mesh."""
-        if self.mesh is None or tree is None:
+        """`tree` on the mesh (FSDP or replicated), or committed to the default device.
+
+        Committing the fresh state too makes it look exactly like a restored one (orbax
+        returns committed arrays), so an uninterrupted and a resumed run compile the same
+        executable.
+        """
+        if tree is None:
             return tree
+        if self.mesh is None:
+            device = jax.config.jax_default_device or jax.local_devices()[0]
+            return jax.device_put(tree, device)
         return jax.device_put(tree, self.shardings(tree))
 
     def restore_or_start(self, state) -> tuple[Any, int]:
@@ -203,6 +213,11 @@ class _Run:
                     "and resume=False; use a new output_dir or delete the old one")
             state, host = self.ckpt.restore(state)
             start = int(host.get("step", latest))
+            message = (f"resuming from checkpoint step {start} (epoch {host.get('epoch')}, "
+                       f"index {host.get('index')}) in {self.output_dir}")
+            _log.info(message)
+            if self._stdout:
+                print(message, flush=True)
         self.logger = MetricsLogger(self.output_dir, resume_step=start, **self._logger_kwargs)
         self._last_time = time.perf_counter()
         return state, start
