@@ -206,3 +206,19 @@ def test_safetensors_writer_rejects_unknown_dtypes(tmp_path):
         warnings.simplefilter("error")
         write_safetensors(tmp_path / "b.safetensors", {"x": np.arange(3, dtype=np.int64)})
     assert dict(read_safetensors(tmp_path / "b.safetensors"))["x"].tolist() == [0, 1, 2]
+
+
+def test_original_gpt2_layout_without_prefix_and_with_buffers(gpt2_dir, tmp_path):
+    """The hub's gpt2 checkpoint names tensors without 'transformer.' and stores attn.bias buffers."""
+    lm, folder = gpt2_dir
+
+    def legacy(t):
+        t = {k.removeprefix("transformer."): v for k, v in t.items()}
+        t["h.0.attn.bias"] = np.ones((1, 1, 32, 32), np.float32)
+        t["lm_head.weight"] = np.array(t["wte.weight"])  # tied: present but not needed
+        return t
+
+    legacy_dir = _copy_with(folder, tmp_path / "legacy", tensors=legacy,
+                            config=lambda c: {**c, "architectures": ["GPT2LMHeadModel"]})
+    again = from_pretrained(legacy_dir)
+    np.testing.assert_array_equal(_flat(again.params), _flat(lm.params))

@@ -50,7 +50,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
 
     cache = lm.init_cache(3, prompt_len + new)
     assert cache[0]["k"].shape == (3, prompt_len + new, lm.config.num_kv_heads, lm.config.head_dim)
-    out, cache = step(lm.params, ids[:, :prompt_len], mask, cache, 0)
+    out, cache = step(lm.params, ids[:, :prompt_len], mask, cache, jnp.int32(0))
     pieces = [np.asarray(out)]
     for i in range(prompt_len, prompt_len + new):
         out, cache = step(lm.params, ids[:, i:i + 1], mask, cache, jnp.int32(i))
@@ -60,12 +60,18 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
     # prefill (T=6) and decode (T=1) are the only two compilations: the index is traced
     assert len(traces) == 2
 
-    # a multi-token chunk at a nonzero index works too
+    # decode from an empty cache, then a multi-token chunk at a nonzero index
+    # (the same two shapes: nothing new to compile)
     cache = lm.init_cache(3, prompt_len + new)
-    _, cache = step(lm.params, ids[:, :3], mask, cache, 0)
-    out, _ = step(lm.params, ids[:, 3:prompt_len + new - 3], mask, cache, 3)
-    chunk = slice(3, prompt_len + new - 3)
-    assert np.abs(np.asarray(out) - full[:, chunk])[mask[:, chunk] > 0].max() < 1e-5
+    pieces = []
+    for i in range(new):
+        out, cache = step(lm.params, ids[:, i:i + 1], mask, cache, jnp.int32(i))
+        pieces.append(np.asarray(out))
+    out, _ = step(lm.params, ids[:, new:], mask, cache, jnp.int32(new))
+    pieces.append(np.asarray(out))
+    incremental = np.concatenate(pieces, axis=1)
+    assert np.abs(incremental - full)[mask > 0].max() < 1e-5
+    assert len(traces) == 2
 
 
 def test_left_padding_equals_unpadded_rows(model):
