@@ -141,6 +141,13 @@ class MeshSection:
 def _type_name(tp) -> str:
     if isinstance(tp, type):
         return tp.__name__
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (tuple, list) and args:
+        return f"list of {_type_name(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
     return str(tp).replace("typing.", "")
 
 
@@ -422,6 +429,9 @@ def field_help(cls, prefix: str = "") -> list[tuple[str, str, str]]:
     """
     hints = typing.get_type_hints(cls)
     doc = _docstring_attributes(cls)
+    for name, text in _FALLBACK_HELP.get(cls.__name__, {}).items():
+        if len(doc.get(name, "")) < 16:  # missing or a fragment such as "GAE."
+            doc[name] = text
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -461,7 +471,52 @@ def _docstring_attributes(cls) -> dict[str, str]:
         else:
             for n in current:
                 out[n] = (out[n] + " " + line).strip()
+    # Several fields on one line ("clip_eps: policy ratio clip. dual_clip: ..."): split them.
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    pattern = re.compile(r"(?<=\.)\s+([a-z_][a-z0-9_]*(?:,\s*[a-z_][a-z0-9_]*)*):\s")
+    for name in list(out):
+        pieces = pattern.split(out[name])
+        owners = [name]
+        out[name] = pieces[0].strip()
+        for i in range(1, len(pieces) - 1, 2):
+            names = [n.strip() for n in pieces[i].split(",")]
+            if not all(n in fields for n in names):
+                for n in owners:
+                    out[n] = f"{out[n]} {pieces[i]}: {pieces[i + 1]}".strip()
+                continue
+            owners = names
+            for n in names:
+                out[n] = pieces[i + 1].strip()
     return out
+
+
+# Help for trainer-config fields whose docstrings describe them in prose rather than as
+# `name: text` (used only where the docstring gives nothing).
+_FALLBACK_HELP = {
+    "PPOConfig": {
+        "max_new_tokens": "response length limit of the sampler",
+        "gamma": "GAE discount",
+        "lam": "GAE lambda",
+        "gae_method": "GAE implementation: auto, scan or associative",
+        "kl_horizon": "horizon of the adaptive KL controller",
+        "temperature": "sampling temperature (the training forward divides the logits by it too)",
+        "top_k": "top-k sampling (0 = off)",
+        "top_p": "nucleus sampling (1 = off)",
+        "eos_token_id": "EOS id (null: the tokenizer's, filled in by the CLI)",
+        "pad_token_id": "PAD id (the CLI sets the tokenizer's)",
+        "whiten_rewards": "whiten the shaped rewards without shifting the mean (OpenAI)",
+        "whiten_advantages": "whiten the advantages over valid tokens",
+        "learning_rate": "policy learning rate",
+        "value_learning_rate": "value-network learning rate (null: learning_rate)",
+        "warmup_steps": "linear warm-up steps of the optimizer",
+        "total_steps": "schedule length (null: filled in from the run length)",
+        "schedule": "learning-rate decay after warm-up: constant, cosine or linear",
+        "weight_decay": "AdamW weight decay",
+        "max_grad_norm": "global gradient-norm clip (null: off)",
+        "b1": "Adam beta1",
+        "b2": "Adam beta2",
+    },
+}
 
 
 
