@@ -1,0 +1,214 @@
+"""PPOTrainer end to end on a tiny GPT-2 policy with a programmatic reward.
+
+One trainer (shared-trunk "lm+value" policy, host reward function) is compiled once
+for the module and reused: the KL coefficient and controller live in the state, so the
+"large kl_coef" and adaptive-controller tests only change the initial state. A second
+trainer covers the reward-model + separate value network path.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.kl import kl_controller_init
+from rlhf_jax.models import ModelConfig, from_config
+from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+
+V, B, P, N = 16, 16, 4, 8
+PAD, EOS, TARGET = 0, 2, 5
+CTX = 32
+
+
+class TargetReward:
+    """Fraction of valid response tokens equal to TARGET; can be told to return NaN."""
+
+    def __init__(self):
+        self.nan = False
+        self.calls = []
+
+    def __call__(self, prompt_ids, prompt_mask, tokens, mask, prompt_index):
+        assert isinstance(tokens, np.ndarray) and tokens.shape == (B, N)
+        self.calls.append(prompt_index)
+        scores = ((tokens == TARGET) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        if self.nan:
+            scores = scores.copy()
+            scores[3] = np.nan
+        return scores
+
+
+def make_cfg(**kw):
+    base = dict(batch_size=B, num_minibatches=2, ppo_epochs=4, grad_accum_steps=1, max_new_tokens=N,
+                temperature=1.0, eos_token_id=EOS, pad_token_id=PAD, learning_rate=2e-3, kl_coef=0.02,
+                vf_coef=0.1, schedule="constant", seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model_config():
+    return ModelConfig.tiny("gpt2", V, hidden_size=32, num_heads=2, max_position_embeddings=CTX)
+
+
+@pytest.fixture(scope="module")
+def setup(model_config):
+    policy = from_config(model_config, head="lm+value", seed=0)
+    reward = TargetReward()
+    cfg = make_cfg()
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, V, (B, P)).astype(np.int32)
+    prompt_mask = np.ones((B, P), np.int32)
+    prompt_mask[:4, :2] = 0  # some left padding
+    prompts = prompts * prompt_mask
+    return policy, trainer, reward, prompts, prompt_mask
+
+
+def run(trainer, state, policy, prompts, prompt_mask, iterations):
+    history = []
+    for i in range(iterations):
+        state, metrics, rollout = trainer.iteration(
+            state, prompts, prompt_mask, ref_params=policy.params, prompt_index=np.arange(B) + i)
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history, rollout
+
+
+def test_ppo_raises_reward_with_bounded_kl_and_compiles_once(setup):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    state = trainer.init(policy.params)
+    state, hist, rollout = run(trainer, state, policy, prompts, prompt_mask, 20)
+    first = np.mean([h["score_mean"] for h in hist[:2]])
+    last = np.mean([h["score_mean"] for h in hist[-3:]])
+    assert first < 0.2
+    assert last > 0.55 and last > first + 0.45, (first, last)
+    kl = [h["kl_k1"] for h in hist]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert all(np.isfinite(kl)) and max(kl) < N * np.log(V)  # bounded drift: 8 tokens of a 16-way choice
+    assert all(h["skipped_nonfinite"] == 0.0 for h in hist)
+    assert int(state.step) == 20
+    # Every phase compiled exactly once for the fixed shapes.
+    assert trainer.compile_counts() == {"rollout": 1, "update": 1}
+    # The metrics the driver and benchmark read are there and finite.
+    for key in ("score_std", "kl_k3", "entropy", "non_score_reward", "clipfrac", "approx_kl", "policy_loss",
+                "value_loss", "value_clipfrac", "ratio_mean", "ratio_max", "response_length", "eos_fraction",
+                "kl_coef", "returns_mean", "advantages_mean", "advantages_std", "grad_norm", "learning_rate",
+                "time/rollout", "time/score", "time/update", "tokens_per_s"):
+        assert np.isfinite(hist[-1][key]), key
+    assert hist[-1]["learning_rate"] == pytest.approx(2e-3)
+    # The reward function saw the data-set indices; the rollout respects the mask contract.
+    np.testing.assert_array_equal(reward.calls[-1], np.arange(B) + 19)
+    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    assert np.all(tokens[mask == 0] == PAD)
+    # Sampling and training forward agree (same temperature-scaled logits).
+    assert hist[-1]["logprob_sampling_diff"] < 1e-4
+
+
+def test_large_kl_coef_keeps_policy_near_reference(setup):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    state = trainer.init(policy.params)
+    state = state.replace(kl_ctl=kl_controller_init(5.0))
+    state, hist, _ = run(trainer, state, policy, prompts, prompt_mask, 10)
+    assert max(h["kl_k1"] for h in hist) < 1.0  # vs ~10-18 nats with kl_coef=0.02
+    assert np.mean([h["score_mean"] for h in hist[-3:]]) < 0.3
+    assert hist[-1]["kl_coef"] == pytest.approx(5.0)  # fixed controller
+
+
+def test_adaptive_kl_controller_moves_the_coefficient(setup):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    target, horizon = 0.2, 64
+    state = trainer.init(policy.params)
+    state = state.replace(kl_ctl=kl_controller_init(0.05, target=target, horizon=horizon))
+    state, hist, _ = run(trainer, state, policy, prompts, prompt_mask, 4)
+    coefs = [h["kl_coef"] for h in hist] + [float(state.kl_ctl.kl_coef)]
+    for i, h in enumerate(hist):  # Ziegler et al.: beta *= 1 + clip(KL/target - 1, +-0.2) * n / horizon
+        err = np.clip(h["kl_k1"] / target - 1.0, -0.2, 0.2)
+        assert coefs[i + 1] == pytest.approx(coefs[i] * (1 + err * B / horizon), rel=1e-5)
+    assert coefs[-1] != coefs[0]
+
+
+def test_nonfinite_reward_skips_the_update(setup):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    state = trainer.init(policy.params, seed=3)
+    state, _, _ = run(trainer, state, policy, prompts, prompt_mask, 1)
+    before = jax.device_get(state)
+    reward.nan = True
+    try:
+        after, metrics, _ = trainer.iteration(state, prompts, prompt_mask, ref_params=policy.params)
+    finally:
+        reward.nan = False
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    for name in ("params", "opt_state", "kl_ctl"):
+        for a, b in zip(jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(before, name))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert int(after.step) == int(before.step) + 1
+    # The rng advanced exactly as in a normal iteration.
+    expected_rng = jax.random.split(before.rng, 3)[0]
+    np.testing.assert_array_equal(jax.random.key_data(after.rng), jax.random.key_data(expected_rng))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.params))
+    # Training resumes with finite scores.
+    resumed, metrics, _ = trainer.iteration(after, prompts, prompt_mask, ref_params=policy.params)
+    assert float(metrics["skipped_nonfinite"]) == 0.0
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(after.params))]
+    assert any(changed)
+
+
+def test_same_seed_same_run(setup):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    runs = []
+    for _ in range(2):
+        state = trainer.init(policy.params, seed=7)
+        _, hist, rollout = run(trainer, state, policy, prompts, prompt_mask, 2)
+        runs.append(([{k: v for k, v in h.items() if not k.startswith("time/") and "per_s" not in k}
+                      for h in hist], np.asarray(rollout.tokens)))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_bad_input_errors(setup, model_config):
+    policy, trainer, reward, prompts, prompt_mask = setup
+    state = trainer.init(policy.params)
+    with pytest.raises(ValueError, match="empty"):
+        trainer.iteration(state, prompts[:0], prompt_mask[:0], ref_params=policy.params)
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.iteration(state, prompts[:8], prompt_mask[:8], ref_params=policy.params)
+    long = np.ones((B, CTX - N + 1), np.int32)
+    with pytest.raises(ValueError, match="max_new_tokens.*context length 32"):
+        trainer.iteration(state, long, long, ref_params=policy.params)
+    with pytest.raises(ValueError, match="prompt_mask"):
+        trainer.iteration(state, prompts, prompt_mask[:, :2], ref_params=policy.params)
+    with pytest.raises(ValueError, match="num_minibatches.*grad_accum_steps"):
+        make_cfg(batch_size=12, num_minibatches=4, grad_accum_steps=2)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        make_cfg(kl_estimator="k4")
+    with pytest.raises(ValueError, match="exactly one of `reward_model` and `reward_fn`"):
+        PPOTrainer(policy, make_cfg(), optimizer_from_config(make_cfg()))
+    lm_only = from_config(model_config, head="lm", seed=0)
+    with pytest.raises(ValueError, match="lm\\+value"):
+        PPOTrainer(lm_only, make_cfg(), optimizer_from_config(make_cfg()), reward_fn=reward)
+
+
+def test_reward_model_and_separate_value_network(model_config):
+    """Score phase on device with a reward model; value network initialised from it (N+)."""
+    policy = from_config(model_config, head="lm", seed=0)
+    rm = from_config(model_config, head="scalar", seed=5)
+    cfg = make_cfg(num_minibatches=1, ppo_epochs=1, grad_accum_steps=2, missing_eos_penalty=1.0,
+                   value_learning_rate=1e-2)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), value_model=rm,
+                         value_tx=optimizer_from_config(cfg, prefix="value_"), reward_model=rm)
+    state = trainer.init(policy.params, rm.params)
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(3, V, (B, P)).astype(np.int32)
+    prompt_mask = np.ones((B, P), np.int32)
+    with pytest.raises(ValueError, match="reward_params"):
+        trainer.iteration(state, prompts, prompt_mask, ref_params=policy.params)
+    new, metrics, rollout = trainer.iteration(state, prompts, prompt_mask, ref_params=policy.params,
+                                              reward_params=rm.params)
+    ids = jnp.concatenate([jnp.asarray(prompts), rollout.tokens], axis=1)
+    mask = jnp.concatenate([jnp.asarray(prompt_mask), rollout.mask.astype(jnp.int32)], axis=1)
+    scores = np.asarray(jax.jit(rm.scores)(rm.params, ids, mask))
+    np.testing.assert_allclose(float(metrics["score_mean"]), scores.mean(), rtol=1e-5, atol=1e-6)
+    assert float(metrics["skipped_nonfinite"]) == 0.0
+    assert np.isfinite(float(metrics["value_grad_norm"]))
+    for name in ("params", "value_params"):
+        old, upd = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(new, name))
+        assert any(not np.array_equal(a, b) for a, b in zip(old, upd)), name
+    assert trainer.compile_counts() == {"rollout": 1, "score": 1, "update": 1}
