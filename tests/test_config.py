@@ -87,7 +87,7 @@ def test_unknown_top_level_section(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ("train:\n  batch_size: 8.5\n", r"line 6: `train.batch_size`: expected int, got float 8.5"),
     ("train:\n  batch_size: true\n", r"line 6: `train.batch_size`: expected int, got bool True"),
-    ("tokenizer:\n  pad_token: 3\n", r"line 6: `tokenizer.pad_token`: expected str \| None, got int 3"),
+    ("tokenizer:\n  pad_token: 3\n", r"line 6: `tokenizer.pad_token`: expected str \| null, got int 3"),
     ("train:\n  learning_rate: fast\n", r"line 6: `train.learning_rate`: expected float, got str 'fast'"),
     ("mesh: 4\n", r"line 5: `mesh`: expected a mapping, got int 4"),
     ("keep: [1]\n", r"line 5: `keep`: expected int, got list \[1\]"),
