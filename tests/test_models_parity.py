@@ -39,11 +39,12 @@ def _hf_causal(kind):
     if kind == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                                 n_positions=64, bos_token_id=1, eos_token_id=2))
-    if kind == "llama-gqa-llama3":
+    if kind == "llama-gqa-llama3-bias":
         rope = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, rope_scaling=rope,
-                                                  tie_word_embeddings=False, **small))
+                                                  tie_word_embeddings=False, attention_bias=True,
+                                                  mlp_bias=True, **small))
     if kind == "qwen2-tied":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True,
                                                   **small))
@@ -58,7 +59,7 @@ def _hf_causal(kind):
     raise AssertionError(kind)
 
 
-KINDS = ["gpt2", "llama-gqa-llama3", "qwen2-tied", "qwen3-yarn", "mistral-linear"]
+KINDS = ["gpt2", "llama-gqa-llama3-bias", "qwen2-tied", "qwen3-yarn", "mistral-linear"]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_causal_lm_logits_match_hf(kind, checkpoints, batch):
     ids, mask, positions = batch
     ref = _hf_logits(model, ids, mask, positions)
     lm = from_pretrained(folder)
-    ours = np.asarray(lm.logits(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(lm.logits)(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.dtype == np.float32
     assert np.isfinite(ours).all()  # padding rows included
     err = np.abs(ours - ref)[mask > 0].max()
@@ -110,7 +111,7 @@ def test_causal_lm_logits_match_hf(kind, checkpoints, batch):
 
 def test_rope_scaling_is_applied(checkpoints, batch):
     """Dropping the llama3 rope scaling changes the logits: the parity above tests it."""
-    folder, _ = checkpoints["llama-gqa-llama3"]
+    folder, _ = checkpoints["llama-gqa-llama3-bias"]
     ids, mask, _ = batch
     lm = from_pretrained(folder)
     plain_cfg = ModelConfig(**{**lm.config.__dict__, "rope_scaling": ()})
@@ -121,7 +122,7 @@ def test_rope_scaling_is_applied(checkpoints, batch):
 
 
 def test_bf16_compute_close_to_f32(checkpoints, batch):
-    folder, _ = checkpoints["llama-gqa-llama3"]
+    folder, _ = checkpoints["llama-gqa-llama3-bias"]
     ids, mask, _ = batch
     f32 = from_pretrained(folder)
     bf16 = from_pretrained(folder, dtype=jnp.bfloat16)
@@ -154,7 +155,7 @@ def test_sequence_classification_score_matches_hf(kind, tmp_path, batch):
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(positions)).logits[:, 0].numpy()
     rm = from_pretrained(tmp_path, head="scalar")
-    ours = np.asarray(rm.scores(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(rm.scores)(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.shape == (3,)
     np.testing.assert_allclose(ours, ref, atol=TOL)
 
@@ -172,7 +173,7 @@ def test_export_loads_in_transformers_with_same_logits(family, tmp_path, batch):
     assert type(hf).__name__ == hf_config["architectures"][0]
     ids, mask, positions = batch
     ref = _hf_logits(hf, ids, mask, positions)
-    ours = np.asarray(lm.logits(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(lm.logits)(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(ours - ref)[mask > 0].max() < TOL
     # and back: our loader reads our export to identical parameters
     again = from_pretrained(tmp_path)
@@ -195,5 +196,5 @@ def test_export_scalar_head_as_sequence_classifier(family, tmp_path, batch):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(positions)).logits[:, 0].numpy()
-    ours = np.asarray(rm.scores(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(rm.scores)(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(ours, ref, atol=TOL)
