@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,16 @@ def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
     return step
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_pair_scores(rm):
+    return jax.jit(lambda params, batch: pair_scores(rm, params, batch))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_scores(rm):
+    return jax.jit(rm.scores)
+
+
 def evaluate_reward_model(rm, params, batch, *, batch_size: int | None = None) -> dict:
     """Held-out metrics of a reward model on preference pairs.
 
@@ -205,7 +216,7 @@ def evaluate_reward_model(rm, params, batch, *, batch_size: int | None = None) -
     _check_pairs(batch)
     n = int(np.shape(batch["chosen_ids"])[0])
     size = n if batch_size is None else int(batch_size)
-    score_fn = jax.jit(lambda p, b: pair_scores(rm, p, b))
+    score_fn = _jitted_pair_scores(rm)
     chosen_all, rejected_all = [], []
     for start in range(0, n, size):
         chunk = {k: jnp.asarray(batch[k][start:start + size]) for k in _PAIR_KEYS}
@@ -249,7 +260,7 @@ def normalize_reward_head(rm, params, ids, mask, *, target_std: float | None = N
     ops.check_same_shape(ids, "ids", mask=mask)
     if np.shape(ids)[0] == 0:
         raise ValueError("`ids` is empty: normalising needs reference sequences")
-    scores = np.asarray(jax.jit(rm.scores)(params, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+    scores = np.asarray(_jitted_scores(rm)(params, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
     mu = float(np.mean(scores))
     gain = 1.0
     if target_std is not None:
