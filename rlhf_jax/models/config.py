@@ -275,7 +275,10 @@ class ModelConfig:
                        head_dim=self.head_dim, intermediate_size=self.intermediate_size,
                        max_position_embeddings=self.max_position_embeddings,
                        rms_norm_eps=self.norm_eps, hidden_act=self.hidden_act,
-                       rope_parameters=rope, attention_dropout=0.0)
+                       rope_parameters=rope, attention_dropout=0.0,
+                       # transformers 4.x / vLLM read these legacy keys; 5.x reads rope_parameters
+                       rope_theta=self.rope_theta,
+                       rope_scaling=self.rope_scaling_dict or None)
             if self.model_type != "qwen2":
                 out["attention_bias"] = self.attention_bias
             if self.model_type in ("llama",):
