@@ -78,16 +78,17 @@ def test_left_padding_equals_unpadded_rows(model):
     """Masked equals sliced: a left-padded row gives the logits of the bare row."""
     lm, logits_fn = model
     rs = np.random.RandomState(1)
-    ids, mask = _left_padded(rs, 2, 9, pads=[0, 4])
+    ids, mask = _left_padded(rs, 3, 10, pads=[0, 5, 0])  # [3, 10]: logits_fn is compiled
     padded = np.asarray(logits_fn(lm.params, ids, mask))
-    bare = np.asarray(jax.jit(lm.logits)(lm.params, ids[1:, 4:], mask[1:, 4:]))
-    np.testing.assert_allclose(padded[1, 4:], bare[0], atol=1e-5)
+    bare = np.asarray(logits_fn(lm.params, np.tile(ids[1:2, 5:], (3, 2)), np.ones((3, 10), np.int32)))
+    np.testing.assert_allclose(padded[1, 5:], bare[0, :5], atol=1e-5)
 
 
 def test_fully_masked_rows_are_finite(model):
     lm, logits_fn = model
-    ids = np.zeros((2, 5), np.int32)
-    mask = np.array([[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]], np.int32)
+    ids = np.zeros((3, 10), np.int32)
+    mask = np.zeros((3, 10), np.int32)
+    mask[1, 7:] = 1
     out = np.asarray(logits_fn(lm.params, ids, mask))
     assert np.isfinite(out).all()
 
@@ -95,7 +96,7 @@ def test_fully_masked_rows_are_finite(model):
 def test_response_logprobs_match_full_logits(model):
     lm, logits_fn = model
     rs = np.random.RandomState(2)
-    prompt_len, n = 5, 4
+    prompt_len, n = 6, 4
     ids, mask = _left_padded(rs, 3, prompt_len + n, pads=[0, 1, 3])
     mask[0, -1] = 0  # right-padded response
     full = logits_fn(lm.params, ids, mask)

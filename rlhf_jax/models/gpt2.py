@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import (Dense, Embedding, LayerNorm, attend, attention_allowed,
-                                    update_cache)
+from rlhf_jax.models.layers import Dense, Embedding, LayerNorm, attend, update_cache
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),

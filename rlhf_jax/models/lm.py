@@ -13,10 +13,13 @@ Heads:
   score is read at the last ``mask == 1`` position; as a value model per token.
 - ``"lm+value"``: the LM head plus a zero-initialised ``value_head`` on the shared
   trunk (OpenAI's lm-human-preferences policy).
+
+References: Ziegler et al. 2019, arXiv 1909.08593; Huang et al. 2024, arXiv 2403.17031.
 """
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +35,11 @@ HEADS = ("lm", "scalar", "lm+value")
 
 
 class Network(nnx.Module):
-    """Trunk plus the heads that ``head`` asks for (the NNX module behind an :class:`LM`)."""
+    """Trunk plus the heads that ``head`` asks for (the NNX module behind an :class:`LM`).
+
+    ``rngs`` is a ``numpy.random.Generator`` that draws the initial weights, or
+    None for an abstract (shape-only) model under ``nnx.eval_shape``.
+    """
 
     def __init__(self, cfg: ModelConfig, head: str, *, rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
