@@ -34,6 +34,7 @@ import time
 
 from rlhf_jax.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, field_help, load_config
 from rlhf_jax.data.datasets import DataError
+from rlhf_jax.pipeline import RunError
 
 __all__ = ["main", "build_parser"]
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         result = run(cfg, overwrite=args.overwrite)
         print(f"rlhf-jax {args.command}: done in {time.perf_counter() - start:.1f} s -> {result}", flush=True)
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         if os.environ.get("RLHF_JAX_DEBUG"):
             raise
         print(f"rlhf-jax {args.command}: error: {e}", file=sys.stderr)
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
 def _run_demo(args) -> int:
     out = args.output_dir
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise ConfigError(f"output_dir {out} is not empty; pass --overwrite to write into it")
+        raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
     from rlhf_jax.demo import run_demo
 
     run_demo(out, seed=args.seed, quick=args.quick)

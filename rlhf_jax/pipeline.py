@@ -126,7 +126,7 @@ def read_run(run_dir: str) -> tuple[str, object]:
         info = json.load(f)
     command = info.get("command")
     if command not in ("sft", "reward", "ppo"):
-        raise RunError(f"{run_path}: a `{command}` run has no trained model to export")
+        raise RunError(f"{run_path}: this is an `rlhf-jax {command}` run, which has no trained model to export")
     try:
         cfg = from_dict(COMMAND_CONFIGS[command], info["config"])
     except ConfigError as e:
@@ -447,7 +447,10 @@ def run_export(cfg, *, overwrite: bool = False) -> str:
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
     tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
-    head = {"sft": "lm", "reward": "scalar", "ppo": "lm+value" if run_cfg.value_model is None else "lm"}[command]
+    if command == "ppo":
+        head = "lm+value" if run_cfg.value_model is None else "lm"
+    else:
+        head = "lm" if command == "sft" else "scalar"
     lm = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
     params, step = _restored_params(command, run_cfg, lm, tok)
     export_model(lm, params, tok, out, save_dtype=_dtype(cfg.dtype) if cfg.dtype != "float32" else None)

@@ -130,6 +130,15 @@ def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(rm_dir))
     assert rm.config.num_labels == 1
 
+    # Exporting the reward run's checkpoint gives a classifier (bias kept beside it), in bfloat16.
+    assert run("export", "run_dir=tiny_run/reward", "output_dir=tiny_run/export_rm", "dtype=bfloat16") == 0
+    exported = json.loads((workdir / "tiny_run" / "export_rm" / "config.json").read_text())
+    assert exported["architectures"] == ["GPT2ForSequenceClassification"] and exported["dtype"] == "bfloat16"
+    assert (workdir / "tiny_run" / "export_rm" / "rlhf_jax_score_bias.json").exists()
+    # An eval folder has no model to export; a non-empty target needs --overwrite.
+    assert run("export", "run_dir=tiny_run/eval", "output_dir=tiny_run/x") == 2
+    assert run("export", "--config", tiny_config("export")) == 2
+
 
 def jax_leaves(tree):
     import jax
