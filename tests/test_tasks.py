@@ -9,32 +9,55 @@ from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.data.padding import right_pad
 
 
-def _sum_of(prompt):
+def _sum_of(prompt, task):
     a, b = re.fullmatch(r"(\d+)\+(\d+)=", prompt).groups()
-    return str(int(a) + int(b))
+    if task.fixed_width:
+        assert len(a) == len(b) == task.num_digits
+        text = str(int(a) + int(b)).zfill(task.num_digits + 1)
+    else:
+        assert a == str(int(a)) and b == str(int(b))
+        text = str(int(a) + int(b))
+    return text[::-1] if task.reverse_answer else text
 
 
-def test_addition_splits_are_disjoint_and_answers_are_sums():
-    task = tasks.make_addition_task(3, num_digits=2, num_sft=500, num_rl=300, num_eval=64, noise_rate=0.3)
+@pytest.mark.parametrize("fixed_width,reverse", [(True, True), (False, False), (True, False)])
+def test_addition_splits_are_disjoint_and_answers_are_sums(fixed_width, reverse):
+    task = tasks.make_addition_task(
+        3, num_digits=2, num_sft=500, num_rl=300, num_eval=64, noise_rate=0.3,
+        fixed_width=fixed_width, reverse_answer=reverse,
+    )
     assert (len(task.sft_prompts), len(task.rl_prompts), len(task.eval_prompts)) == (500, 300, 64)
     all_prompts = task.sft_prompts + task.rl_prompts + task.eval_prompts
     assert len(set(all_prompts)) == len(all_prompts)
-    assert all(_sum_of(p) == a for p, a in zip(task.rl_prompts, task.rl_answers))
-    assert all(_sum_of(p) == a for p, a in zip(task.eval_prompts, task.eval_answers))
+    assert all(_sum_of(p, task) == a for p, a in zip(task.rl_prompts, task.rl_answers))
+    assert all(_sum_of(p, task) == a for p, a in zip(task.eval_prompts, task.eval_answers))
     assert max(len(a) for a in task.eval_answers) <= task.max_answer_length == 3
+    if fixed_width:
+        assert {len(a) for a in task.eval_answers} == {3}
 
 
-def test_addition_noise_is_one_wrong_digit_at_the_stated_rate():
-    task = tasks.make_addition_task(0, num_digits=3, num_sft=4000, num_rl=10, num_eval=10, noise_rate=0.4)
+def test_addition_reversed_answer_example():
+    assert tasks.addition_prompt(37, 5, width=2) == "37+05="
+    assert tasks.addition_answer(37, 45, width=3, reverse=True) == "280"
+    assert tasks.addition_answer(37, 45) == "82"
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_addition_noise_is_one_wrong_digit_at_the_stated_rate(plain):
+    task = tasks.make_addition_task(
+        0, num_digits=3, num_sft=4000, num_rl=10, num_eval=10, noise_rate=0.4,
+        fixed_width=not plain, reverse_answer=not plain,
+    )
     wrong = 0
     for prompt, completion, ok in zip(task.sft_prompts, task.sft_completions, task.sft_is_correct):
-        truth = _sum_of(prompt)
+        truth = _sum_of(prompt, task)
         assert (completion == truth) == ok
         if not ok:
             wrong += 1
             assert len(completion) == len(truth)
             assert sum(x != y for x, y in zip(completion, truth)) == 1
-            assert len(truth) == 1 or completion[0] != "0"
+            if plain:
+                assert len(truth) == 1 or completion[0] != "0"
     assert abs(wrong / 4000 - 0.4) < 0.03
 
 

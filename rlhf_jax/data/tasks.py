@@ -1,15 +1,18 @@
 """The two built-in demo tasks, generated from a seed (no downloads).
 
-1. **Addition** (RLVR, a verifiable reward): prompts like `"374+458="`, the
-   reference answer `"832"`. The supervised data are deliberately noisy: a
+1. **Addition** (RLVR, a verifiable reward): prompts like `"374+058="`, the
+   reference answer `"2340"` (the sum 0432, zero-padded and written least
+   significant digit first, so a tiny left-to-right model can carry; the
+   plain format `"374+58="` -> `"432"` is an option). The supervised data are deliberately noisy: a
    fraction `noise_rate` of the training answers has one digit replaced by
    a wrong one, so a model that imitates them is right only some of the
    time, and a verifier can tell right from wrong exactly. The SFT,
    RL and evaluation problems are disjoint.
 
-2. **Moods** (RLHF, a learned reward): prompts like `"the sea is"`,
-   completions that describe it with one to three adjectives
-   (`" calm."`, `" cold and wise."`, `" dull, kind and warm."`). The
+2. **Moods** (RLHF, a learned reward): prompts like `"sea is"`,
+   completions that describe it with one or two adjectives
+   (`" calm."`, `" cold and wise."`; the grammar also allows lists like
+   `" dull, kind and warm."`). The
    supervised data draw the adjectives uniformly, so they favour no mood. A
    hidden `GoldAnnotator` has a private weight per adjective (positive
    words like "warm" get weights in [0.5, 1.5], negative ones in
@@ -45,6 +48,7 @@ __all__ = [
     "AdditionTask",
     "make_addition_task",
     "addition_prompt",
+    "addition_answer",
     "corrupt_answer",
     "make_addition_verifier",
     "MoodTask",
@@ -76,6 +80,7 @@ class AdditionTask:
       rl_prompts, rl_answers: prompts for RL with their reference answers.
       eval_prompts, eval_answers: held-out prompts for pass@k.
       num_digits: digits per operand.
+      fixed_width, reverse_answer: the text format (see `make_addition_task`).
     """
 
     sft_prompts: tuple[str, ...]
@@ -86,6 +91,8 @@ class AdditionTask:
     eval_prompts: tuple[str, ...]
     eval_answers: tuple[str, ...]
     num_digits: int
+    fixed_width: bool = True
+    reverse_answer: bool = True
 
     @property
     def max_answer_length(self) -> int:
@@ -93,19 +100,33 @@ class AdditionTask:
         return self.num_digits + 1
 
 
-def addition_prompt(a: int, b: int) -> str:
-    """The prompt text for `a + b`, e.g. `"37+45="`."""
-    return f"{a}+{b}="
+def addition_prompt(a: int, b: int, *, width: int | None = None) -> str:
+    """The prompt text for `a + b`: `"37+45="`, or `"037+045="` with `width=3`."""
+    if width is None:
+        return f"{a}+{b}="
+    return f"{a:0{width}d}+{b:0{width}d}="
 
 
-def corrupt_answer(answer: str, rng: np.random.Generator) -> str:
+def addition_answer(a: int, b: int, *, width: int | None = None, reverse: bool = False) -> str:
+    """The answer text for `a + b`.
+
+    `width` zero-pads the sum to that many digits; `reverse` writes it least
+    significant digit first (`37+45` with width 3, reversed: `"280"`), the
+    order in which a left-to-right model can propagate carries (Lee et al.
+    2023, arXiv 2307.03381).
+    """
+    text = str(a + b) if width is None else f"{a + b:0{width}d}"
+    return text[::-1] if reverse else text
+
+
+def corrupt_answer(answer: str, rng: np.random.Generator, *, keep_leading_nonzero: bool = True) -> str:
     """Replaces one digit of `answer` by a different digit.
 
-    A leading digit never becomes 0, so the result still looks like a
-    number and only its value is wrong.
+    With `keep_leading_nonzero` the first digit never becomes 0, so an
+    unpadded number still looks like a number and only its value is wrong.
     """
     position = int(rng.integers(len(answer)))
-    lowest = 1 if position == 0 and len(answer) > 1 else 0
+    lowest = 1 if keep_leading_nonzero and position == 0 and len(answer) > 1 else 0
     choices = [d for d in "0123456789"[lowest:] if d != answer[position]]
     digit = choices[int(rng.integers(len(choices)))]
     return answer[:position] + digit + answer[position + 1 :]
@@ -119,6 +140,8 @@ def make_addition_task(
     num_rl: int = 4000,
     num_eval: int = 128,
     noise_rate: float = 0.4,
+    fixed_width: bool = True,
+    reverse_answer: bool = True,
 ) -> AdditionTask:
     """Draws disjoint sets of `num_digits`-digit addition problems.
 
@@ -131,6 +154,9 @@ def make_addition_task(
       num_digits: digits per operand (1-6).
       num_sft, num_rl, num_eval: problems per split.
       noise_rate: fraction of SFT answers with one wrong digit, in [0, 1).
+      fixed_width: zero-pad operands to `num_digits` and sums to
+        `num_digits + 1` digits, so every digit has a fixed position.
+      reverse_answer: write sums least significant digit first.
 
     Returns:
       An `AdditionTask`.
@@ -151,13 +177,21 @@ def make_addition_task(
             codes.setdefault(code, None)
     pairs = [divmod(code, 10**num_digits) for code in codes]
     pairs = [pairs[i] for i in rng.permutation(total)]
-    prompts = [addition_prompt(a, b) for a, b in pairs]
-    answers = [str(a + b) for a, b in pairs]
+    width = num_digits if fixed_width else None
+    prompts = [addition_prompt(a, b, width=width) for a, b in pairs]
+    answers = [
+        addition_answer(a, b, width=num_digits + 1 if fixed_width else None, reverse=reverse_answer)
+        for a, b in pairs
+    ]
     sft_slice = slice(0, num_sft)
     rl_slice = slice(num_sft, num_sft + num_rl)
     eval_slice = slice(num_sft + num_rl, total)
     noisy = rng.random(num_sft) < noise_rate
-    completions = [corrupt_answer(ans, rng) if bad else ans for ans, bad in zip(answers[sft_slice], noisy)]
+    plain_number = not fixed_width and not reverse_answer
+    completions = [
+        corrupt_answer(ans, rng, keep_leading_nonzero=plain_number) if bad else ans
+        for ans, bad in zip(answers[sft_slice], noisy)
+    ]
     return AdditionTask(
         sft_prompts=tuple(prompts[sft_slice]),
         sft_completions=tuple(completions),
@@ -167,6 +201,8 @@ def make_addition_task(
         eval_prompts=tuple(prompts[eval_slice]),
         eval_answers=tuple(answers[eval_slice]),
         num_digits=num_digits,
+        fixed_width=fixed_width,
+        reverse_answer=reverse_answer,
     )
 
 
@@ -203,8 +239,8 @@ def make_addition_verifier(tokenizer, answers: Sequence[str]) -> Callable[..., n
 # --------------------------------------------------------------------------
 
 MOOD_NOUNS = (
-    "the sea", "the cat", "the sun", "the tea", "the day", "the dog", "the sky", "the room",
-    "the song", "the road", "the town", "the bread", "the rain", "the hill", "the boat", "the park",
+    "sea", "cat", "sun", "tea", "day", "dog", "sky", "room",
+    "song", "road", "town", "bread", "rain", "hill", "boat", "park",
 )
 POSITIVE_ADJECTIVES = ("good", "kind", "warm", "calm", "nice", "glad", "safe", "wise")
 NEGATIVE_ADJECTIVES = ("bad", "cold", "sad", "dull", "rude", "grim", "sour", "weak")
@@ -333,6 +369,7 @@ class MoodTask:
       rl_prompts: prompts for preference sampling and PPO.
       eval_prompts: held-out prompts for the final comparison.
       annotator: the hidden `GoldAnnotator`.
+      max_adjectives: the most adjectives an SFT completion has.
     """
 
     sft_prompts: tuple[str, ...]
@@ -341,11 +378,13 @@ class MoodTask:
     eval_prompts: tuple[str, ...]
     annotator: GoldAnnotator
 
+    max_adjectives: int = 2
+
     @property
     def max_completion_length(self) -> int:
-        """Characters in the longest completion the grammar writes with three adjectives."""
+        """Characters in the longest SFT completion (`max_adjectives` of the longest words)."""
         longest = max(len(a) for a in ADJECTIVES)
-        return len(mood_completion(["x" * longest] * 3))
+        return len(mood_completion(["x" * longest] * self.max_adjectives))
 
 
 def make_mood_task(
@@ -354,7 +393,7 @@ def make_mood_task(
     num_sft: int = 4000,
     num_rl: int = 2048,
     num_eval: int = 256,
-    adjective_counts: Sequence[float] = (0.3, 0.4, 0.3),
+    adjective_counts: Sequence[float] = (0.5, 0.5),
     label_noise: float = 0.1,
     accept_threshold: float = 1.0,
     repeat_penalty: float = 1.0,
@@ -362,7 +401,7 @@ def make_mood_task(
     """Draws the moods task.
 
     Prompts are `MOOD_NOUNS` followed by `" is"`. SFT completions take
-    1, 2 or 3 adjectives with probabilities `adjective_counts`, each drawn
+    1, 2, ... adjectives with probabilities `adjective_counts`, each drawn
     uniformly from all 24 (with replacement, so repeats occur naturally).
     The hidden weights are drawn once from the seed: positive adjectives
     U(0.5, 1.5), negative U(-1.5, -0.5), neutral U(-0.25, 0.25).
@@ -371,7 +410,7 @@ def make_mood_task(
       seed: NumPy seed.
       num_sft, num_rl, num_eval: examples / prompts per split (prompts repeat
         across splits: there are only 16 nouns; the completion is what is judged).
-      adjective_counts: probabilities of 1, 2, 3 adjectives in the SFT data.
+      adjective_counts: probabilities of 1, 2, ... adjectives in the SFT data.
       label_noise, accept_threshold, repeat_penalty: the annotator's.
 
     Returns:
@@ -408,4 +447,5 @@ def make_mood_task(
         rl_prompts=prompts(num_rl),
         eval_prompts=prompts(num_eval),
         annotator=annotator,
+        max_adjectives=int(counts.size),
     )
