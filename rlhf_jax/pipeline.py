@@ -75,6 +75,12 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k != "output_dir" and a.get(k) != b.get(k))
 
 
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def prepare_output_dir(command: str, cfg, *, overwrite: bool) -> bool:
     """Create or check `cfg.output_dir` and write the resolved config into it.
 
@@ -104,10 +110,12 @@ def prepare_output_dir(command: str, cfg, *, overwrite: bool) -> bool:
                     else f"it is a `{previous.get('command')}` run")
             raise RunError(f"output_dir {out} holds a run with a different config ({what}); pass --overwrite "
                            "to replace it, or choose another output_dir")
-        else:
+        elif _is_main_process():
             shutil.rmtree(out)
     elif os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"output_dir {out} exists and is not a folder")
+    if not _is_main_process():
+        return resume  # on several hosts, process 0 writes the run files
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(f"# rlhf-jax {command}, config hash {digest}\n")

@@ -190,3 +190,16 @@ def test_prompt_template_and_dropping_long_prompts(tmp_path, tok):
     assert ex.prompts == ("q1+1=",) and ex.dropped == 1 and ex.answers == ("2",)
     with pytest.raises(DataError, match=r"rl\.jsonl, line 2: the prompt has 20 tokens"):
         prompt_examples(read_rows(path), tok, max_prompt_length=8, buckets=BUCKETS)
+
+
+def test_rl_prompts_as_messages_use_the_chat_template(tmp_path):
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }}.{% endfor %}"
+                         "{% if add_generation_prompt %}a={% endif %}")
+    path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": [{"role": "user", "content": "2+2"}], "answer": "4"}])
+    ex = prompt_examples(read_rows(path), tok, max_prompt_length=16, buckets=BUCKETS)
+    assert ex.prompts == ("u=2+2.a=",)
+    n = int(ex.arrays["prompt_mask"][0].sum())
+    assert tok.decode(ex.arrays["prompt_ids"][0, -n:]) == "u=2+2.a="
+    plain = prompt_examples(read_rows(path), tok, max_prompt_length=32, buckets=BUCKETS, chat_template=False)
+    assert plain.prompts == ("user: 2+2\nassistant: ",)
