@@ -125,9 +125,14 @@ def _run_demo(args) -> int:
     out = args.output_dir
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
+    import inspect
+
     from rlhf_jax.demo import run_demo
 
-    run_demo(out, seed=args.seed, quick=args.quick)
+    kwargs = {"seed": args.seed, "quick": args.quick}
+    if "overwrite" in inspect.signature(run_demo).parameters:
+        kwargs["overwrite"] = args.overwrite
+    run_demo(out, **kwargs)
     return 0
 
 

@@ -247,11 +247,13 @@ def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys
 def test_demo_forwards_its_options(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("rlhf_jax.demo")
-    fake.run_demo = lambda output_dir, *, seed=0, quick=False: calls.append((output_dir, seed, quick))
+    fake.run_demo = lambda output_dir, *, seed=0, quick=False, overwrite=False: calls.append(
+        (output_dir, seed, quick, overwrite))
     monkeypatch.setitem(sys.modules, "rlhf_jax.demo", fake)
     assert cli.main(["demo", "--output_dir", str(tmp_path / "d"), "--seed", "3", "--quick"]) == 0
-    assert calls == [(str(tmp_path / "d"), 3, True)]
+    assert calls == [(str(tmp_path / "d"), 3, True, False)]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert cli.main(["demo", "--output_dir", str(tmp_path / "full")]) == 2
     assert cli.main(["demo", "--output_dir", str(tmp_path / "full"), "--overwrite"]) == 0
+    assert calls[-1] == (str(tmp_path / "full"), 0, False, True)
