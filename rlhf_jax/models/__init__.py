@@ -2,14 +2,15 @@
 
 Public API: :class:`ModelConfig`, :class:`LM`, :func:`from_config`,
 :func:`from_pretrained`, :func:`save_pretrained`.
+
+Example:
+  >>> from rlhf_jax.models import ModelConfig, from_config
+  >>> policy = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="lm", seed=0)
+  >>> rm, rm_params = policy.with_head("scalar", seed=1)   # reward model from the policy trunk
 """
 from rlhf_jax.models.config import ModelConfig, supported_model_types
+from rlhf_jax.models.hub import from_pretrained, save_pretrained
 from rlhf_jax.models.lm import HEADS, LM, from_config
 
-__all__ = ["HEADS", "LM", "ModelConfig", "from_config", "supported_model_types"]
-
-try:  # hub.py may not exist yet while it is being written
-    from rlhf_jax.models.hub import from_pretrained, save_pretrained  # noqa: F401
-    __all__ += ["from_pretrained", "save_pretrained"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["HEADS", "LM", "ModelConfig", "from_config", "from_pretrained", "save_pretrained",
+           "supported_model_types"]
