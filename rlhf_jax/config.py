@@ -6,7 +6,7 @@ classes compose the trainers' own hyper-parameter dataclasses (`SFTConfig`,
 needs around them: the model, the tokenizer, the data, the reward, the output
 folder, checkpointing, the seed and the device mesh.
 
-`load_config(path, overrides, cls)` turns a YAML file plus `a.b=c` overrides
+`load_config(path, overrides, cls)` (from `rlhf_jax.config_yaml`, re-exported) turns a YAML file plus `a.b=c` overrides
 into an instance of `cls` and validates all of it before anything touches a
 model: an unknown key, a value of the wrong type or batch sizes that cannot be
 split as asked raise `ConfigError`, whose message names the dotted key and the
@@ -17,16 +17,19 @@ can tell a resume (same config) from a clash (different config).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
+from rlhf_jax.config_yaml import (  # noqa: F401  (re-exported)
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    dump_config,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from rlhf_jax.config_yaml import field_help as _field_help
 from rlhf_jax.train.ppo import PPOConfig
 from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.sft import SFTConfig
@@ -45,6 +48,7 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "COMMAND_CONFIGS",
+    "apply_overrides",
     "load_config",
     "from_dict",
     "to_dict",
@@ -52,10 +56,6 @@ __all__ = [
     "config_hash",
     "field_help",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -135,363 +135,6 @@ class MeshSection:
     fsdp: int = _help("devices along the FSDP (parameter sharding) axis", 1)
 
 
-# --------------------------------------------------------------------------- YAML <-> dataclasses
-
-
-def _type_name(tp) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return " | ".join(map(str, args))
-    if origin in (tuple, list) and args:
-        return f"list of {_type_name(args[0])}"
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
-    return str(tp).replace("typing.", "")
-
-
-def _is_optional(tp) -> bool:
-    return type(None) in typing.get_args(tp) and (
-        typing.get_origin(tp) in (typing.Union, types.UnionType))
-
-
-def _convert(value, tp, key: str):
-    """Check `value` against the annotation `tp` and convert it; `key` names it in errors."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise _type_error(key, tp, value)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"`{key}`: expected one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _type_error(key, tp, value, "a mapping")
-        return _build(tp, value, key + ".")
-    if origin in (tuple, list):
-        if isinstance(value, str) and args and args[0] is str:
-            value = [value]  # `train_files: a.jsonl` means a one-item list
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, tp, value, "a list")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-        elif origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(f"`{key}`: expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(key, tp, value, "a mapping")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _type_error(key, tp, value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(key, tp, value)
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise _type_error(key, tp, value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-5` (no dot) as a string; accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(key, tp, value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _type_error(key, tp, value)
-        return value
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise _type_error(key, tp, value)
-        return value
-    return value
-
-
-def _type_error(key, tp, value, expected=None):
-    return ConfigError(
-        f"`{key}`: expected {expected or _type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name in data:
-        if name not in fields:
-            close = [n for n in fields if n.lower().startswith(str(name)[:3].lower())]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown key `{prefix}{name}`{hint}; known keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key `{prefix}{name}`")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks
-        # Name the keys of the message by their dotted path (`batch_size` -> `train.batch_size`).
-        message = re.sub(r"`(\w+)`", lambda m: f"`{prefix}{m.group(1)}`" if m.group(1) in fields else m.group(0),
-                         str(e))
-        if "`" not in message:
-            message = f"`{prefix.rstrip('.') or cls.__name__}`: {message}"
-        raise ConfigError(message) from None
-
-
-def from_dict(cls, data: dict | None):
-    """Build the dataclass `cls` from a nested dict, strictly (unknown keys and wrong types are errors).
-
-    Args:
-      cls: a (frozen) dataclass whose fields may be dataclasses themselves.
-      data: nested mapping, e.g. from `yaml.safe_load`; None means all defaults.
-
-    Returns:
-      An instance of `cls`.
-
-    Raises:
-      ConfigError: naming the dotted key that is unknown, missing or of the wrong type.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"the config must be a mapping at the top level, got {type(data).__name__}")
-    return _build(cls, data)
-
-
-def to_dict(cfg) -> dict:
-    """A dataclass config as plain nested dicts/lists (tuples become lists)."""
-    def plain(x):
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return x
-    return plain(cfg)
-
-
-def dump_config(cfg) -> str:
-    """The config as YAML text (what `resolved_config.yaml` holds); `load_config` reads it back."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def config_hash(cfg, *, ignore: tuple[str, ...] = ("output_dir",)) -> str:
-    """A short SHA-256 fingerprint of the config, ignoring the top-level keys in `ignore`.
-
-    Two runs with the same hash train the same thing, so a run folder whose
-    stored hash matches may be resumed.
-    """
-    data = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Map every dotted key of a YAML mapping to its 1-based line number."""
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key + ".")
-
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. ppo.kl_coef=0.1)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override `{key}`: cannot parse {raw!r} as a YAML value ({e.__class__.__name__})")
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted `key=value` overrides (values parsed as YAML) in a nested dict; returns a copy."""
-    data = json.loads(json.dumps(data, default=list)) if data else {}
-    for item in overrides:
-        parts, value = _parse_override(item)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override `{item}`: `{'.'.join(parts[:i + 1])}` is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def load_config(path, overrides: list[str] | tuple[str, ...] = (), cls=None):
-    """Read a YAML config, apply `a.b=c` overrides, and build and validate `cls`.
-
-    Args:
-      path: the YAML file (None: start from the defaults of `cls`).
-      overrides: dotted assignments; the value is parsed as a YAML scalar or
-        flow collection (`ppo.kl_coef=0.1`, `data.train_files=[a.jsonl,b.jsonl]`).
-      cls: the config dataclass (e.g. `PPORunConfig`).
-
-    Returns:
-      An instance of `cls`, validated (types, known keys, batch arithmetic).
-
-    Raises:
-      ConfigError: naming the dotted key, the file and, when known, its line.
-    """
-    if cls is None:
-        raise ConfigError("load_config needs the config class `cls`")
-    text, lines, where = "", {}, "the defaults"
-    if path is not None:
-        where = str(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        lines = _key_lines(text)
-    else:
-        data = {}
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
-    overridden = {".".join(_parse_override(o)[0]): o for o in overrides}
-    data = apply_overrides(data, list(overrides))
-    try:
-        cfg = from_dict(cls, data)
-        validate = getattr(cfg, "validate", None)
-        if validate is not None:
-            validate()
-    except ConfigError as e:
-        message = str(e)
-        key = message.split("`")[1] if message.count("`") >= 2 else None
-        override = next((o for k, o in overridden.items()
-                         if key and (key == k or key.startswith(k + ".") or k.startswith(key + "."))), None)
-        line = lines.get(key) if key else None
-        if override is not None:
-            source = f"{where} with override {override!r}"
-        else:
-            source = where + (f", line {line}" if line else "")
-        raise ConfigError(f"{source}: {message}") from None
-    return cfg
-
-
-def field_help(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """`(dotted key, type, help)` for every leaf field of a config class (for `--help`).
-
-    The help text is the field's `metadata["help"]`, else the line for that
-    field in the class docstring's `Attributes:` section, else empty.
-    """
-    hints = typing.get_type_hints(cls)
-    doc = _docstring_attributes(cls)
-    for name, text in _FALLBACK_HELP.get(cls.__name__, {}).items():
-        if len(doc.get(name, "")) < 16:  # missing or a fragment such as "GAE."
-            doc[name] = text
-    rows = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp = hints[f.name]
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
-        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
-            rows.extend(field_help(inner[0], prefix + f.name + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        text = f.metadata.get("help") or doc.get(f.name, "")
-        rows.append((prefix + f.name, _type_name(tp), f"{text} [default: {to_dict(default)!r}]".strip()))
-    return rows
-
-
-def _docstring_attributes(cls) -> dict[str, str]:
-    """Parse `name: text` (or `a, b, c: text`) lines of a class docstring's Attributes section."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    pending: list[str] = []  # names of a `a, b,` line whose text follows on the next line
-    for raw in (cls.__doc__ or "").splitlines():
-        line = raw.strip()
-        head, sep, rest = line.partition(":")
-        names = [n.strip() for n in head.split(",")]
-        if line.endswith(",") and all(n.isidentifier() for n in names[:-1]) and not names[-1]:
-            pending += names[:-1]
-            continue
-        names = pending + names
-        pending = []
-        if not line:
-            current = []
-        elif sep and all(n.isidentifier() for n in names):
-            current = names
-            for n in names:
-                out[n] = rest.strip()
-        else:
-            for n in current:
-                out[n] = (out[n] + " " + line).strip()
-    # Several fields on one line ("clip_eps: policy ratio clip. dual_clip: ..."): split them.
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    pattern = re.compile(r"(?<=\.)\s+([a-z_][a-z0-9_]*(?:,\s*[a-z_][a-z0-9_]*)*):\s")
-    for name in list(out):
-        pieces = pattern.split(out[name])
-        owners = [name]
-        out[name] = pieces[0].strip()
-        for i in range(1, len(pieces) - 1, 2):
-            names = [n.strip() for n in pieces[i].split(",")]
-            if not all(n in fields for n in names):
-                for n in owners:
-                    out[n] = f"{out[n]} {pieces[i]}: {pieces[i + 1]}".strip()
-                continue
-            owners = names
-            for n in names:
-                out[n] = pieces[i + 1].strip()
-    return out
-
-
-# Help for trainer-config fields whose docstrings describe them in prose rather than as
-# `name: text` (used only where the docstring gives nothing).
 _FALLBACK_HELP = {
     "PPOConfig": {
         "max_new_tokens": "response length limit of the sampler",
@@ -703,6 +346,11 @@ class ExportConfig:
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
         _require(bool(self.run_dir), "`run_dir`: name the run folder to export")
+
+
+def field_help(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """`(dotted key, type, help)` for every leaf field of `cls` (what `rlhf-jax CMD --help` lists)."""
+    return _field_help(cls, prefix, extra_help=_FALLBACK_HELP)
 
 
 COMMAND_CONFIGS = {
