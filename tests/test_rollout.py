@@ -344,3 +344,27 @@ def test_errors(lm, prompts):
     with pytest.raises(ValueError, match="context"):
         jax.jit(lambda i, m: generate(lm, lm.params, i, m, key, max_new_tokens=CONTEXT).tokens)(ids, mask)
 
+
+
+def test_bfloat16_model_and_cache_release(prompts):
+    """bf16 compute still returns float32 log-probs close to a fresh bf16 forward; the
+    compiled-sampler cache does not keep a deleted model alive."""
+    import gc
+    import weakref
+
+    config = ModelConfig.tiny("llama", VOCAB, hidden_size=32, num_heads=2, num_kv_heads=1,
+                              intermediate_size=64, max_position_embeddings=CONTEXT)
+    lm16 = from_config(config, seed=3, dtype=jnp.bfloat16)
+    ids, mask = prompts
+    out = generate(lm16, lm16.params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=1.0)
+    assert out.logprobs.dtype == jnp.float32 and np.isfinite(np.asarray(out.logprobs)).all()
+    full_ids, full_mask = _full_sequence(ids, mask, out)
+    fresh = lm16.response_logprobs(lm16.params, full_ids, full_mask, N)
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(fresh), atol=0.1)
+
+    assert id(lm16) in rollout._JIT_CACHE
+    key, ref = id(lm16), weakref.ref(lm16)
+    del lm16, out
+    gc.collect()
+    assert ref() is None
+    assert key not in rollout._JIT_CACHE
