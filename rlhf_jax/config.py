@@ -294,7 +294,8 @@ class EvalModel:
     """One model to evaluate."""
 
     name: str = _help("label in the table and the plot", "model")
-    path: str = _help("HF folder (e.g. a run's hf/ export)", "")
+    path: str = _help("HF folder, or a run folder of `rlhf-jax sft|ppo` (its hf/ export, else its newest "
+                      "checkpoint)", "")
 
 
 @dataclass(frozen=True)

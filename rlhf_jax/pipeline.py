@@ -44,6 +44,7 @@ __all__ = [
     "run_ppo",
     "run_eval",
     "run_export",
+    "load_run_model",
 ]
 
 CONFIG_FILE = "resolved_config.yaml"
@@ -393,13 +394,13 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
     from rlhf_jax.evaluation import evaluate_pass_at_k, write_eval
     from rlhf_jax.reward_functions import host_reward_fn, load_function
 
-    tok = load_tokenizer(cfg.tokenizer, fallback=cfg.models[0].path)
+    tok = load_tokenizer(cfg.tokenizer, fallback=_tokenizer_source(cfg.models[0].path))
     prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
     verifier = host_reward_fn(load_function(cfg.verifier), tok, prompts=prompts.prompts,
                               answers=prompts.answers, name=cfg.verifier)
     prepare_output_dir("eval", cfg, overwrite=overwrite)
-    models = {m.name: (lm := load_pretrained(m.path, head="lm"), lm.params) for m in cfg.models}
+    models = {m.name: _policy_from_path(m.path) for m in cfg.models}
     ref = reward_model = None
     if cfg.reference is not None:
         lm = load_pretrained(cfg.reference, head="lm")
@@ -447,13 +448,14 @@ def _restored_params(command: str, run_cfg, lm, tok):
     return state.params, step
 
 
-def run_export(cfg, *, overwrite: bool = False) -> str:
-    """`rlhf-jax export`: the newest checkpoint of `run_dir` as an HF folder; returns the folder."""
-    command, run_cfg = read_run(cfg.run_dir)
-    run_cfg = dataclasses.replace(run_cfg, output_dir=cfg.run_dir)
-    out = cfg.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
+def load_run_model(run_dir: str):
+    """The model of a training run folder at its newest checkpoint.
+
+    Returns:
+      `(command, lm, params, tokenizer, step)`.
+    """
+    command, run_cfg = read_run(run_dir)
+    run_cfg = dataclasses.replace(run_cfg, output_dir=run_dir)
     tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
     if command == "ppo":
         head = "lm+value" if run_cfg.value_model is None else "lm"
@@ -461,6 +463,42 @@ def run_export(cfg, *, overwrite: bool = False) -> str:
         head = "lm" if command == "sft" else "scalar"
     lm = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
     params, step = _restored_params(command, run_cfg, lm, tok)
+    return command, lm, params, tok, step
+
+
+def _policy_from_path(path: str):
+    """`(lm, params)` of a policy: an HF folder, or a run folder (its hf/ export, else its newest checkpoint)."""
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        if os.path.isdir(os.path.join(path, "hf")):
+            path = os.path.join(path, "hf")
+        else:
+            command, lm, params, _, step = load_run_model(path)
+            if command == "reward":
+                raise RunError(f"{path} is a reward-model run, not a policy")
+            _report(f"eval: {path} has no hf/ export yet; using its checkpoint at step {step}")
+            if lm.head == "lm+value":
+                lm, params = lm.with_head("lm", params=params)
+            return lm, params
+    lm = load_pretrained(path, head="lm")
+    return lm, lm.params
+
+
+def _tokenizer_source(path: str) -> str:
+    """Where the tokenizer of a model path lives (run folders: hf/, else the run's tokenizer)."""
+    if not os.path.isfile(os.path.join(path, RUN_FILE)):
+        return path
+    if os.path.isdir(os.path.join(path, "hf")):
+        return os.path.join(path, "hf")
+    _, run_cfg = read_run(path)
+    return run_cfg.tokenizer.path or run_cfg.model.path
+
+
+def run_export(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax export`: the newest checkpoint of `run_dir` as an HF folder; returns the folder."""
+    out = cfg.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
+    command, lm, params, tok, step = load_run_model(cfg.run_dir)
     export_model(lm, params, tok, out, save_dtype=_dtype(cfg.dtype) if cfg.dtype != "float32" else None)
     _report(f"export: {command} run {cfg.run_dir}, checkpoint step {step} -> {out}")
     return out
