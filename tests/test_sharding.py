@@ -110,3 +110,113 @@ def test_sharded_step_equals_single_device(mlp_problem, data, fsdp):
     np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, atol=1e-6)
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+# --- the drivers on a mesh: SFT steps and PPO iterations equal the one-device run ----
+
+VOCAB = 32
+
+
+def _tiny_lm(head):
+    from rlhf_jax.models import ModelConfig, from_config
+
+    cfg = ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
+                           max_position_embeddings=32)
+    return from_config(cfg, head=head, seed=0)
+
+
+def _quiet(**kwargs):
+    return dict(stdout=False, tensorboard=False, checkpoint_every=100, **kwargs)
+
+
+def _numeric(history):
+    return [{k: v for k, v in r.items() if k not in ("timing", "warnings")} for r in history]
+
+
+def _assert_close_runs(got, want, *, rtol=2e-5, atol=2e-6, params_atol=5e-5):
+    """Metrics within float32 reduction-order noise; params within `params_atol`.
+
+    Clip fractions (counts of tokens beyond a threshold) may differ by a token.
+
+    Params get a looser absolute tolerance: Adam divides by sqrt(v), so an element
+    whose gradient is at the level of reduction-order noise (sharded sums add in
+    another order) can move by up to about the learning rate in either run.
+    """
+    got_params, got_hist = got
+    want_params, want_hist = want
+    for g, w in zip(_numeric(got_hist), _numeric(want_hist), strict=True):
+        assert g.keys() == w.keys()
+        for k in w:
+            # a clip fraction counts tokens on either side of a threshold: one token
+            # at the boundary may fall the other way
+            tol = 0.05 if "clipfrac" in k else atol
+            np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=tol, err_msg=f"step {w['step']} {k}")
+    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=params_atol)
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory):
+    from rlhf_jax.train import SFTConfig
+    from rlhf_jax.train.loop import fit_sft
+
+    lm = _tiny_lm("lm")
+    rng = np.random.default_rng(0)
+    n, length = 16, 10
+    lengths = rng.integers(4, length + 1, n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    data = {"input_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, length)), 0).astype(np.int32),
+            "attention_mask": mask, "loss_mask": mask * (np.arange(length)[None, :] >= 2)}
+    cfg = SFTConfig(batch_size=8, num_epochs=2, learning_rate=3e-3, seed=2)
+    want = fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path_factory.mktemp("sft1"), **_quiet())
+    return lm, data, cfg, want
+
+
+# data-parallel, and FSDP over all four devices (2 x 2 runs in the PPO test below)
+@pytest.mark.parametrize("data_size,fsdp_size", [(4, 1), (1, 4)])
+def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fsdp_size):
+    from rlhf_jax.train.loop import fit_sft
+
+    lm, data, cfg, want = sft_setup
+    mesh = make_mesh(data=data_size, fsdp=fsdp_size)
+    if fsdp_size == 4:
+        # also resume on the mesh: 2 steps, then continue from the sharded checkpoint
+        fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path, mesh=mesh, max_steps=2,
+                **_quiet())
+    params, history, state = fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path, mesh=mesh,
+                                     return_state=True, **_quiet())
+    assert len(history) == 4
+    kernel = state.params["trunk"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
+    if fsdp_size > 1:
+        assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+        assert kernel.addressable_shards[0].data.shape == (32, 128 // fsdp_size)
+    else:
+        assert kernel.sharding.is_fully_replicated
+    _assert_close_runs((params, history), want)
+
+
+def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
+    from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+    from rlhf_jax.train.loop import fit_ppo
+
+    policy = _tiny_lm("lm+value")
+
+    def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
+        return ((tokens == 5) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+
+    cfg = PPOConfig(batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
+                    temperature=1.0, eos_token_id=2, learning_rate=1e-3, seed=4)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward_fn)
+    rng = np.random.default_rng(1)
+    n, p = 8, 4
+    lengths = rng.integers(1, p + 1, n)
+    mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)
+    prompts = {"prompt_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32),
+               "prompt_mask": mask}
+    want = fit_ppo(trainer, policy.params, policy.params, prompts, output_dir=tmp_path / "one",
+                   max_steps=2, **_quiet())
+    mesh = make_mesh(data=2, fsdp=2)
+    got = fit_ppo(trainer, policy.params, policy.params, prompts, output_dir=tmp_path / "mesh",
+                  max_steps=2, mesh=mesh, **_quiet())
+    assert [r["step"] for r in got[1]] == [1, 2]
+    _assert_close_runs(got, want, rtol=1e-4, atol=1e-5, params_atol=1e-4)

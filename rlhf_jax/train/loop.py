@@ -187,15 +187,20 @@ class _Run:
         fsdp = self.mesh.shape[FSDP_AXIS] > 1
         return param_shardings(tree, self.mesh, fsdp=fsdp)
 
-    def place(self, tree):
+    def place(self, tree, *, copy: bool = False):
         """`tree` on the mesh (FSDP or replicated), or committed to the default device.
 
         Committing the fresh state too makes it look exactly like a restored one (orbax
         returns committed arrays), so an uninterrupted and a resumed run compile the same
-        executable.
+        executable. `copy=True` never aliases the caller's buffers: the supervised steps
+        donate their state, which must not delete the params the user passed in.
         """
         if tree is None:
             return tree
+        if copy:
+            # an explicit copy: `device_put(..., may_alias=False)` still aliases a shard
+            # when it replicates a single-device array over a mesh
+            tree = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
         if self.mesh is None:
             device = jax.config.jax_default_device or jax.local_devices()[0]
             return jax.device_put(tree, device)
@@ -314,7 +319,7 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
                total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
                async_checkpoint=async_checkpoint)
     try:
-        state = run.place(init_fn(model, params, tx, seed=cfg.seed))
+        state = run.place(init_fn(model, params, tx, seed=cfg.seed), copy=True)
         state, start = run.restore_or_start(state)
         step_fn = _jit_step(make_step(model, tx, cfg), run, state)
         for step in range(start, total):
