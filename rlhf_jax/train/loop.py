@@ -155,10 +155,12 @@ class _Run:
 
     def __init__(self, *, kind: str, cfg, fingerprint: dict, output_dir, mesh, keep: int,
                  resume: bool, allow_config_mismatch: bool, log_every: int, print_every: int | None,
-                 checkpoint_every: int, total_steps: int, stdout: bool, tensorboard: bool,
+                 checkpoint_every: int | None, total_steps: int, stdout: bool, tensorboard: bool,
                  progress: bool | None, async_checkpoint: bool):
-        for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
-                            ("keep", keep)):
+        named = [("log_every", log_every), ("keep", keep)]
+        if checkpoint_every is not None:
+            named.append(("checkpoint_every", checkpoint_every))
+        for name, value in named:
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         if output_dir is None:
@@ -166,7 +168,7 @@ class _Run:
         self.output_dir = os.fspath(output_dir)
         self.mesh = mesh
         self.log_every = int(log_every)
-        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.total_steps = total_steps
         self.resume = resume
         self.ckpt = Checkpointer(
@@ -255,6 +257,8 @@ class _Run:
         return self.logger.log(step, host)
 
     def maybe_save(self, step: int, state, position: dict) -> None:
+        if self.checkpoint_every is None:
+            return
         if step % self.checkpoint_every == 0 or step == self.total_steps:
             self.ckpt.save(step, state, host_state={"step": step, **position})
 
@@ -356,7 +360,8 @@ _COMMON_DOC = """
       mesh: a `make_mesh` mesh to run data-parallel / FSDP; None = one device.
       log_every: fetch, log and check metrics every this many steps (and at the end).
       print_every: stdout period in steps (default 10 * log_every).
-      checkpoint_every: save a checkpoint every this many steps (and at the end).
+      checkpoint_every: save a checkpoint every this many steps and at the end
+        (None: never save; an existing checkpoint is still resumed from).
       keep: how many checkpoints to keep.
       resume: continue from the newest checkpoint in output_dir.
       max_steps: stop after this many steps in total (counting restored ones).
@@ -371,7 +376,7 @@ _COMMON_DOC = """
 
 
 def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=None, mesh=None,
-            log_every: int = 1, print_every: int | None = None, checkpoint_every: int = 500,
+            log_every: int = 1, print_every: int | None = None, checkpoint_every: int | None = 500,
             keep: int = 3, resume: bool = True, max_steps: int | None = None,
             on_step: Callable | None = None, stdout: bool = True, tensorboard: bool = True,
             progress: bool | None = None, allow_config_mismatch: bool = False,
@@ -403,7 +408,7 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=N
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_data=None,
                eval_every: int | None = None, eval_batch_size: int | None = None, output_dir,
                tx=None, mesh=None, log_every: int = 1, print_every: int | None = None,
-               checkpoint_every: int = 500, keep: int = 3, resume: bool = True,
+               checkpoint_every: int | None = 500, keep: int = 3, resume: bool = True,
                max_steps: int | None = None, on_step: Callable | None = None, stdout: bool = True,
                tensorboard: bool = True, progress: bool | None = None,
                allow_config_mismatch: bool = False, async_checkpoint: bool = True,
@@ -450,7 +455,7 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_da
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], cfg=None, *,
             value_params=None, reward_params=None, output_dir, num_epochs: int | None = None,
             mesh=None, log_every: int = 1, print_every: int | None = None,
-            checkpoint_every: int = 50, keep: int = 3, resume: bool = True,
+            checkpoint_every: int | None = 50, keep: int = 3, resume: bool = True,
             max_steps: int | None = None, on_step: Callable | None = None,
             on_rollout: Callable | None = None, kl_warn_window: int = 10, stdout: bool = True,
             tensorboard: bool = True, progress: bool | None = None,

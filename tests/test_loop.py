@@ -1,0 +1,137 @@
+"""Tests of the drivers in rlhf_jax.train.loop: data order, fit_reward end to end, hooks,
+warnings, and the input / resume errors. (Resume after SIGKILL: test_resume.py; meshes:
+test_sharding.py.)"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.checkpoint import ConfigMismatchError
+from rlhf_jax.logging import read_metrics
+from rlhf_jax.train.loop import batch_rows, epoch_permutation, fit_reward
+
+VOCAB = 32
+
+
+def test_epoch_order_is_seeded_and_drops_the_partial_batch():
+    first = epoch_permutation(10, seed=3, epoch=0)
+    assert sorted(first) == list(range(10))
+    np.testing.assert_array_equal(first, epoch_permutation(10, seed=3, epoch=0))
+    assert not np.array_equal(first, epoch_permutation(10, seed=3, epoch=1))
+    assert not np.array_equal(first, epoch_permutation(10, seed=4, epoch=0))
+    # 10 rows, batch 4: two steps per epoch; rows 8-9 of each epoch's order are dropped
+    seen = [batch_rows(s, num_rows=10, batch_size=4, seed=3) for s in range(4)]
+    assert [(e, i) for e, i, _ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    np.testing.assert_array_equal(np.concatenate([seen[0][2], seen[1][2]]), first[:8])
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_rows(0, num_rows=3, batch_size=4, seed=0)
+
+
+def _preference_data(n, length, seed):
+    """Chosen responses use the token 7 often, rejected ones never: a decidable preference."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, length), np.int32)
+    chosen = rng.integers(8, VOCAB, (n, length)).astype(np.int32)
+    chosen[:, 2::2] = 7
+    rejected = rng.integers(8, VOCAB, (n, length)).astype(np.int32)
+    return {"chosen_ids": chosen, "chosen_mask": mask, "rejected_ids": rejected, "rejected_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    from rlhf_jax.models import ModelConfig, from_config
+    from rlhf_jax.train import RewardConfig
+
+    rm = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
+                                      max_position_embeddings=16), head="scalar", seed=0)
+    cfg = RewardConfig(batch_size=8, num_epochs=4, learning_rate=3e-3, seed=0)
+    train, held_out = _preference_data(32, 8, 0), _preference_data(16, 8, 1)
+    out = tmp_path_factory.mktemp("rm")
+    seen = []
+
+    def on_step(step, metrics):
+        seen.append((step, metrics["loss"]))
+        return {"hook/step_squared": step * step}
+
+    params, history = fit_reward(rm, rm.params, train, cfg, eval_data=held_out, output_dir=out,
+                                 log_every=4, checkpoint_every=8, stdout=False, tensorboard=False,
+                                 on_step=on_step)
+    return rm, cfg, train, held_out, out, params, history, seen
+
+
+def test_fit_reward_trains_logs_and_evaluates(reward_run):
+    rm, cfg, train, held_out, out, params, history, seen = reward_run
+    # 32 pairs / 8 = 4 steps per epoch, 4 epochs; logged every 4 steps
+    assert [r["step"] for r in history] == [4, 8, 12, 16]
+    assert read_metrics(out) == history
+    assert [s for s, _ in seen] == [4, 8, 12, 16]
+    assert all(r["hook/step_squared"] == r["step"] ** 2 for r in history)
+    assert all("time/step" in r["timing"] for r in history)
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    # the held-out evaluation runs at the end only (eval_every=None)
+    assert "eval/accuracy" in history[-1] and "eval/accuracy" not in history[0]
+    assert history[-1]["eval/accuracy"] >= 0.9
+    assert history[-1]["loss"] < history[0]["loss"]
+    # the input params are untouched (the step donates a copy of them)
+    assert np.isfinite(np.asarray(jax.tree.leaves(rm.params)[0])).all()
+    assert not np.allclose(np.asarray(jax.tree.leaves(params)[0]), np.asarray(jax.tree.leaves(rm.params)[0]))
+
+
+def test_finished_run_resumes_to_the_same_result(reward_run):
+    rm, cfg, train, held_out, out, params, history, _ = reward_run
+    again, again_history = fit_reward(rm, rm.params, train, cfg, eval_data=held_out, output_dir=out,
+                                      log_every=4, checkpoint_every=8, stdout=False, tensorboard=False,
+                                      on_step=lambda step, m: {"hook/step_squared": step * step})
+    assert again_history == history
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_other_config_data_or_resume_false(reward_run):
+    rm, cfg, train, held_out, out, *_ = reward_run
+    kwargs = dict(output_dir=out, stdout=False, tensorboard=False)
+    import dataclasses
+
+    with pytest.raises(ConfigMismatchError, match="cfg.learning_rate"):
+        fit_reward(rm, rm.params, train, dataclasses.replace(cfg, learning_rate=1e-3), **kwargs)
+    other = dict(train, chosen_ids=np.roll(train["chosen_ids"], 1, axis=0))
+    with pytest.raises(ConfigMismatchError, match="data.hash"):
+        fit_reward(rm, rm.params, other, cfg, **kwargs)
+    with pytest.raises(ValueError, match="resume=False"):
+        fit_reward(rm, rm.params, train, cfg, resume=False, **kwargs)
+
+
+def test_bad_inputs_are_named(reward_run, tmp_path):
+    rm, cfg, train, *_ = reward_run
+    kwargs = dict(output_dir=tmp_path, stdout=False, tensorboard=False)
+    with pytest.raises(ValueError, match="missing keys \\['rejected_mask'\\]"):
+        fit_reward(rm, rm.params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, **kwargs)
+    with pytest.raises(ValueError, match="fewer than `batch_size`"):
+        fit_reward(rm, rm.params, {k: v[:5] for k, v in train.items()}, cfg, **kwargs)
+    with pytest.raises(ValueError, match="same number of rows"):
+        fit_reward(rm, rm.params, dict(train, chosen_mask=train["chosen_mask"][:4]), cfg, **kwargs)
+    bad = dict(train, chosen_ids=train["chosen_ids"] + VOCAB)
+    with pytest.raises(ValueError, match="vocab_size"):
+        fit_reward(rm, rm.params, bad, cfg, **kwargs)
+    with pytest.raises(ValueError, match="max_steps"):
+        fit_reward(rm, rm.params, train, cfg, max_steps=0, **kwargs)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fit_reward(rm, rm.params, train, cfg, checkpoint_every=0, **kwargs)
+
+
+def test_nonfinite_update_is_skipped_with_a_warning(reward_run, tmp_path, caplog):
+    rm, cfg, train, *_ = reward_run
+    # a NaN in the score head makes every score, loss and gradient NaN
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * jnp.nan if "score" in jax.tree_util.keystr(path) else x, rm.params)
+    with caplog.at_level("WARNING", logger="rlhf_jax"):
+        out_params, history = fit_reward(rm, params, train, cfg, output_dir=tmp_path, max_steps=1,
+                                         checkpoint_every=None, stdout=False, tensorboard=False)
+    assert history[0]["skipped_nonfinite"] == 1.0
+    assert "skipped" in history[0]["warnings"][0] and "skipped" in caplog.text
+    trunk = lambda p: jax.tree.leaves(p["trunk"])  # noqa: E731
+    for a, b in zip(trunk(out_params), trunk(params)):
+        np.testing.assert_array_equal(a, b)  # unchanged, not NaN-poisoned
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
