@@ -12,7 +12,7 @@ import pytest
 
 from rlhf_jax.kl import kl_controller_init
 from rlhf_jax.models import ModelConfig, from_config
-from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+from rlhf_jax.train import PPOBatch, PPOConfig, PPOTrainer, optimizer_from_config, ppo_minibatch_loss
 
 V, B, P, N = 16, 16, 4, 8
 PAD, EOS, TARGET = 0, 2, 5
@@ -175,6 +175,8 @@ def test_bad_input_errors(setup, model_config):
         trainer.iteration(state, long, long, ref_params=policy.params)
     with pytest.raises(ValueError, match="prompt_mask"):
         trainer.iteration(state, prompts, prompt_mask[:, :2], ref_params=policy.params)
+    with pytest.raises(ValueError, match="vocab_size=16"):
+        trainer.iteration(state, prompts + V, prompt_mask, ref_params=policy.params)
     with pytest.raises(ValueError, match="num_minibatches.*grad_accum_steps"):
         make_cfg(batch_size=12, num_minibatches=4, grad_accum_steps=2)
     with pytest.raises(ValueError, match="kl_estimator"):
@@ -212,3 +214,39 @@ def test_reward_model_and_separate_value_network(model_config):
         old, upd = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(new, name))
         assert any(not np.array_equal(a, b) for a, b in zip(old, upd)), name
     assert trainer.compile_counts() == {"rollout": 1, "score": 1, "update": 1}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_minibatch_loss_entropy_bonus_and_dual_clip(agg):
+    """The loss options against a plain NumPy formula (no model involved)."""
+    rng = np.random.default_rng(4)
+    b, n = 6, 5
+    lengths = np.array([1, 5, 3, 2, 5, 4])
+    mask = (np.arange(n)[None, :] < lengths[:, None]).astype(np.float64)
+    old_lp = -rng.gamma(2.0, 0.5, (b, n))
+    lp = old_lp + rng.normal(0, 0.6, (b, n))
+    adv = rng.normal(0, 1, (b, n)) * 2
+    old_v, ret = rng.normal(0, 1, (b, n)), rng.normal(0, 1, (b, n))
+    v = old_v + rng.normal(0, 0.5, (b, n))
+    ent = rng.uniform(0.5, 2.5, (b, n))
+    cfg = make_cfg(clip_eps=0.2, dual_clip=1.5, value_clip_eps=0.25, vf_coef=0.3, entropy_coef=0.05, loss_agg=agg)
+
+    def agg_np(x):
+        if agg == "token-mean":
+            return (x * mask).sum() / mask.sum()
+        return np.mean((x * mask).sum(1) / mask.sum(1))
+
+    ratio = np.exp(lp - old_lp)
+    pg = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
+    pg = np.where(adv < 0, np.minimum(pg, -1.5 * adv), pg)
+    vc = old_v + np.clip(v - old_v, -0.25, 0.25)
+    vf = 0.5 * np.maximum((v - ret) ** 2, (vc - ret) ** 2)
+    want = agg_np(pg) + 0.3 * agg_np(vf) - 0.05 * agg_np(ent)
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    batch = PPOBatch(None, None, f(mask), f(old_lp), f(old_v), f(adv), f(ret))
+    loss, aux = ppo_minibatch_loss(f(lp), f(v), f(ent), batch, cfg=cfg)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(aux["entropy"], (ent * mask).sum() / mask.sum(), rtol=1e-5)
+    assert float(aux["ratio_max"]) == pytest.approx(ratio[mask > 0].max(), rel=1e-5)
+    # The dual clip was active somewhere, so the test distinguishes it.
+    assert (np.where(adv < 0, -adv * ratio > -1.5 * adv, False) * mask).any()

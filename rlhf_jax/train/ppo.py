@@ -298,15 +298,16 @@ def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg: PPOCo
         clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant,
     )
     loss = pg_loss + cfg.vf_coef * vf_loss
-    if entropy is not None:
+    if entropy is not None and cfg.entropy_coef:
         ent = aggregate(entropy, mask, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
         loss = loss - cfg.entropy_coef * ent
-    else:
-        ent = jnp.zeros((), jnp.float32)
+    elif entropy is not None:
+        # Only a metric: no gradient through the softmax over the vocabulary.
+        entropy = jax.lax.stop_gradient(entropy)
     aux = {
         "policy_loss": pg_loss,
         "value_loss": vf_loss,
-        "entropy": ops.masked_mean(entropy, mask) if entropy is not None else ent,
+        "entropy": ops.masked_mean(entropy, mask) if entropy is not None else jnp.zeros((), jnp.float32),
         "clipfrac": pg_aux["clipfrac"],
         "approx_kl": pg_aux["approx_kl"],
         "ratio_mean": pg_aux["ratio_mean"],
@@ -586,6 +587,8 @@ class PPOTrainer:
                 f"prompt length {p} + `max_new_tokens` {cfg.max_new_tokens} = "
                 f"{p + cfg.max_new_tokens} exceeds the model's context length {ctx}"
             )
+        if hasattr(self.policy, "check_inputs"):  # token ids inside the vocabulary, 0/1 mask
+            self.policy.check_inputs(np.asarray(prompt_ids), np.asarray(prompt_mask))
 
     def iteration(
         self,
