@@ -51,6 +51,11 @@ _TIMING_PREFIXES = ("time/", "timing/", "perf/", "throughput/")
 _TIMING_FRAGMENTS = ("per_s", "per_sec", "seconds", "_time", "_secs")
 
 
+# what a person watching a run looks for first; other scalars follow alphabetically
+_STDOUT_FIRST = ("epoch", "loss", "score_mean", "kl_k1", "kl_coef", "accuracy", "eval/accuracy",
+                 "policy_loss", "value_loss", "entropy", "grad_norm", "learning_rate")
+
+
 def is_timing_key(name: str) -> bool:
     """True for metrics that measure wall-clock time or throughput.
 
@@ -135,8 +140,9 @@ class MetricsLogger:
       resume_step: drop the `metrics.jsonl` lines with step > resume_step
         (the step of the restored checkpoint; 0 for a fresh run). None keeps
         the file as it is and appends.
-      stdout_keys: which metrics the stdout line shows (default: all
-        non-timing scalars, at most 8).
+      stdout_keys: which metrics the stdout line shows (default: at most 8
+        non-timing scalars, the usual ones such as loss, score_mean and kl_k1
+        first).
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, stdout: bool = True,
@@ -215,9 +221,12 @@ class MetricsLogger:
         return record
 
     def _print(self, step: int, record: dict) -> None:
-        keys = self.stdout_keys or [k for k, v in record.items()
-                                    if k not in ("step", "timing", "warnings")
-                                    and isinstance(v, (int, float))][:8]
+        keys = self.stdout_keys
+        if keys is None:
+            scalars = [k for k, v in record.items() if k not in ("step", "timing", "warnings")
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            first = [k for k in _STDOUT_FIRST if k in scalars]
+            keys = (first + [k for k in scalars if k not in first])[:8]
         parts = [f"step {step}"] + [f"{k}={_format_value(record[k])}" for k in keys if k in record]
         now = time.perf_counter()
         parts.append(f"({now - self._last_time:.2f}s)")

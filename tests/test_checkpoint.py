@@ -134,3 +134,18 @@ def test_bad_arguments(tmp_path):
             ckpt.restore({"w": jnp.ones(2)})
         with pytest.raises(ValueError, match="step"):
             ckpt.save(-1, {"w": jnp.ones(2)})
+
+
+def test_async_save_survives_deleting_the_arrays_right_after(tmp_path):
+    # the drivers donate the state to the next step right after `save` returns:
+    # the asynchronous write must already own a host copy of every array
+    state = {"w": jnp.arange(4096.0).reshape(64, 64), "step": jnp.int32(9)}
+    expected = jax.tree.map(np.asarray, state)
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(9, state)
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+        ckpt.wait_until_finished()
+        restored, _ = ckpt.restore({"w": jnp.zeros((64, 64)), "step": jnp.int32(0)})
+    np.testing.assert_array_equal(restored["w"], expected["w"])
+    assert int(restored["step"]) == 9
