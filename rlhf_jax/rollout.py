@@ -297,7 +297,7 @@ def _jitted_sampler(lm, structure: tuple):
         entry = None
     if entry is None:
         try:
-            ref = weakref.ref(lm, lambda _r, k=id(lm): _JIT_CACHE.pop(k, None))
+            ref = weakref.ref(lm, lambda _r, k=id(lm), cache=_JIT_CACHE: cache.pop(k, None))
         except TypeError:  # not weak-referenceable: the cache keeps it alive
             ref = lm
         entry = (ref, {})
