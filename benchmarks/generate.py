@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
     gpu = args.device == "gpu"
     if not gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        # JAX and torch share the GPU: JAX must not grab 75% of it up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     import jax
     import jax.numpy as jnp
