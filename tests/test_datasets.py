@@ -203,3 +203,16 @@ def test_rl_prompts_as_messages_use_the_chat_template(tmp_path):
     assert tok.decode(ex.arrays["prompt_ids"][0, -n:]) == "u=2+2.a="
     plain = prompt_examples(read_rows(path), tok, max_prompt_length=32, buckets=BUCKETS, chat_template=False)
     assert plain.prompts == ("user: 2+2\nassistant: ",)
+
+
+def test_chat_template_turn_end_token_is_not_doubled(tmp_path):
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }}<eos>\n{% endfor %}"
+                         "{% if add_generation_prompt %}a={% endif %}")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "yo"}]}])
+    ex = sft_examples(read_rows(path), tok, max_prompt_length=16, max_length=32, buckets=BUCKETS)
+    n = int(ex.arrays["attention_mask"][0].sum())
+    ids = ex.arrays["input_ids"][0, :n].tolist()
+    assert ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id  # "yo<eos>", no "\n<eos>"
+    assert tok.decode(ids[-3:-1]) == "yo"

@@ -287,7 +287,9 @@ class _Renderer:
         if not full.startswith(prompt_text):
             raise row.error(f"the chat template of prompt + `{column}` does not extend the prompt's template "
                             "(cannot split off the completion)")
-        return full[len(prompt_text):]
+        # Templates often end a turn with its end token and a newline ("<|im_end|>\n"): drop the
+        # trailing whitespace so the sequence ends on that token, which is EOS for chat models.
+        return full[len(prompt_text):].rstrip()
 
     def prompt_ids(self, row: Row, text: str) -> list[int]:
         # A template already holds its special tokens; a plain prompt gets the tokenizer's
