@@ -195,6 +195,8 @@ def run_sft(cfg, *, overwrite: bool = False) -> str:
     train, _ = _load_examples(cfg.data, tok, kind="sft", pad_token=cfg.tokenizer.pad_token)
     _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
             + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
+    if cfg.model.path is not None:
+        _check_exists(cfg.model.path, "model folder")
     resumed = prepare_output_dir("sft", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
@@ -213,6 +215,8 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     train, held_out = _load_examples(cfg.data, tok, kind="preference", pad_token=cfg.tokenizer.pad_token)
     _report(f"reward: {len(train)} training pairs, {len(held_out) if held_out else 0} held-out pairs")
+    if cfg.model.path is not None:
+        _check_exists(cfg.model.path, "model folder")
     resumed = prepare_output_dir("reward", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
@@ -280,10 +284,16 @@ def run_ppo(cfg, *, overwrite: bool = False) -> str:
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
     _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
+    # Bad paths and a bad `module:function` fail before the run folder is claimed.
+    for what, path in (("model folder", cfg.model.path), ("reference folder", cfg.reference),
+                       ("reward model folder", cfg.reward.model_path),
+                       ("value model folder", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
+        if path is not None:
+            _check_exists(path, what)
     if cfg.reward.function is not None:
         from rlhf_jax.reward_functions import load_function
 
-        load_function(cfg.reward.function)  # a bad `module:function` fails before the run folder is claimed
+        load_function(cfg.reward.function)
     resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
@@ -306,6 +316,9 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
     verifier = host_reward_fn(load_function(cfg.verifier), tok, prompts=prompts.prompts,
                               answers=prompts.answers, name=cfg.verifier)
+    for path in [m.path for m in cfg.models] + [cfg.reference, cfg.reward_model]:
+        if path is not None:
+            _check_exists(path, "model folder")
     prepare_output_dir("eval", cfg, overwrite=overwrite)
     models = {m.name: _policy_from_path(m.path) for m in cfg.models}
     ref = reward_model = None

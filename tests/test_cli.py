@@ -193,12 +193,16 @@ def test_bad_data_row_fails_before_the_run_folder_exists(workdir, capsys):
 def test_missing_model_folder_and_bad_reward_function(workdir, capsys):
     code = run("reward", "--config", tiny_config("reward"), "model.path=tiny_run/nope", "output_dir=tiny_run/r2")
     assert code == 2 and "tiny_run/nope does not exist" in capsys.readouterr().err
-    # The function is imported right after the data, before any model (tokenizer from its own folder).
+    # Paths and the function are checked right after the data, before any model is built.
     code = run("ppo", "--config", tiny_config("ppo_verifier"), "reward.function=rlhf_jax.verifiers:nope",
-               "tokenizer.path=tiny_run/tokenizer", "output_dir=tiny_run/p2")
+               "model.path=tiny_run/tokenizer", "output_dir=tiny_run/p2")
     assert code == 2
     assert "no attribute 'nope'" in capsys.readouterr().err
     assert not (workdir / "tiny_run" / "p2").exists()
+    code = run("ppo", "--config", tiny_config("ppo"), "reward.model_path=tiny_run/no_rm",
+               "model.path=tiny_run/tokenizer", "output_dir=tiny_run/p3")
+    assert code == 2 and "reward model folder tiny_run/no_rm does not exist" in capsys.readouterr().err
+    assert not (workdir / "tiny_run" / "p3").exists()
 
 
 def test_foreign_folder_is_never_deleted(workdir, capsys):
