@@ -214,3 +214,30 @@ def test_eval_config_checks():
         load_config(None, base + ["models=[{name: a, path: x}]", "num_samples=4", "ks=[1, 8]"], EvalConfig)
     with pytest.raises(ConfigError, match=r"unknown key `models\[0\].pth`|unknown key `models\[0\]\.pth`"):
         load_config(None, base + ["models=[{name: a, pth: x}]"], EvalConfig)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_CONFIGS if "tiny" not in p and
+                                  os.path.basename(p).split("_")[0] in ("sft", "reward", "ppo", "eval")])
+def test_real_recipes_read_local_rows_in_their_columns(path, tmp_path):
+    """Each recipe's data section (columns, template, lengths) tokenizes a local stand-in file."""
+    import json
+
+    from rlhf_jax.data.tokenizers import char_tokenizer
+    from rlhf_jax.pipeline import _load_examples
+
+    command = os.path.basename(path).split("_")[0]
+    cfg = load_config(path, [], config_class(path))
+    d = cfg.data
+    row = {d.prompt_column: "what is two plus two?", d.completion_column: "it is 4",
+           d.chosen_column: "four", d.rejected_column: "five", d.answer_column: "#### 4"}
+    local = tmp_path / "rows.jsonl"
+    local.write_text(json.dumps(row) + "\n")
+    eval_files = f"[{local}]" if d.eval_files else "[]"
+    cfg = load_config(path, [f"data.train_files=[{local}]", f"data.eval_files={eval_files}"], config_class(path))
+    kind = {"sft": "sft", "reward": "preference"}.get(command, "prompt")
+    train, held_out = _load_examples(cfg.data, char_tokenizer(), kind=kind)
+    assert len(train) == 1 and (held_out is None) == (not d.eval_files)
+    if d.prompt_template:
+        assert train.prompts[0] == d.prompt_template.replace("{prompt}", row[d.prompt_column])
+    if kind == "prompt":
+        assert train.answers == ("#### 4",)
