@@ -17,6 +17,7 @@ __all__ = ["DataError", "Row", "read_rows", "read_sources"]
 class DataError(ValueError):
     """A data file or row that cannot be used; the message names the file and line."""
 
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One record and where it came from."""
