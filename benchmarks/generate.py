@@ -169,11 +169,16 @@ def main(argv=None) -> dict:
                     torch.set_num_threads(min(trials, key=trials.get))
 
             # Alternate the timed calls so both see the same machine load.
-            our_times, hf_times = [], []
+            # CPU seconds of this process too: a load-robust second opinion on CPU.
+            our_times, hf_times, our_cpu, hf_cpu = [], [], [], []
             for _ in range(repeats):
+                c0 = time.process_time()
                 our_times.append(median_time(ours, repeats=1, warmup=0))
+                our_cpu.append(time.process_time() - c0)
                 if theirs is not None:
+                    c0 = time.process_time()
                     hf_times.append(median_time(theirs, repeats=1, warmup=0))
+                    hf_cpu.append(time.process_time() - c0)
             our_s = float(np.median(our_times))
             our_tps = batch * new_tokens / our_s
             if hf_times:
@@ -189,13 +194,16 @@ def main(argv=None) -> dict:
                           ours_s=our_s, ours_compile_s=compile_s, ours_tokens_per_s=our_tps,
                           hf_tokens_per_s=hf_tps,
                           speedup=None if hf_tps is None else our_tps / hf_tps,
-                          greedy_token_match=match, bandwidth_fraction=floor_frac)
+                          greedy_token_match=match, bandwidth_fraction=floor_frac,
+                          ours_cpu_s=float(np.median(our_cpu)),
+                          hf_cpu_s=float(np.median(hf_cpu)) if hf_cpu else None)
             results.append(result)
             print(json.dumps(result), flush=True)
             rows.append([batch, prompt_len, new_tokens, mode, f"{our_tps:,.0f}",
                          "-" if hf_tps is None else f"{hf_tps:,.0f}",
                          "-" if hf_tps is None else f"{our_tps / hf_tps:.2f}x",
                          f"{compile_s:.1f}",
+                         f"{np.median(our_cpu):.2f}" + ("" if not hf_cpu else f" / {np.median(hf_cpu):.2f}"),
                          "-" if hf is None else str(torch.get_num_threads() if torch_device == "cpu" else "gpu"),
                          "-" if match is None else f"{match:.3f}",
                          "-" if floor_frac is None else f"{floor_frac:.2f}"])
@@ -212,6 +220,7 @@ def main(argv=None) -> dict:
         f"ours excludes compilation (column `compile s`: the first call). HF: transformers "
         f"{transformers.__version__} `generate` on torch {torch.__version__} ({torch_device}; on CPU "
         f"with the faster of 1 and {os.cpu_count()} threads, column `HF threads`). "
+        f"`CPU s`: median process CPU seconds per call (all threads). "
         f"`match`: fraction of greedy tokens equal to HF's. "
         + ("`bw frac`: bandwidth floor / measured time (floor: weight + KV bytes per step at "
            f"{bandwidth:.2e} B/s). " if bandwidth else "")
@@ -219,7 +228,7 @@ def main(argv=None) -> dict:
            if not gpu else "")
         + "\n\n"
         + markdown_table(["batch", "prompt", "new", "mode", "ours tok/s", "HF tok/s", "speedup",
-                          "compile s", "HF threads", "match", "bw frac"], rows)
+                          "compile s", "CPU s ours / HF", "HF threads", "match", "bw frac"], rows)
     )
     if not args.no_write:
         write_section("generate" if not gpu else "generate-gpu", body)
