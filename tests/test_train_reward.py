@@ -80,7 +80,7 @@ def test_reward_model_learns_decidable_preference(trained):
 
 
 def test_first_step_loss_is_bradley_terry_with_margin(trained):
-    rm, batch, params = trained["rm"], trained["first_batch"], trained["first_params"]
+    batch, params = trained["first_batch"], trained["first_params"]
     scores = trained["scores"]
     c = np.asarray(scores(params, batch["chosen_ids"], batch["chosen_mask"]), np.float64)
     r = np.asarray(scores(params, batch["rejected_ids"], batch["rejected_mask"]), np.float64)

@@ -13,8 +13,8 @@
 
 The array math (`shaped_rewards`, `gae`, `masked_whiten`, `ppo_policy_loss`,
 `ppo_value_loss`, `kl_penalty`, ...) comes from `rlhf_jax`; this module only wires it.
-`ppo_advantages` and `ppo_minibatch_loss` are the two pure pieces, public so a
-researcher (and the TRL golden test) can call them alone.
+`ppo_advantages` and `ppo_minibatch_loss` (in `train/ppo_batch.py`, re-exported here) are
+the two pure pieces, public so a researcher (and the TRL golden test) can call them alone.
 
 Batch semantics: one iteration samples one response for each of `cfg.batch_size`
 prompts; those `batch_size` sequences are the PPO batch, split into `num_minibatches`
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +40,8 @@ import optax
 from flax import struct
 
 from rlhf_jax import ops
-from rlhf_jax.advantages import gae
 from rlhf_jax.kl import kl_controller_init, kl_controller_update, kl_penalty
-from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
-from rlhf_jax.rewards import shaped_rewards
+from rlhf_jax.train.ppo_batch import PPOBatch, loss_weight, ppo_advantages, ppo_minibatch_loss
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,
@@ -196,125 +194,8 @@ class PPOState:
     rng: jax.Array
 
 
-class PPOBatch(NamedTuple):
-    """The per-sequence arrays a PPO minibatch reads (all rows aligned).
-
-    input_ids/attention_mask: `[B, P + N]` prompt | response; response_mask, old_logprobs,
-    old_values, advantages, returns: `[B, N]`.
-    """
-
-    input_ids: jax.Array
-    attention_mask: jax.Array
-    response_mask: jax.Array
-    old_logprobs: jax.Array
-    old_values: jax.Array
-    advantages: jax.Array
-    returns: jax.Array
-
-
 def _kl_coef_of(ctl):
     return jnp.asarray(ctl.kl_coef, jnp.float32)
-
-
-def ppo_advantages(
-    scores,
-    logprobs,
-    ref_logprobs,
-    values,
-    mask,
-    *,
-    kl_coef,
-    cfg: PPOConfig,
-    eos_mask=None,
-):
-    """Shaped rewards, GAE and (optionally) whitened advantages of one PPO batch.
-
-    rewards_t = -kl_coef * kl_t, plus the score (minus `missing_eos_penalty` when the
-    response did not end with EOS; clipped to `reward_clip`) on the last valid token;
-    rewards optionally whitened without a mean shift; then GAE with (gamma, lam), and
-    advantages optionally whitened over valid tokens.
-
-    Args:
-      scores: `[B]` float.
-      logprobs, ref_logprobs, values, mask: `[B, N]` over response tokens.
-      kl_coef: scalar (may be traced: the controller's current value).
-      cfg: `PPOConfig`.
-      eos_mask: `[B]` bool, the response ended with EOS.
-
-    Returns:
-      dict with "rewards", "kl", "advantages" (whitened when configured),
-      "raw_advantages", "returns", all `[B, N]` float32.
-    """
-    rewards, kl = shaped_rewards(
-        scores,
-        logprobs,
-        ref_logprobs,
-        mask,
-        kl_coef=kl_coef,
-        estimator=cfg.kl_estimator,
-        eos_mask=eos_mask,
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        reward_clip=cfg.reward_clip,
-    )
-    if cfg.whiten_rewards:
-        rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, method=cfg.gae_method)
-    raw = advantages
-    if cfg.whiten_advantages:
-        advantages = ops.masked_whiten(advantages, mask)
-    return {"rewards": rewards, "kl": kl, "advantages": advantages, "raw_advantages": raw, "returns": returns}
-
-
-def _loss_weight(mask, agg: str):
-    if agg == "token-mean":
-        return jnp.sum(mask)
-    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
-
-
-def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg: PPOConfig):
-    """The PPO loss of one (micro-)batch given the new log-probs, values and entropies.
-
-    loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy, with the clipped
-    surrogate (optionally dual-clipped) and the clipped value loss
-    `0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2)`, all aggregated by
-    `cfg.loss_agg` over the valid response tokens.
-
-    Args:
-      logprobs, values, entropy: `[B, N]` from the current networks (entropy may be None).
-      batch: the `PPOBatch` rows.
-      cfg: `PPOConfig`.
-
-    Returns:
-      `(loss, aux)` with policy_loss, value_loss, entropy, clipfrac, approx_kl,
-      ratio_mean, ratio_max, value_clipfrac.
-    """
-    mask = batch.response_mask
-    pg_kwargs = dict(
-        clip_eps=cfg.clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant, dual_clip=cfg.dual_clip
-    )
-    pg_loss, pg_aux = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, **pg_kwargs)
-    vf_loss, vf_aux = ppo_value_loss(
-        values, batch.old_values, batch.returns, mask,
-        clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant,
-    )
-    loss = pg_loss + cfg.vf_coef * vf_loss
-    if entropy is not None and cfg.entropy_coef:
-        ent = aggregate(entropy, mask, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
-        loss = loss - cfg.entropy_coef * ent
-    elif entropy is not None:
-        # Only a metric: no gradient through the softmax over the vocabulary.
-        entropy = jax.lax.stop_gradient(entropy)
-    aux = {
-        "policy_loss": pg_loss,
-        "value_loss": vf_loss,
-        "entropy": ops.masked_mean(entropy, mask) if entropy is not None else jnp.zeros((), jnp.float32),
-        "clipfrac": pg_aux["clipfrac"],
-        "approx_kl": pg_aux["approx_kl"],
-        "ratio_mean": pg_aux["ratio_mean"],
-        "ratio_max": pg_aux["ratio_max"],
-        "value_clipfrac": vf_aux["value_clipfrac"],
-    }
-    return loss, aux
 
 
 class PPOTrainer:
@@ -489,7 +370,7 @@ class PPOTrainer:
                 params, value_params, micro.input_ids, micro.attention_mask, with_entropy=True
             )
             loss, aux = ppo_minibatch_loss(logprobs, values, entropy, micro, cfg=cfg)
-            return loss, (aux, _loss_weight(micro.response_mask, cfg.loss_agg))
+            return loss, (aux, loss_weight(micro.response_mask, cfg.loss_agg))
 
         def minibatch(carry, idx):
             params, opt_state, value_params, value_opt_state = carry
