@@ -187,10 +187,13 @@ def test_top_k_and_top_p_restrict_support(lm, one_prompt_batch, spread_temperatu
     # log-probs stay those of the unfiltered distribution
     np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(probs[samples]), atol=1e-5)
 
-    top_p = 0.6
+    # top_p halfway between the masses of the 5 and the 6 most likely tokens, so float32
+    # rounding cannot move the nucleus boundary: exactly 6 tokens stay.
     order = np.argsort(-probs)
-    mass_before = np.cumsum(probs[order]) - probs[order]
-    nucleus = order[mass_before < top_p]
+    cum = np.cumsum(probs[order])
+    top_p = float((cum[4] + cum[5]) / 2)
+    nucleus = order[cum - probs[order] < top_p]
+    assert len(nucleus) == 6
     out = generate(lm, lm.params, ids, mask, jax.random.key(13), max_new_tokens=1,
                    temperature=temperature, top_p=top_p)
     samples = np.asarray(out.tokens[:, 0])
