@@ -12,6 +12,7 @@ Run folders (claiming, resuming, refusing) are `rlhf_jax.run_folder`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -131,6 +132,13 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
         bias = float(np.asarray(params["score"]["bias"], np.float32).reshape(-1)[0])
     if lm.head == "lm+value":
         lm, params = lm.with_head("lm", params=params)
+    special = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    special = {k: int(v) for k, v in special.items() if v is not None and getattr(lm.config, k, v) != v}
+    if special:
+        # The written config.json must name the tokenizer's PAD/EOS: HF's sequence classifier
+        # reads the score at the last token that is not pad_token_id, and generate stops at EOS.
+        lm = copy.copy(lm)
+        lm.config = dataclasses.replace(lm.config, **special)
     with warnings.catch_warnings():
         # The value head and the score bias are handled here; the exporter's warnings do not apply.
         warnings.filterwarnings("ignore", message=".*(value head|reward head bias).*")
@@ -241,7 +249,7 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
 
 def _build_ppo(cfg, tok, prompts):
     """The PPO trainer, its models and params, from a PPORunConfig."""
-    from rlhf_jax.reward_functions import host_reward_fn, load_function
+    from rlhf_jax.reward_functions import host_reward_fn, load_function, load_reward_model
     from rlhf_jax.train.ppo import PPOTrainer
     from rlhf_jax.train.state import check_vocab, optimizer_from_config
 
@@ -266,9 +274,8 @@ def _build_ppo(cfg, tok, prompts):
         value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
     reward_model = reward_params = reward_fn = None
     if cfg.reward.model_path is not None:
-        reward_model = load_pretrained(cfg.reward.model_path, head="scalar")
+        reward_model, reward_params = load_reward_model(cfg.reward.model_path)
         check_vocab(tok, reward_model)
-        reward_params = reward_model.params
     else:
         reward_fn = host_reward_fn(load_function(cfg.reward.function), tok, prompts=prompts.prompts,
                                    answers=prompts.answers, name=cfg.reward.function)

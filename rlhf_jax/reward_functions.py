@@ -127,16 +127,15 @@ def load_reward_model(path: str, *, dtype=None, param_dtype=None):
 
     Args:
       path: a folder with `config.json` + safetensors: our `rlhf-jax reward`
-        export or an HF `*ForSequenceClassification` checkpoint with one label.
+        export (whose head bias, which HF's format cannot hold, is restored from
+        the file beside the weights) or an HF `*ForSequenceClassification`
+        checkpoint with one label.
       dtype, param_dtype: compute and storage dtypes (default float32).
 
     Returns:
       `(lm, params)`; `lm.scores(params, ids, mask) -> [B]`.
     """
-    import jax.numpy as jnp
+    from rlhf_jax.pipeline import load_pretrained
 
-    from rlhf_jax.models import from_pretrained
-
-    kwargs = {"head": "scalar", "dtype": dtype or jnp.float32, "param_dtype": param_dtype or jnp.float32}
-    lm = from_pretrained(path, **kwargs)
+    lm = load_pretrained(path, head="scalar", dtype=dtype, param_dtype=param_dtype)
     return lm, lm.params

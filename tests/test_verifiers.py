@@ -102,3 +102,27 @@ def test_host_reward_fn_without_answers_and_bad_returns():
     worse = host_reward_fn(lambda p, c: ["good", "bad"], tok, prompts=["ab", "cd"], name="words")
     with pytest.raises(ValueError, match=r"words must return a list of numbers"):
         worse(prompt_ids, prompt_mask, tokens, mask, np.array([0, 1]))
+
+
+def test_reward_model_export_keeps_the_head_bias(tmp_path):
+    import jax.numpy as jnp
+
+    from rlhf_jax.models import ModelConfig, from_config
+    from rlhf_jax.pipeline import SCORE_BIAS_FILE, export_model
+    from rlhf_jax.reward_functions import load_reward_model
+
+    rm = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="scalar", seed=0)
+    assert rm.config.pad_token_id is None
+    params = {**rm.params, "score": {**rm.params["score"], "bias": jnp.full_like(rm.params["score"]["bias"], 0.75)}}
+    tok = char_tokenizer()
+    tok.pad_token = "<unk>"  # id 3: the written config must carry the tokenizer's PAD and EOS
+    export_model(rm, params, tok, str(tmp_path / "rm"))
+    assert (tmp_path / "rm" / SCORE_BIAS_FILE).exists()
+    import json
+
+    written = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert written["pad_token_id"] == 3 and written["eos_token_id"] == 1
+    loaded, loaded_params = load_reward_model(str(tmp_path / "rm"))
+    assert loaded.head == "scalar"
+    np.testing.assert_allclose(np.asarray(loaded_params["score"]["bias"]), 0.75)
+    np.testing.assert_allclose(np.asarray(loaded_params["score"]["kernel"]), np.asarray(params["score"]["kernel"]))
