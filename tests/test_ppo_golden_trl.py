@@ -133,13 +133,16 @@ def test_full_length_rows_match_trl_exactly(whiten_rewards, estimator):
     seq_len = np.full(B, N - 1)
     x = make_inputs(0, seq_len)
     kw = dict(kl_coef=0.1, gamma=0.97, lam=0.9)
-    ref = trl_batch(x["scores"], x["logprobs"], x["ref_logprobs"], x["values"], seq_len,
+    # TRL: `scores[~contain_eos_token] -= missing_eos_penalty` (here half the rows end in EOS).
+    eos = np.arange(B) % 2 == 0
+    trl_scores = np.where(eos, x["scores"], x["scores"] - 1.5)
+    ref = trl_batch(trl_scores, x["logprobs"], x["ref_logprobs"], x["values"], seq_len,
                     whiten_rewards=whiten_rewards, estimator=estimator, **kw)
     cfg = PPOConfig(batch_size=B, num_minibatches=2, gamma=kw["gamma"], lam=kw["lam"],
                     whiten_rewards=whiten_rewards, whiten_advantages=True, kl_estimator=estimator,
-                    clip_eps=0.2, value_clip_eps=0.3, vf_coef=0.1)
+                    clip_eps=0.2, value_clip_eps=0.3, vf_coef=0.1, missing_eos_penalty=1.5)
     ours = ppo_advantages(f32(x["scores"]), f32(x["logprobs"]), f32(x["ref_logprobs"]), f32(x["values"]),
-                          f32(x["mask"]), kl_coef=kw["kl_coef"], cfg=cfg)
+                          f32(x["mask"]), kl_coef=kw["kl_coef"], cfg=cfg, eos_mask=jnp.asarray(eos))
     np.testing.assert_allclose(ours["rewards"], ref["rewards"], **TOL)
     np.testing.assert_allclose(ours["advantages"], ref["advantages"], **TOL)
     np.testing.assert_allclose(ours["returns"], ref["returns"], **TOL)
