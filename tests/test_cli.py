@@ -129,6 +129,19 @@ def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
     # The reward model export loads in transformers too.
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(rm_dir))
     assert rm.config.num_labels == 1
+    # Same score as ours on a right-padded pair (HF has no head bias; ours keeps it beside the weights).
+    from rlhf_jax.reward_functions import load_reward_model
+
+    ours_rm, ours_rm_params = load_reward_model(str(rm_dir))
+    from rlhf_jax.data.padding import right_pad
+
+    rows = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in ("1+2=3", "14+4=18")]
+    pair_ids, pair_mask = right_pad(rows, 8, tok.pad_token_id)
+    with torch.no_grad():
+        hf_scores = rm(torch.tensor(pair_ids), attention_mask=torch.tensor(pair_mask)).logits[:, 0].numpy()
+    bias = float(np.asarray(ours_rm_params["score"]["bias"]).reshape(-1)[0])
+    ours_scores = np.asarray(ours_rm.scores(ours_rm_params, pair_ids, pair_mask))
+    np.testing.assert_allclose(hf_scores, ours_scores - bias, atol=1e-4)
 
     # Exporting the reward run's checkpoint gives a classifier (bias kept beside it), in bfloat16.
     assert run("export", "run_dir=tiny_run/reward", "output_dir=tiny_run/export_rm", "dtype=bfloat16") == 0
