@@ -202,6 +202,7 @@ def _check_common(cfg):
     _require(bool(cfg.output_dir), "`output_dir` must be a folder path")
     _require(cfg.checkpoint_every >= 1, f"`checkpoint_every` must be >= 1, got {cfg.checkpoint_every}")
     _require(cfg.keep >= 1, f"`keep` must be >= 1, got {cfg.keep}")
+    _require(cfg.log_every >= 1, f"`log_every` must be >= 1, got {cfg.log_every}")
     _require(cfg.mesh.fsdp >= 1, f"`mesh.fsdp` must be >= 1, got {cfg.mesh.fsdp}")
     _require(cfg.mesh.data == -1 or cfg.mesh.data >= 1, f"`mesh.data` must be >= 1 or -1, got {cfg.mesh.data}")
     batch_size = getattr(cfg.train, "batch_size", None)
@@ -220,6 +221,7 @@ class SFTRunConfig:
     train: SFTConfig = _help("SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=lambda: SFTConfig())
     output_dir: str = _help("run folder: resolved config, checkpoints, metrics, hf/ export", "runs/sft")
     checkpoint_every: int = _help("save a checkpoint every N optimizer steps", 500)
+    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N steps; stdout every 10 N", 1)
     keep: int = _help("keep the newest K checkpoints", 2)
     mesh: MeshSection = _help("device mesh", factory=MeshSection)
 
@@ -243,6 +245,7 @@ class RewardRunConfig:
                             "responses have mean 0", True)
     output_dir: str = _help("run folder", "runs/reward")
     checkpoint_every: int = _help("save a checkpoint every N optimizer steps", 500)
+    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N steps; stdout every 10 N", 1)
     keep: int = _help("keep the newest K checkpoints", 2)
     mesh: MeshSection = _help("device mesh", factory=MeshSection)
 
@@ -270,6 +273,7 @@ class PPORunConfig:
     num_iterations: int = _help("PPO iterations (each: sample, score, update)", 100)
     output_dir: str = _help("run folder", "runs/ppo")
     checkpoint_every: int = _help("save a checkpoint every N iterations", 20)
+    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N iterations; stdout every 10 N", 1)
     keep: int = _help("keep the newest K checkpoints", 2)
     mesh: MeshSection = _help("device mesh", factory=MeshSection)
 

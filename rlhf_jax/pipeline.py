@@ -188,7 +188,7 @@ def _report(message: str):
 
 def _driver_kwargs(cfg) -> dict:
     return {"output_dir": cfg.output_dir, "mesh": _mesh(cfg.mesh), "checkpoint_every": cfg.checkpoint_every,
-            "keep": cfg.keep, "resume": True}
+            "keep": cfg.keep, "log_every": cfg.log_every, "resume": True}
 
 
 # --------------------------------------------------------------------------- the stages
