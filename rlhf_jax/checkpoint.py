@@ -153,25 +153,32 @@ class Checkpointer:
       config: the run's config (a dataclass or mapping). Its hash is stored
         with every checkpoint and checked on restore.
       allow_config_mismatch: restore even when the stored config differs
-        (the differing fields are still reported through the error message
-        if this is False).
+        (when False, the error message names the differing fields).
+      read_only: only read (export, evaluation of a run folder, possibly
+        while its training is still writing): nothing is created, saved,
+        deleted or cleaned up. A writer (the default) removes the temporary
+        directories of saves that a killed process left unfinished.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, config: Any = None,
-                 allow_config_mismatch: bool = False):
+                 allow_config_mismatch: bool = False, read_only: bool = False):
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"`max_to_keep` must be a positive int or None, got {max_to_keep!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config_to_dict(config)
         self.config_hash = config_hash(config)
         self.allow_config_mismatch = allow_config_mismatch
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
+            enable_async_checkpointing=async_save and not read_only,
+            create=not read_only,
+            read_only=read_only,
             # a save cut short by a kill leaves a temporary directory: remove it on start
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host"))
@@ -197,6 +204,8 @@ class Checkpointer:
         Returns:
           True if a checkpoint was written; False if `step` already exists.
         """
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} was opened with read_only=True")
         step = int(step)
         if step < 0:
             raise ValueError(f"`step` must be >= 0, got {step}")

@@ -65,6 +65,12 @@ def test_round_trip_whole_state(tmp_path):
     with Checkpointer(tmp_path, config=_Cfg()) as ckpt:
         restored, host = ckpt.restore(_make_state(0))
     assert host == {"epoch": 1, "index": 2}
+    with Checkpointer(tmp_path, read_only=True) as reader:  # e.g. an export of a live run
+        assert reader.latest_step() == 3
+        with pytest.raises(ValueError, match="read_only"):
+            reader.save(4, saved)
+    with pytest.raises(FileNotFoundError):
+        Checkpointer(tmp_path / "absent", read_only=True)
     _leaves_equal(restored, saved)
     # the typed key still draws the same numbers
     np.testing.assert_array_equal(jax.random.uniform(restored.typed_rng, (3,)),
