@@ -1,12 +1,12 @@
 """End-to-end tests of `rlhf-jax` on the tiny configs: sft -> reward -> ppo -> eval -> export.
 
 The tiny configs (configs/tiny/*.yaml) use paths relative to the working
-directory under `tiny_run/`; the fixture builds that folder (a character
-tokenizer and small JSONL files) in a temporary directory and runs there.
+directory under `tiny_run/`; the fixture builds that folder with
+`rlhf_jax.data.tiny_run.make_tiny_run` (a character tokenizer and small JSONL
+files) in a temporary directory and runs there.
 """
 import json
 import os
-import random
 import sys
 import types
 
@@ -15,7 +15,7 @@ import pytest
 
 from rlhf_jax import cli
 from rlhf_jax.config import COMMAND_CONFIGS, field_help
-from rlhf_jax.data.tokenizers import char_tokenizer
+from rlhf_jax.data.tiny_run import make_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny")
@@ -23,29 +23,6 @@ TINY = os.path.join(ROOT, "configs", "tiny")
 
 def tiny_config(name):
     return os.path.join(TINY, f"{name}.yaml")
-
-
-def make_tiny_run(root):
-    """Tokenizer and data files that configs/tiny/*.yaml expect under `root/tiny_run`."""
-    base = os.path.join(root, "tiny_run")
-    os.makedirs(base, exist_ok=True)
-    char_tokenizer().save_pretrained(os.path.join(base, "tokenizer"))
-    rng = random.Random(0)
-
-    def sums(n):
-        return [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]
-
-    def dump(name, records):
-        with open(os.path.join(base, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-
-    dump("sft.jsonl", [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in sums(32)])
-    dump("pairs.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + rng.randrange(5))}
-                         for a, b in sums(32)])
-    dump("pairs_eval.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
-                              for a, b in sums(8)])
-    dump("prompts.jsonl", [{"prompt": f"{a}+{b}=", "answer": a + b} for a, b in sums(16)])
-    return base
 
 
 @pytest.fixture(scope="module")
