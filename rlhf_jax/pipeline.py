@@ -367,11 +367,15 @@ def _restored_params(command: str, run_cfg, lm, tok):
         tx = optimizer_from_config(dataclasses.replace(run_cfg.train, total_steps=run_cfg.train.total_steps or 1))
         template = TrainState(params=lm.params, opt_state=tx.init(lm.params), step=np.zeros((), np.int32),
                               rng=jax.random.key(run_cfg.train.seed))
-    with Checkpointer(ckpt_dir, max_to_keep=None, async_save=False, allow_config_mismatch=True) as ckpt:
-        if ckpt.latest_step() is None:
-            raise RunError(f"{ckpt_dir} holds no checkpoint to export")
-        state, host = ckpt.restore(template)
+    if not os.path.isdir(ckpt_dir):
+        raise RunError(f"{run_cfg.output_dir} has no checkpoints/ folder (the run saved none yet)")
+    # Read-only: the run may still be going (a live run folder is never modified from here).
+    with Checkpointer(ckpt_dir, max_to_keep=None, async_save=False, allow_config_mismatch=True,
+                      read_only=True) as ckpt:
         step = ckpt.latest_step()
+        if step is None:
+            raise RunError(f"{ckpt_dir} holds no checkpoint to export")
+        state, _ = ckpt.restore(template, step=step)
     return state.params, step
 
 
