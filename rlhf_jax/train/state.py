@@ -252,18 +252,27 @@ def guarded_apply(tx: optax.GradientTransformation, grads, opt_state, params, *,
     """Apply one optimizer update unless the gradients (or `ok`) say not to.
 
     When any gradient is non-finite, or `ok` is False, the returned params and optimizer
-    state are the inputs unchanged, so a NaN never reaches the weights.
+    state are the inputs unchanged, so a NaN never reaches the weights. The choice is a
+    `lax.cond` on one scalar (a per-leaf `where` would make XLA copy the finiteness
+    reduction into every parameter's fusion, multiplying compile time).
 
     Returns:
       `(params, opt_state, applied)` with `applied` a scalar bool.
     """
     finite = tree_all_finite(grads)
     applied = finite if ok is None else jnp.logical_and(finite, ok)
-    safe_grads = jax.tree.map(lambda g: jnp.where(applied, g, jnp.zeros_like(g)), grads)
-    updates, new_opt_state = tx.update(safe_grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)  # noqa: E731
-    return pick(new_params, params), pick(new_opt_state, opt_state), applied
+
+    def apply(operands):
+        grads, opt_state, params = operands
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    def skip(operands):
+        _, opt_state, params = operands
+        return params, opt_state
+
+    new_params, new_opt_state = jax.lax.cond(applied, apply, skip, (grads, opt_state, params))
+    return new_params, new_opt_state, applied
 
 
 def model_context_length(lm) -> int | None:
