@@ -22,6 +22,11 @@ minibatches (one optimizer update each) per epoch, each minibatch into
 `grad_accum_steps` micro-batches whose gradients are accumulated. So one iteration
 makes `ppo_epochs * num_minibatches` optimizer updates.
 
+Where the score lands: on the last valid response token (the EOS when there is one),
+where the reward model read it; the value bootstrap stops there too. TRL 1.8 adds it one
+token past the EOS when that fits (tests/test_ppo_golden_trl.py checks both, with the
+shift accounted for).
+
 References:
   Schulman et al. 2017, arXiv 1707.06347 (PPO); Schulman et al. 2015, arXiv 1506.02438
   (GAE); Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022, arXiv 2203.02155;
@@ -78,7 +83,8 @@ class PPOConfig:
 
     Sampling (the same temperature divides the logits in the training forward):
       max_new_tokens, temperature, top_k (0 = off), top_p (1 = off), eos_token_id,
-      pad_token_id.
+      pad_token_id. The PPO ratio uses log-probs of the full tempered distribution
+      (before top-k / top-p filtering), as TRL does and as `generate` reports them.
 
     Losses:
       clip_eps: policy ratio clip. dual_clip: dual-clip constant c > 1 (None = off).
