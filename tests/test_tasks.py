@@ -107,7 +107,7 @@ def test_gold_annotator_scores_follow_the_hidden_rules():
     assert ann.score_one(" warm and warm.") == pytest.approx(w["warm"] - ann.repeat_penalty)
     assert ann.score_one(" warm and kind") == ann.malformed_score
     assert ann.score_one(" warm.", ended_with_eos=False) == ann.malformed_score
-    texts = [" good and nice.", " bad.", " old."]
+    texts = [" good and glad.", " bad.", " old."]
     np.testing.assert_array_equal(ann.accepts(texts), [True, False, False])
 
 
@@ -121,20 +121,21 @@ def test_mood_sft_data_does_not_favour_the_gold_preference():
         for word in tasks.parse_mood(text):
             counts[word] = counts.get(word, 0) + 1
     freq = np.array([counts[a] for a in tasks.ADJECTIVES]) / sum(counts.values())
-    assert np.all(np.abs(freq - 1 / 24) < 0.015)
+    assert np.all(np.abs(freq - 1 / len(tasks.ADJECTIVES)) < 0.015)
     assert max(len(c) for c in task.sft_completions) <= task.max_completion_length
 
 
 def test_label_pairs_noise_rate_and_ties():
-    task = tasks.make_mood_task(0, num_sft=10, label_noise=0.2)
+    task = tasks.make_mood_task(0, num_sft=10, label_noise=0.2, tie_margin=0.5)
     rng = np.random.default_rng(0)
     a = rng.normal(size=20000)
     b = rng.normal(size=20000)
-    labels = tasks.label_pairs(task.annotator, a, b, rng)
-    agree = (labels == (a > b)).mean()
+    labels, decided = tasks.label_pairs(task.annotator, a, b, rng)
+    np.testing.assert_array_equal(decided, np.abs(a - b) >= 0.5)
+    agree = (labels == (a > b))[decided].mean()
     assert abs(agree - 0.8) < 0.015
-    tied = tasks.label_pairs(task.annotator, np.zeros(20000), np.zeros(20000), rng)
-    assert abs(tied.mean() - 0.5) < 0.02
+    _, decided = tasks.label_pairs(task.annotator, np.zeros(5), np.full(5, 0.49), rng)
+    assert not decided.any()
     with pytest.raises(ValueError):
         tasks.label_pairs(task.annotator, a, b[:3], rng)
 

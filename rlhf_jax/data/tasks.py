@@ -18,7 +18,9 @@
    words like "warm" get weights in [0.5, 1.5], negative ones in
    [-1.5, -0.5], neutral ones near 0), dislikes repeating an adjective and
    strongly dislikes text that does not follow the grammar or never ends.
-   It labels pairs with some label noise (the RLHF annotators of Ziegler et
+   It calls a pair a tie when the gold scores differ by less than a margin
+   (such pairs are dropped, as many labelling pipelines drop "about the
+   same" answers), and labels the others with some label noise (the RLHF annotators of Ziegler et
    al. 2019 and Stiennon et al. 2020 agreed with each other only ~70-80% of
    the time) and *accepts* a response when its gold score is at least
    `accept_threshold`. A reward model only sees the annotator's pairwise
@@ -242,9 +244,9 @@ MOOD_NOUNS = (
     "sea", "cat", "sun", "tea", "day", "dog", "sky", "room",
     "song", "road", "town", "bread", "rain", "hill", "boat", "park",
 )
-POSITIVE_ADJECTIVES = ("good", "kind", "warm", "calm", "nice", "glad", "safe", "wise")
-NEGATIVE_ADJECTIVES = ("bad", "cold", "sad", "dull", "rude", "grim", "sour", "weak")
-NEUTRAL_ADJECTIVES = ("big", "old", "new", "red", "tall", "flat", "slow", "loud")
+POSITIVE_ADJECTIVES = ("good", "kind", "warm", "calm", "glad", "wise")
+NEGATIVE_ADJECTIVES = ("bad", "cold", "sad", "dull", "rude", "grim")
+NEUTRAL_ADJECTIVES = ("big", "old", "new", "red", "tall", "slow")
 ADJECTIVES = POSITIVE_ADJECTIVES + NEGATIVE_ADJECTIVES + NEUTRAL_ADJECTIVES
 
 _MOOD_PATTERN = re.compile(r" ([a-z]+(?:, [a-z]+)*)(?: and ([a-z]+))?\.")
@@ -288,19 +290,21 @@ class GoldAnnotator:
     the sum of `weights[w]` over its distinct adjectives, minus
     `repeat_penalty` for every repeated one. Anything else scores
     `malformed_score`. The annotator accepts a completion whose gold score
-    is at least `accept_threshold`; when labelling a pair it prefers the
-    higher gold score, breaks ties at random, and flips its verdict with
-    probability `label_noise`.
+    is at least `accept_threshold`. Shown a pair, it calls it a tie when the
+    gold scores differ by less than `tie_margin`; otherwise it prefers the
+    higher gold score and flips its verdict with probability `label_noise`.
 
     Attributes:
       weights: adjective -> hidden weight.
-      repeat_penalty, malformed_score, accept_threshold, label_noise: see above.
+      repeat_penalty, malformed_score, accept_threshold, tie_margin,
+        label_noise: see above.
     """
 
     weights: dict
     repeat_penalty: float = 1.0
     malformed_score: float = -2.0
     accept_threshold: float = 1.0
+    tie_margin: float = 0.25
     label_noise: float = 0.1
 
     def score_one(self, text: str, ended_with_eos: bool = True) -> float:
@@ -342,22 +346,27 @@ def _ended_with_eos(tokenizer, tokens, mask) -> np.ndarray:
     return (length > 0) & (last == tokenizer.eos_token_id)
 
 
-def label_pairs(annotator: GoldAnnotator, scores_a, scores_b, rng: np.random.Generator) -> np.ndarray:
-    """The annotator's noisy verdicts: `[B]` bool, True when `a` is preferred.
+def label_pairs(annotator: GoldAnnotator, scores_a, scores_b, rng: np.random.Generator):
+    """The annotator's noisy verdicts on pairs.
 
     Args:
-      annotator: gives `label_noise`.
+      annotator: gives `tie_margin` and `label_noise`.
       scores_a, scores_b: `[B]` gold scores of the two completions.
-      rng: NumPy generator (ties and flips are random).
+      rng: NumPy generator (the flips are random).
+
+    Returns:
+      `(prefer_a, decided)`, both `[B]` bool: `decided` is False for the pairs
+      the annotator calls a tie (`|a - b| < tie_margin`; their `prefer_a` is
+      meaningless), `prefer_a` is the verdict, flipped with probability
+      `label_noise`.
     """
     scores_a = np.asarray(scores_a, dtype=np.float64)
     scores_b = np.asarray(scores_b, dtype=np.float64)
     if scores_a.shape != scores_b.shape:
         raise ValueError(f"score shapes differ: {scores_a.shape} vs {scores_b.shape}")
-    coin = rng.random(scores_a.shape) < 0.5
-    prefer_a = np.where(scores_a == scores_b, coin, scores_a > scores_b)
+    decided = np.abs(scores_a - scores_b) >= annotator.tie_margin
     flip = rng.random(scores_a.shape) < annotator.label_noise
-    return prefer_a ^ flip
+    return (scores_a > scores_b) ^ flip, decided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,6 +404,7 @@ def make_mood_task(
     num_eval: int = 256,
     adjective_counts: Sequence[float] = (0.5, 0.5),
     label_noise: float = 0.1,
+    tie_margin: float = 0.25,
     accept_threshold: float = 1.0,
     repeat_penalty: float = 1.0,
 ) -> MoodTask:
@@ -402,7 +412,7 @@ def make_mood_task(
 
     Prompts are `MOOD_NOUNS` followed by `" is"`. SFT completions take
     1, 2, ... adjectives with probabilities `adjective_counts`, each drawn
-    uniformly from all 24 (with replacement, so repeats occur naturally).
+    uniformly from all 18 (with replacement, so repeats occur naturally).
     The hidden weights are drawn once from the seed: positive adjectives
     U(0.5, 1.5), negative U(-1.5, -0.5), neutral U(-0.25, 0.25).
 
@@ -411,7 +421,7 @@ def make_mood_task(
       num_sft, num_rl, num_eval: examples / prompts per split (prompts repeat
         across splits: there are only 16 nouns; the completion is what is judged).
       adjective_counts: probabilities of 1, 2, ... adjectives in the SFT data.
-      label_noise, accept_threshold, repeat_penalty: the annotator's.
+      label_noise, tie_margin, accept_threshold, repeat_penalty: the annotator's.
 
     Returns:
       A `MoodTask`.
@@ -432,6 +442,7 @@ def make_mood_task(
         weights=weights,
         repeat_penalty=repeat_penalty,
         accept_threshold=accept_threshold,
+        tie_margin=tie_margin,
         label_noise=label_noise,
     )
 
