@@ -42,7 +42,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-__all__ = ["MetricsLogger", "KLSignMonitor", "is_timing_key", "read_metrics",
+__all__ = ["MetricsLogger", "KLSignMonitor", "is_timing_key", "read_metrics", "to_python",
            "strip_timing", "logger"]
 
 logger = _pylogging.getLogger("rlhf_jax")
@@ -67,7 +67,7 @@ def is_timing_key(name: str) -> bool:
     return name.startswith(_TIMING_PREFIXES) or any(f in name for f in _TIMING_FRAGMENTS)
 
 
-def _to_python(value: Any) -> Any:
+def to_python(value: Any) -> Any:
     """A host value -> float/int/bool (scalars) or a nested list (arrays)."""
     array = np.asarray(value)
     if array.ndim == 0:
@@ -197,7 +197,7 @@ class MetricsLogger:
         record: dict[str, Any] = {"step": step}
         timing: dict[str, Any] = {}
         for name in sorted(host):
-            value = _to_python(host[name])
+            value = to_python(host[name])
             (timing if is_timing_key(name) else record)[name] = value
         if timing:
             record["timing"] = timing

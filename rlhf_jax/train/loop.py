@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.logging import KLSignMonitor, MetricsLogger
+from rlhf_jax.logging import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.logging import logger as _log
 from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
 
@@ -103,7 +103,8 @@ class _Order:
 def _check_data(data: Any, keys: tuple[str, ...], name: str) -> tuple[dict[str, np.ndarray], int]:
     """NumPy arrays for `keys` of `data`, all with the same number of rows."""
     if not isinstance(data, Mapping):
-        raise TypeError(f"`{name}` must be a dict of arrays with keys {list(keys)}, got {type(data).__name__}")
+        raise TypeError(f"`{name}` must be a dict of arrays with keys {list(keys)}, "
+                        f"got {type(data).__name__}")
     missing = [k for k in keys if k not in data]
     if missing:
         raise ValueError(f"`{name}` is missing keys {missing}; it has {sorted(data)}")
@@ -234,8 +235,8 @@ class _Run:
         return step % self.log_every == 0 or step == self.total_steps
 
     def fetch(self, metrics: Mapping[str, Any]) -> dict:
-        """One `device_get` of the whole metrics dict, plus `time/step`."""
-        host = jax.device_get(dict(metrics))
+        """One `device_get` of the whole metrics dict (as Python numbers), plus `time/step`."""
+        host = {k: to_python(v) for k, v in jax.device_get(dict(metrics)).items()}
         now = time.perf_counter()
         host["time/step"] = (now - self._last_time) / self.log_every
         self._last_time = now
@@ -243,7 +244,7 @@ class _Run:
 
     def warn_if_skipped(self, step: int, host: Mapping[str, Any]) -> None:
         skipped = host.get("skipped_nonfinite")
-        if skipped is not None and float(np.asarray(skipped)) > 0:
+        if isinstance(skipped, (int, float)) and skipped > 0:
             self.logger.warn(f"step {step}: non-finite loss, gradients or scores; the update was "
                              "skipped (params and optimizer state unchanged)")
 
@@ -252,7 +253,8 @@ class _Run:
             extra = on_step(step, dict(host))
             if extra is not None:
                 if not isinstance(extra, Mapping):
-                    raise TypeError(f"`on_step` must return a dict of metrics or None, got {type(extra).__name__}")
+                    raise TypeError("`on_step` must return a dict of metrics or None, "
+                                    f"got {type(extra).__name__}")
                 host.update(extra)
         return self.logger.log(step, host)
 
@@ -539,10 +541,9 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                 if on_rollout is not None:
                     extra = on_rollout(done, rows, rollout)
                     if extra is not None:
-                        host.update(jax.device_get(dict(extra)))
+                        host.update({k: to_python(v) for k, v in jax.device_get(dict(extra)).items()})
                 run.warn_if_skipped(done, host)
-                message = monitor.update({k: float(np.asarray(v)) for k, v in host.items()
-                                          if k == "kl_k1"})
+                message = monitor.update(host)
                 if message:
                     run.logger.warn(f"step {done}: {message}")
                 run.log(done, host, on_step)
