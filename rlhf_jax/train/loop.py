@@ -441,8 +441,10 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_da
         _check_model_inputs(rm, [(eval_arrays["chosen_ids"], eval_arrays["chosen_mask"]),
                                  (eval_arrays["rejected_ids"], eval_arrays["rejected_mask"])])
 
-        def eval_fn(p):
+        def evaluate(p):
             return evaluate_reward_model(rm, p, eval_arrays, batch_size=eval_batch_size)
+
+        eval_fn = evaluate
 
     return _fit_supervised(
         kind="reward", model=rm, params=params, data=train_data, cfg=cfg, keys=_PAIR_KEYS,
