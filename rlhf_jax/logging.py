@@ -168,7 +168,8 @@ class MetricsLogger:
         self._writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            purge = resume_step + 1 if resume_step else None
+            # events of a previous, killed or discarded run after `resume_step` are hidden
+            purge = resume_step + 1 if resume_step is not None else None
             self._writer = SummaryWriter(os.path.join(self.output_dir, "tb"), purge_step=purge)
         if progress is None:
             progress = (total_steps is not None and sys.stderr.isatty()
