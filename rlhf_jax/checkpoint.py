@@ -12,9 +12,11 @@ One checkpoint holds two items written together:
 
 The state is saved as the flat list of its leaves and rebuilt on restore with
 the tree structure of a *freshly initialised* state (the template). Any
-pytree therefore round-trips (dataclasses, NamedTuples, optax states, NNX
-`State`), and restored arrays take the template's dtypes and shardings, so a
-run resumed on a mesh gets its arrays back already placed.
+pytree therefore round-trips (flax dataclasses, NamedTuples, optax states,
+None leaves). The template's leaf paths, shapes and dtypes must equal the
+saved ones (checked, with the offending leaf named), and restored arrays take
+the template's shardings, so a run resumed on a mesh gets its arrays back
+already placed.
 
 Typed PRNG keys (`jax.random.key`) are stored as their raw `uint32` key data
 and re-wrapped with the template's key implementation; raw `PRNGKey` arrays
