@@ -188,11 +188,15 @@ def test_bad_input_errors(setup, model_config):
         PPOTrainer(lm_only, make_cfg(), optimizer_from_config(make_cfg()), reward_fn=reward)
 
 
-def test_reward_model_and_separate_value_network(model_config):
-    """Score phase on device with a reward model; value network initialised from it (N+)."""
-    policy = from_config(model_config, head="lm", seed=0)
+def test_reward_model_and_separate_value_network(setup, model_config):
+    """Score phase on device with a reward model; value network initialised from it (N+).
+
+    The policy is the module's (its own value head then goes unused), so the compiled
+    sampler is shared.
+    """
+    policy = setup[0]
     rm = from_config(model_config, head="scalar", seed=5)
-    cfg = make_cfg(num_minibatches=1, ppo_epochs=1, grad_accum_steps=2, missing_eos_penalty=1.0,
+    cfg = make_cfg(num_minibatches=1, ppo_epochs=1, missing_eos_penalty=1.0,
                    value_learning_rate=1e-2)
     trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), value_model=rm,
                          value_tx=optimizer_from_config(cfg, prefix="value_"), reward_model=rm)

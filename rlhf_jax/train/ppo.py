@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -200,6 +201,21 @@ class PPOState:
     rng: jax.Array
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_rollout(policy, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id):
+    """The jitted sampler of one policy and sampling setting, shared by trainers."""
+    from rlhf_jax.rollout import generate  # imported late: the update does not need the sampler
+
+    def rollout(params, prompt_ids, prompt_mask, key):
+        return generate(
+            policy, params, prompt_ids, prompt_mask, key,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
+
+    return jax.jit(rollout)
+
+
 def _kl_coef_of(ctl):
     return jnp.asarray(ctl.kl_coef, jnp.float32)
 
@@ -253,7 +269,9 @@ class PPOTrainer:
         self.value_tx = value_tx if value_tx is not None else tx
         self.reward_model = reward_model
         self.reward_fn = reward_fn
-        self._rollout_jit = jax.jit(self._rollout)
+        self._rollout_jit = _jitted_rollout(
+            policy, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.eos_token_id, cfg.pad_token_id
+        )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
         self._update_jit = jax.jit(self._update)
 
@@ -284,24 +302,6 @@ class PPOTrainer:
         )
 
     # -- phases -----------------------------------------------------------------------
-
-    def _rollout(self, params, prompt_ids, prompt_mask, key):
-        from rlhf_jax.rollout import generate  # imported late: the sampler is optional for the update
-
-        cfg = self.cfg
-        return generate(
-            self.policy,
-            params,
-            prompt_ids,
-            prompt_mask,
-            key,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.pad_token_id,
-        )
 
     def _score(self, reward_params, prompt_ids, prompt_mask, tokens, response_mask):
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
