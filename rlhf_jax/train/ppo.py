@@ -95,7 +95,9 @@ class PPOConfig:
 
     Rewards and advantages:
       gamma, lam, gae_method: GAE. kl_coef: initial KL coefficient. kl_target: adaptive
-      controller target (None = fixed coefficient). kl_horizon: its horizon.
+      controller target (None = fixed coefficient), compared with the batch mean of the
+      per-sequence KL sums (of `kl_estimator`); the controller steps by `batch_size`
+      samples per iteration. kl_horizon: its horizon.
       kl_estimator: "k1" | "k2" | "k3" in the shaped reward. whiten_rewards (no mean
       shift, as OpenAI), whiten_advantages. missing_eos_penalty: subtracted from the score
       of responses that did not end with EOS (None = off). reward_clip: clip scores to
