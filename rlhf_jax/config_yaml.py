@@ -202,21 +202,29 @@ def config_hash(cfg, *, ignore: tuple[str, ...] = ("output_dir",)) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map every dotted key of a YAML mapping to its 1-based line number."""
+def _key_lines(text: str, path) -> dict[str, int]:
+    """Map every dotted key of a YAML mapping to its 1-based line number.
+
+    Raises:
+      ConfigError: a key appears twice in one mapping (YAML would silently keep the last).
+    """
     lines: dict[str, int] = {}
 
     def walk(node, prefix):
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"{path}, line {line}: duplicate key `{key}` (first set on line {lines[key]})")
+                lines[key] = line
                 walk(value_node, key + ".")
 
     try:
-        walk(yaml.compose(text), "")
+        node = yaml.compose(text)
     except yaml.YAMLError:
-        pass
+        return lines
+    walk(node, "")
     return lines
 
 
@@ -282,7 +290,7 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), cls=None):
             mark = getattr(e, "problem_mark", None)
             line = f", line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        lines = _key_lines(text)
+        lines = _key_lines(text, path)
     else:
         data = {}
     if data is None:

@@ -101,7 +101,7 @@ def test_wrong_types_name_key_expected_and_got(tmp_path, extra, message):
 @pytest.mark.parametrize("data, message", [
     ("  chat_template: 1\n", r"`data.chat_template`: expected bool, got int 1"),
     ("  buckets: [16, x]\n", r"`data.buckets\[1\]`: expected int, got str 'x'"),
-    ("  train_files: {a: 1}\n", r"`data.train_files`: expected a list, got dict"),
+    ("  eval_files: {a: 1}\n", r"`data.eval_files`: expected a list, got dict"),
 ])
 def test_wrong_types_in_lists_and_sections(tmp_path, data, message):
     path = write(tmp_path, "model:\n  dtype: float32\n  path: m\ndata:\n  train_files: [a.jsonl]\n" + data)
@@ -241,3 +241,9 @@ def test_real_recipes_read_local_rows_in_their_columns(path, tmp_path):
         assert train.prompts[0] == d.prompt_template.replace("{prompt}", row[d.prompt_column])
     if kind == "prompt":
         assert train.answers == ("#### 4",)
+
+
+def test_duplicate_keys_are_errors(tmp_path):
+    path = write(tmp_path, MINIMAL_SFT + "train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"line 8: duplicate key `train.batch_size` \(first set on line 6\)"):
+        load_config(path, [], SFTRunConfig)
