@@ -1,0 +1,636 @@
+"""The offline demo: RLVR on addition and RLHF with a learned reward model.
+
+`run_demo(output_dir)` trains tiny GPT-2-shaped transformers from scratch on
+the two built-in tasks of `rlhf_jax.data.tasks` with the library's own
+drivers, and writes a report. Nothing is downloaded.
+
+Part 1, RLVR (does RL teach something new, or sharpen what the model
+already knew? Yue et al. 2025): SFT on addition problems whose answers are
+often wrong by one digit, so the SFT model is right only some of the time;
+then PPO with the exact verifier as the reward (frozen reference,
+KL-shaped rewards, a value head on the shared trunk, GAE); then the pass@k
+curves of SFT and PPO on held-out problems, k = 1..n.
+
+Part 2, RLHF (does optimising a *learned* reward improve what the
+annotator wanted? Gao et al. 2022): SFT on short mood descriptions; pairs of
+the SFT model's own samples labelled by a hidden, noisy annotator; a
+Bradley-Terry reward model initialised from the SFT trunk; PPO against it,
+with the gold annotator's score of every rollout logged next to the reward
+model's, so over-optimisation would show; then the annotator's verdict on
+held-out samples of SFT and PPO.
+
+Outputs in `output_dir`: `report.json` (every number), `report.md`,
+`rlvr_pass_at_k.png`, `rlvr_training.png`, `rlhf_training.png`, and one
+folder per stage with its metrics, checkpoints and (for the final policies)
+an HF export that loads in `transformers`.
+
+References:
+  Yue et al. 2025, arXiv 2504.13837. Gao et al. 2022, arXiv 2210.10760.
+  Ziegler et al. 2019, arXiv 1909.08593. Huang et al. 2024, arXiv 2403.17031.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import tasks
+from rlhf_jax.data.padding import left_pad, right_pad
+from rlhf_jax.data.tokenizers import char_tokenizer, decode_tokens, encode_texts
+from rlhf_jax.evaluation import evaluate_pass_at_k, format_table, plot_pass_at_k
+from rlhf_jax.models import ModelConfig, from_config
+from rlhf_jax.rollout import generate
+from rlhf_jax.train import PPOConfig, PPOTrainer, RewardConfig, SFTConfig, normalize_reward_head
+from rlhf_jax.train.loop import fit_ppo, fit_reward, fit_sft
+from rlhf_jax.train.state import optimizer_from_config
+
+__all__ = ["DemoSettings", "run_demo", "QUICK", "FULL"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and hyper-parameters of the demo (`FULL` and `QUICK` below)."""
+
+    hidden_size: int = 64
+    num_heads: int = 4
+    add_layers: int = 2
+    mood_layers: int = 2
+    # RLVR: addition.
+    add_digits: int = 2
+    add_noise: float = 0.5
+    add_num_sft: int = 3000
+    add_num_rl: int = 1536
+    add_num_eval: int = 128
+    add_sft_steps: int = 800
+    add_sft_lr: float = 2e-3
+    add_ppo_iterations: int = 30
+    add_ppo_lr: float = 1e-4
+    eval_samples: int = 64
+    # RLHF: moods.
+    mood_num_sft: int = 3000
+    mood_sft_steps: int = 500
+    mood_sft_lr: float = 2e-3
+    mood_num_pairs: int = 2048
+    mood_heldout_fraction: float = 0.2
+    rm_epochs: int = 3
+    rm_lr: float = 2e-3
+    mood_ppo_iterations: int = 20
+    mood_ppo_lr: float = 1e-4
+    mood_kl_coef: float = 0.2
+    rm_target_std: float = 1.0
+    mood_num_eval: int = 256
+    mood_eval_samples: int = 4
+    # Shared.
+    sft_batch_size: int = 64
+    rm_batch_size: int = 64
+    ppo_batch_size: int = 256
+    ppo_minibatches: int = 4
+    ppo_epochs: int = 4
+    add_kl_coef: float = 0.05
+    temperature: float = 1.0
+
+
+FULL = DemoSettings()
+# The reduced mode of the tests: a 1-layer model suffices for addition, the
+# reward model needs 2 layers to judge the moods.
+QUICK = dataclasses.replace(
+    FULL,
+    add_layers=1,
+    add_num_sft=2000,
+    add_num_rl=512,
+    add_num_eval=64,
+    add_sft_steps=600,
+    add_sft_lr=3e-3,
+    add_ppo_iterations=8,
+    add_ppo_lr=2e-4,
+    eval_samples=16,
+    mood_num_sft=2000,
+    mood_sft_steps=300,
+    mood_num_pairs=1024,
+    rm_epochs=4,
+    rm_lr=3e-3,
+    mood_ppo_iterations=8,
+    mood_ppo_lr=2e-4,
+    mood_num_eval=128,
+    mood_eval_samples=2,
+    ppo_batch_size=128,
+)
+
+_STAGES = ("rlvr", "rlhf")
+_REPORT_FILES = ("report.json", "report.md", "rlvr_pass_at_k.png", "rlvr_training.png", "rlhf_training.png")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _now():
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start) -> str:
+    """`(wall s, cpu s)` since `start`: CPU time shows the cost on a busy machine."""
+    wall, cpu = _now()
+    return f"({wall - start[0]:.1f}s, cpu {cpu - start[1]:.1f}s)"
+
+
+def _prompt_arrays(tokenizer, texts, length):
+    """`[N, length]` left-padded `<bos> + text` prompts and their mask."""
+    rows = [[tokenizer.bos_token_id] + ids for ids in encode_texts(tokenizer, texts)]
+    return left_pad(rows, length, pad_id=tokenizer.pad_token_id)
+
+
+def _sft_arrays(tokenizer, prompts, completions, length):
+    """`<bos> prompt completion <eos>` right-padded to `length`; loss on completion + EOS."""
+    rows, starts = [], []
+    for p, c in zip(encode_texts(tokenizer, prompts), encode_texts(tokenizer, completions)):
+        rows.append([tokenizer.bos_token_id] + p + c + [tokenizer.eos_token_id])
+        starts.append(1 + len(p))
+    ids, mask = right_pad(rows, length, pad_id=tokenizer.pad_token_id)
+    loss_mask = (np.arange(length)[None, :] >= np.asarray(starts)[:, None]) & (mask > 0)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask.astype(np.int32)}
+
+
+def _new_policy(tokenizer, settings: DemoSettings, num_layers: int, context: int, seed: int):
+    config = ModelConfig.tiny(
+        "gpt2",
+        len(tokenizer),
+        hidden_size=settings.hidden_size,
+        num_layers=num_layers,
+        num_heads=settings.num_heads,
+        max_position_embeddings=context,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # One value head on the shared trunk (OpenAI's lm-human-preferences layout): SFT
+    # ignores it, PPO trains it.
+    return from_config(config, head="lm+value", seed=seed)
+
+
+_QUIET = dict(log_every=10, print_every=10**9, checkpoint_every=10**9, tensorboard=False,
+              async_checkpoint=False, resume=False, progress=False)
+
+
+def _sft(lm, data, steps, lr, settings, output_dir, seed):
+    cfg = SFTConfig(batch_size=settings.sft_batch_size, num_epochs=None, learning_rate=lr,
+                    warmup_steps=min(50, steps // 10), schedule="cosine", seed=seed)
+    params, history = fit_sft(lm, lm.params, data, cfg, output_dir=output_dir, max_steps=steps, **_QUIET)
+    return params, history
+
+
+def _ppo_config(settings, lr, kl_coef, max_new_tokens, tokenizer, seed, **extra):
+    return PPOConfig(
+        batch_size=settings.ppo_batch_size, num_minibatches=settings.ppo_minibatches,
+        ppo_epochs=settings.ppo_epochs, max_new_tokens=max_new_tokens,
+        temperature=settings.temperature, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, kl_coef=kl_coef, learning_rate=lr,
+        seed=seed, **extra,
+    )
+
+
+def _history_series(history, key):
+    return [float(rec[key]) for rec in history if key in rec]
+
+
+# ----------------------------------------------------------------------------- part 1
+
+
+def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> dict:
+    task = tasks.make_addition_task(
+        seed, num_digits=settings.add_digits, num_sft=settings.add_num_sft,
+        num_rl=settings.add_num_rl, num_eval=settings.add_num_eval, noise_rate=settings.add_noise,
+    )
+    prompt_len = 1 + len(task.eval_prompts[0])
+    max_new = task.max_answer_length + 1  # room for EOS after the longest answer
+    lm = _new_policy(tokenizer, settings, settings.add_layers, prompt_len + max_new, seed)
+    sft_data = _sft_arrays(tokenizer, task.sft_prompts, task.sft_completions, prompt_len + max_new)
+
+    t0 = _now()
+    sft_params, sft_hist = _sft(lm, sft_data, settings.add_sft_steps, settings.add_sft_lr, settings,
+                                os.path.join(out, "sft"), seed)
+    log(f"[rlvr] SFT: {settings.add_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
+        f"{_since(t0)}")
+
+    rl_ids, rl_mask = _prompt_arrays(tokenizer, task.rl_prompts, prompt_len)
+    cfg = _ppo_config(settings, settings.add_ppo_lr, settings.add_kl_coef, max_new, tokenizer, seed)
+    trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg),
+                         reward_fn=tasks.make_addition_verifier(tokenizer, task.rl_answers))
+    t0 = _now()
+    ppo_params, ppo_hist = fit_ppo(trainer, sft_params, sft_params,
+                                   {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
+                                   output_dir=os.path.join(out, "ppo"),
+                                   max_steps=settings.add_ppo_iterations, **{**_QUIET, "log_every": 1})
+    log(f"[rlvr] PPO: {settings.add_ppo_iterations} iterations, train accuracy "
+        f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f} {_since(t0)}")
+
+    t0 = _now()
+    ev_ids, ev_mask = _prompt_arrays(tokenizer, task.eval_prompts, prompt_len)
+    results = evaluate_pass_at_k(
+        {"sft": (lm, sft_params), "ppo": (lm, ppo_params)}, ev_ids, ev_mask,
+        tasks.make_addition_verifier(tokenizer, task.eval_answers),
+        n_samples=settings.eval_samples, max_new_tokens=max_new, key=jax.random.key(seed + 1),
+        temperature=settings.temperature, ref=(lm, sft_params), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    log(f"[rlvr] pass@k evaluation: {len(ev_ids)} prompts x {settings.eval_samples} samples "
+        f"{_since(t0)}")
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lm.save_pretrained(os.path.join(out, "ppo_hf"), params=ppo_params, tokenizer=tokenizer)
+
+    models = {}
+    for name, entry in results["models"].items():
+        models[name] = {
+            "pass_at_k": entry["pass_at_k"],
+            "pass_at_k_ci": entry["pass_at_k_ci"],
+            "kl_to_sft": entry["kl_to_ref"]["mean"],
+            "examples": [
+                f"{task.eval_prompts[0]}{text}" for text in decode_tokens(tokenizer, _pad_lists(entry["examples"]))
+            ],
+        }
+    return {
+        "task": {
+            "digits": settings.add_digits, "sft_noise_rate": settings.add_noise,
+            "sft_examples": len(task.sft_prompts), "sft_correct_fraction": float(np.mean(task.sft_is_correct)),
+            "rl_prompts": len(task.rl_prompts), "eval_prompts": len(task.eval_prompts),
+            "format": "operands zero-padded; sum zero-padded and written least significant digit first",
+            "example": f"{task.eval_prompts[0]}{task.eval_answers[0]}",
+        },
+        "models": models,
+        "final_kl": results["models"]["ppo"]["kl_to_ref"]["mean"],
+        "training": {
+            "sft_loss": _history_series(sft_hist, "loss"),
+            "ppo_reward": _history_series(ppo_hist, "score_mean"),
+            "ppo_kl": _history_series(ppo_hist, "kl_k1"),
+        },
+        "eval": results,
+    }
+
+
+def _pad_lists(rows):
+    width = max([len(r) for r in rows] + [1])
+    return np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- part 2
+
+
+def _preference_pairs(tokenizer, task, lm, sft_params, prompt_ids, prompt_mask, max_new, seed):
+    """Two SFT samples per prompt, labelled by the hidden annotator (noisy)."""
+    rollouts = [
+        generate(lm, sft_params, prompt_ids, prompt_mask, jax.random.key(seed * 1000 + i),
+                 max_new_tokens=max_new, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+        for i in (1, 2)
+    ]
+    gold = []
+    for r in rollouts:
+        texts = decode_tokens(tokenizer, r.tokens, r.mask)
+        gold.append(task.annotator.score(texts, np.asarray(r.ended_with_eos)))
+    prefer_a, decided = tasks.label_pairs(task.annotator, gold[0], gold[1], np.random.default_rng(seed))
+    seq = [np.concatenate([prompt_ids, np.asarray(r.tokens)], axis=1) for r in rollouts]
+    mask = [np.concatenate([prompt_mask, (np.asarray(r.mask) > 0).astype(np.int32)], axis=1) for r in rollouts]
+    pick = prefer_a[decided, None]
+    pairs = {
+        "chosen_ids": np.where(pick, seq[0][decided], seq[1][decided]),
+        "chosen_mask": np.where(pick, mask[0][decided], mask[1][decided]),
+        "rejected_ids": np.where(pick, seq[1][decided], seq[0][decided]),
+        "rejected_mask": np.where(pick, mask[1][decided], mask[0][decided]),
+    }
+    chosen_gold = np.where(prefer_a, gold[0], gold[1])[decided]
+    rejected_gold = np.where(prefer_a, gold[1], gold[0])[decided]
+    return pairs, chosen_gold, rejected_gold, seq[0], mask[0]
+
+
+def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> dict:
+    task = tasks.make_mood_task(seed, num_sft=settings.mood_num_sft, num_rl=settings.mood_num_pairs,
+                                num_eval=settings.mood_num_eval)
+    prompt_len = 1 + max(len(p) for p in task.sft_prompts + task.rl_prompts + task.eval_prompts)
+    max_new = task.max_completion_length + 3  # room for EOS and a little overshoot
+    context = prompt_len + max_new
+    lm = _new_policy(tokenizer, settings, settings.mood_layers, context, seed)
+    sft_data = _sft_arrays(tokenizer, task.sft_prompts, task.sft_completions, context)
+
+    t0 = _now()
+    sft_params, sft_hist = _sft(lm, sft_data, settings.mood_sft_steps, settings.mood_sft_lr, settings,
+                                os.path.join(out, "sft"), seed)
+    log(f"[rlhf] SFT: {settings.mood_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
+        f"{_since(t0)}")
+
+    # Preference data from the SFT model's own samples.
+    t0 = _now()
+    rl_ids, rl_mask = _prompt_arrays(tokenizer, task.rl_prompts, prompt_len)
+    pairs, chosen_gold, rejected_gold, ref_seq, ref_mask = _preference_pairs(
+        tokenizer, task, lm, sft_params, rl_ids, rl_mask, max_new, seed)
+    num_pairs = len(pairs["chosen_ids"])
+    if num_pairs < 2 * settings.rm_batch_size:
+        raise RuntimeError(
+            f"the annotator found only {num_pairs} decided pairs among {len(rl_ids)} SFT sample pairs "
+            "(the SFT model's samples are mostly malformed or equal); train the SFT model longer"
+        )
+    num_heldout = int(round(settings.mood_heldout_fraction * num_pairs))
+    train_pairs = {k: v[num_heldout:] for k, v in pairs.items()}
+    heldout_pairs = {k: v[:num_heldout] for k, v in pairs.items()}
+
+    rm, rm_params = lm.with_head("scalar", seed=seed + 7, params=sft_params)
+    rm_cfg = RewardConfig(batch_size=settings.rm_batch_size, num_epochs=settings.rm_epochs,
+                          learning_rate=settings.rm_lr, warmup_steps=10, schedule="cosine", seed=seed)
+    rm_params, rm_hist = fit_reward(rm, rm_params, train_pairs, rm_cfg, eval_data=heldout_pairs,
+                                    output_dir=os.path.join(out, "reward"), **_QUIET)
+    heldout = {k[len("eval/"):]: float(v) for k, v in rm_hist[-1].items() if k.startswith("eval/")}
+    # Agreement with the noise-free gold ordering on held-out pairs with distinct gold scores.
+    score = jax.jit(rm.scores)
+    s_chosen = np.asarray(score(rm_params, heldout_pairs["chosen_ids"], heldout_pairs["chosen_mask"]))
+    s_rejected = np.asarray(score(rm_params, heldout_pairs["rejected_ids"], heldout_pairs["rejected_mask"]))
+    g_c, g_r = chosen_gold[:num_heldout], rejected_gold[:num_heldout]
+    distinct = g_c != g_r
+    gold_accuracy = float(np.mean((s_chosen > s_rejected)[distinct] == (g_c > g_r)[distinct]))
+    label_agreement = float(np.mean((chosen_gold > rejected_gold)[chosen_gold != rejected_gold]))
+    # Scores on SFT samples get mean 0 and std `rm_target_std` (Ziegler et al. 2019), so
+    # the KL coefficient has a known scale to act against.
+    rm_params = normalize_reward_head(rm, rm_params, ref_seq, ref_mask, target_std=settings.rm_target_std)
+    log(f"[rlhf] reward model: {len(train_pairs['chosen_ids'])} pairs x {settings.rm_epochs} epochs, "
+        f"held-out accuracy {heldout['accuracy']:.3f} (vs gold ordering {gold_accuracy:.3f}) "
+        f"{_since(t0)}")
+
+    # PPO against the learned reward model; the gold annotator only watches.
+    gold_fn = task.annotator.reward_fn(tokenizer)
+
+    def watch_gold(step, rows, rollout):
+        tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+        gold = gold_fn(None, None, tokens, mask, rows)
+        return {"gold_score": float(gold.mean()),
+                "gold_success": float(np.mean(gold >= task.annotator.accept_threshold))}
+
+    cfg = _ppo_config(settings, settings.mood_ppo_lr, settings.mood_kl_coef, max_new, tokenizer, seed,
+                      missing_eos_penalty=1.0)
+    trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg), reward_model=rm)
+    t0 = _now()
+    ppo_params, ppo_hist = fit_ppo(trainer, sft_params, sft_params,
+                                   {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
+                                   reward_params=rm_params, output_dir=os.path.join(out, "ppo"),
+                                   max_steps=settings.mood_ppo_iterations, on_rollout=watch_gold,
+                                   **{**_QUIET, "log_every": 1})
+    log(f"[rlhf] PPO: {settings.mood_ppo_iterations} iterations, RM score "
+        f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f}, gold score "
+        f"{ppo_hist[0]['gold_score']:.3f} -> {ppo_hist[-1]['gold_score']:.3f} {_since(t0)}")
+
+    t0 = _now()
+    ev_ids, ev_mask = _prompt_arrays(tokenizer, task.eval_prompts, prompt_len)
+    accept = task.annotator.accept_threshold
+
+    def gold_accepts(prompt_ids, prompt_mask, tokens, mask, index):
+        return (gold_fn(prompt_ids, prompt_mask, tokens, mask, index) >= accept).astype(np.float32)
+
+    results = evaluate_pass_at_k(
+        {"sft": (lm, sft_params), "ppo": (lm, ppo_params)}, ev_ids, ev_mask, gold_accepts,
+        n_samples=settings.mood_eval_samples, max_new_tokens=max_new, key=jax.random.key(seed + 2),
+        temperature=settings.temperature, ref=(lm, sft_params), reward_model=(rm, rm_params),
+        scorers={"gold_score": gold_fn}, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, num_examples=6,
+    )
+    log(f"[rlhf] evaluation: {len(ev_ids)} prompts x {settings.mood_eval_samples} samples "
+        f"{_since(t0)}")
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lm.save_pretrained(os.path.join(out, "ppo_hf"), params=ppo_params, tokenizer=tokenizer)
+
+    models = {}
+    for name, entry in results["models"].items():
+        texts = decode_tokens(tokenizer, _pad_lists(entry["examples"]))
+        models[name] = {
+            "gold_success": entry["accuracy"],
+            "gold_success_ci": entry["pass_at_k_ci"]["1"],
+            "gold_score": entry["gold_score"]["mean"],
+            "rm_score": entry["rm_score"]["mean"],
+            "kl_to_sft": entry["kl_to_ref"]["mean"],
+            "eos_fraction": entry["eos_fraction"],
+            "examples": [f"{task.eval_prompts[i // settings.mood_eval_samples]}{t}" for i, t in enumerate(texts)],
+        }
+    return {
+        "task": {
+            "sft_examples": len(task.sft_prompts),
+            "sft_gold_success": float(task.annotator.accepts(task.sft_completions).mean()),
+            "label_noise": task.annotator.label_noise,
+            "tie_margin": task.annotator.tie_margin,
+            "pairs_sampled": len(rl_ids),
+            "accept_threshold": accept,
+            "pairs_train": int(len(train_pairs["chosen_ids"])),
+            "pairs_heldout": num_heldout,
+            "label_agreement_with_gold": label_agreement,
+            "hidden_weights": {k: round(v, 3) for k, v in task.annotator.weights.items()},
+        },
+        "reward_model": {
+            "heldout_accuracy": heldout["accuracy"],
+            "heldout_accuracy_vs_gold": gold_accuracy,
+            "heldout_loss": heldout["loss"],
+        },
+        "models": models,
+        "final_kl": results["models"]["ppo"]["kl_to_ref"]["mean"],
+        "training": {
+            "sft_loss": _history_series(sft_hist, "loss"),
+            "rm_loss": _history_series(rm_hist, "loss"),
+            "ppo_rm_score": _history_series(ppo_hist, "score_mean"),
+            "ppo_gold_score": _history_series(ppo_hist, "gold_score"),
+            "ppo_gold_success": _history_series(ppo_hist, "gold_success"),
+            "ppo_kl": _history_series(ppo_hist, "kl_k1"),
+        },
+        "eval": results,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _plot_training(path, series: dict, kl, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), dpi=110, sharex=True)
+    for label, values in series.items():
+        top.plot(np.arange(1, len(values) + 1), values, label=label, linewidth=1.6)
+    top.set_ylabel("mean over rollouts")
+    top.grid(True, alpha=0.3)
+    top.legend(loc="best")
+    top.set_title(title)
+    bottom.plot(np.arange(1, len(kl) + 1), kl, color="black", linewidth=1.4)
+    bottom.set_ylabel("KL(policy || SFT), k1")
+    bottom.set_xlabel("PPO iteration")
+    bottom.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    rlvr, rlhf = report["rlvr"], report["rlhf"]
+    ks = list(rlvr["models"]["sft"]["pass_at_k"])
+    lines = [
+        "# rlhf_jax offline demo",
+        "",
+        f"Seed {report['seed']}, {'quick' if report['quick'] else 'full'} mode, "
+        f"{report['seconds']:.1f} s on {report['device']}.",
+        "",
+        "## RLVR: addition with a verifier",
+        "",
+        f"SFT data: {rlvr['task']['sft_examples']} {rlvr['task']['digits']}-digit problems, "
+        f"{100 * rlvr['task']['sft_noise_rate']:.0f}% of answers wrong by one digit "
+        f"({rlvr['task']['format']}; e.g. `{rlvr['task']['example']}`).",
+        "",
+        "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | KL to SFT |",
+        "|---|" + "---|" * (len(ks) + 1),
+    ]
+    for name, m in rlvr["models"].items():
+        cells = [f"{m['pass_at_k'][k]:.3f} [{m['pass_at_k_ci'][k][0]:.2f}, {m['pass_at_k_ci'][k][1]:.2f}]" for k in ks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['kl_to_sft']:.3f} |")
+    lines += [
+        "",
+        f"{rlvr['eval']['settings']['num_prompts']} held-out prompts x n = {rlvr['eval']['settings']['n_samples']} "
+        "samples at temperature "
+        f"{rlvr['eval']['settings']['temperature']}; 95% bootstrap intervals over prompts.",
+        "",
+        "![pass@k](rlvr_pass_at_k.png) ![training](rlvr_training.png)",
+        "",
+        "## RLHF: a learned reward model against a hidden annotator",
+        "",
+        f"Reward model held-out accuracy (noisy annotator labels): "
+        f"{rlhf['reward_model']['heldout_accuracy']:.3f}; against the noise-free gold ordering: "
+        f"{rlhf['reward_model']['heldout_accuracy_vs_gold']:.3f} "
+        f"(the annotator itself agrees with gold on {rlhf['task']['label_agreement_with_gold']:.3f} of its labels).",
+        "",
+        "| model | gold success | gold score | RM score | KL to SFT |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in rlhf["models"].items():
+        lo, hi = m["gold_success_ci"]
+        lines.append(f"| {name} | {m['gold_success']:.3f} [{lo:.2f}, {hi:.2f}] | {m['gold_score']:.3f} | "
+                     f"{m['rm_score']:.3f} | {m['kl_to_sft']:.3f} |")
+    lines += ["", "![training](rlhf_training.png)", "", "Samples:", ""]
+    for name in ("sft", "ppo"):
+        lines.append(f"- {name}: " + "; ".join(f"`{t}`" for t in rlhf["models"][name]["examples"]))
+    lines += ["", "## Conclusions", ""] + [f"- {c}" for c in report["conclusions"]]
+    return "\n".join(lines) + "\n"
+
+
+def _conclusions(report: dict) -> list[str]:
+    rlvr, rlhf = report["rlvr"]["models"], report["rlhf"]["models"]
+    ks = list(rlvr["sft"]["pass_at_k"])
+    k_max = ks[-1]
+    out = [
+        f"RLVR: pass@1 {rlvr['sft']['pass_at_k']['1']:.3f} (SFT) -> {rlvr['ppo']['pass_at_k']['1']:.3f} (PPO).",
+    ]
+    crossing = [k for k in ks if rlvr["sft"]["pass_at_k"][k] >= rlvr["ppo"]["pass_at_k"][k]]
+    if crossing:
+        out.append(f"At large k the SFT model catches up: from k = {crossing[0]} on, SFT's pass@k is at least "
+                   f"PPO's (pass@{k_max}: SFT {rlvr['sft']['pass_at_k'][k_max]:.3f}, "
+                   f"PPO {rlvr['ppo']['pass_at_k'][k_max]:.3f}); RL made correct answers likelier rather than "
+                   "reachable for the first time.")
+    else:
+        out.append(f"PPO stays ahead at every k up to {k_max} (pass@{k_max}: SFT "
+                   f"{rlvr['sft']['pass_at_k'][k_max]:.3f}, PPO {rlvr['ppo']['pass_at_k'][k_max]:.3f}).")
+    gold = report["rlhf"]["training"]["ppo_gold_score"]
+    rm = report["rlhf"]["training"]["ppo_rm_score"]
+    out.append(f"RLHF: gold success {rlhf['sft']['gold_success']:.3f} (SFT) -> {rlhf['ppo']['gold_success']:.3f} "
+               f"(PPO); RM score {rlhf['sft']['rm_score']:.3f} -> {rlhf['ppo']['rm_score']:.3f}.")
+    if gold:
+        best = int(np.argmax(gold))
+        fell = gold[best] - gold[-1]
+        if fell > 0.2 and rm[-1] >= rm[best]:
+            out.append(f"Over-optimisation: the gold score peaked at {gold[best]:.3f} (iteration {best + 1}) and "
+                       f"ended at {gold[-1]:.3f} while the reward-model score went on from {rm[best]:.3f} to "
+                       f"{rm[-1]:.3f}: the policy found the reward model's errors.")
+        else:
+            out.append(f"No over-optimisation within {len(gold)} iterations: the gold score rose with the RM "
+                       f"score ({gold[0]:.3f} -> {gold[-1]:.3f}, best {gold[best]:.3f}; RM {rm[0]:.3f} -> "
+                       f"{rm[-1]:.3f}).")
+    return out
+
+
+def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: bool = False,
+             settings: DemoSettings | None = None, verbose: bool = True) -> dict:
+    """Runs both parts of the demo and writes the report into `output_dir`.
+
+    Args:
+      output_dir: where everything goes (created if needed).
+      seed: seeds the tasks, the model initialisations, the data order and
+        every sample; the same seed gives the same report (on one machine).
+      quick: a reduced run (for tests, well under a minute).
+      overwrite: replace the outputs of an earlier demo run in `output_dir`;
+        without it an existing run there is an error.
+      settings: explicit sizes (default `QUICK` or `FULL`).
+      verbose: print progress and the final report.
+
+    Returns:
+      The report dict (also written to `report.json`), with at least
+      `seconds`, `rlvr.models.{sft,ppo}.pass_at_k.{1,...}`, `rlvr.final_kl`,
+      `rlhf.reward_model.heldout_accuracy`,
+      `rlhf.models.{sft,ppo}.{gold_success,gold_score,rm_score}` and
+      `rlhf.final_kl`.
+    """
+    start = time.perf_counter()
+    settings = settings or (QUICK if quick else FULL)
+    output_dir = os.fspath(output_dir)
+    existing = [p for p in _STAGES + _REPORT_FILES if os.path.exists(os.path.join(output_dir, p))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds a demo run ({', '.join(existing)}); "
+                              "pass overwrite=True (--overwrite) or choose another output_dir")
+    for p in existing:
+        path = os.path.join(output_dir, p)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+
+    def log(message):
+        if verbose:
+            print(message, flush=True)
+
+    tokenizer = char_tokenizer()
+    rlvr = _run_rlvr(tokenizer, settings, os.path.join(output_dir, "rlvr"), seed, log)
+    rlhf = _run_rlhf(tokenizer, settings, os.path.join(output_dir, "rlhf"), seed, log)
+
+    plot_pass_at_k(rlvr["eval"], os.path.join(output_dir, "rlvr_pass_at_k.png"),
+                   title="RLVR (addition): pass@k on held-out problems")
+    _plot_training(os.path.join(output_dir, "rlvr_training.png"),
+                   {"verifier reward (train accuracy)": rlvr["training"]["ppo_reward"]},
+                   rlvr["training"]["ppo_kl"], "RLVR: PPO with the verifier as reward")
+    _plot_training(os.path.join(output_dir, "rlhf_training.png"),
+                   {"reward-model score": rlhf["training"]["ppo_rm_score"],
+                    "gold score (hidden annotator)": rlhf["training"]["ppo_gold_score"],
+                    "gold success (accepted fraction)": rlhf["training"]["ppo_gold_success"]},
+                   rlhf["training"]["ppo_kl"], "RLHF: PPO against the learned reward model")
+    report = {
+        "seconds": time.perf_counter() - start,
+        "seed": seed,
+        "quick": bool(quick),
+        "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "settings": dataclasses.asdict(settings),
+        "rlvr": rlvr,
+        "rlhf": rlhf,
+    }
+    report["conclusions"] = _conclusions(report)
+    report["seconds"] = time.perf_counter() - start
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write(_markdown(report))
+    if verbose:
+        print()
+        print("RLVR pass@k (held-out addition problems):")
+        print(format_table(rlvr["eval"]))
+        print()
+        print("RLHF (held-out prompts):")
+        for name, m in rlhf["models"].items():
+            print(f"  {name}: gold success {m['gold_success']:.3f}, gold score {m['gold_score']:.3f}, "
+                  f"RM score {m['rm_score']:.3f}, KL to SFT {m['kl_to_sft']:.3f}")
+        print(f"  reward model held-out accuracy {rlhf['reward_model']['heldout_accuracy']:.3f}")
+        print()
+        for c in report["conclusions"]:
+            print(f"- {c}")
+        print(f"\nreport: {os.path.join(output_dir, 'report.md')} ({report['seconds']:.1f} s)")
+    return report

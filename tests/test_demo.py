@@ -1,0 +1,62 @@
+"""The offline demo in its reduced mode: report structure, and PPO beats SFT in both parts."""
+import json
+import os
+
+import pytest
+
+from rlhf_jax.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    report = run_demo(str(out), seed=0, quick=True, verbose=False)
+    return str(out), report
+
+
+def test_report_has_the_promised_keys_and_files(quick_run):
+    out, report = quick_run
+    with open(os.path.join(out, "report.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["seconds"] == pytest.approx(report["seconds"])
+    assert on_disk["seconds"] > 0
+    ks = list(on_disk["rlvr"]["models"]["sft"]["pass_at_k"])
+    assert ks[0] == "1" and ks[-1] == str(on_disk["rlvr"]["eval"]["settings"]["n_samples"])
+    for name in ("sft", "ppo"):
+        rlvr = on_disk["rlvr"]["models"][name]
+        curve = [rlvr["pass_at_k"][k] for k in ks]
+        assert all(0.0 <= v <= 1.0 for v in curve)
+        assert curve == sorted(curve)  # pass@k never falls with k
+        rlhf = on_disk["rlhf"]["models"][name]
+        assert 0.0 <= rlhf["gold_success"] <= 1.0
+        for key in ("gold_score", "rm_score", "kl_to_sft"):
+            assert isinstance(rlhf[key], float)
+    assert isinstance(on_disk["rlvr"]["final_kl"], float)
+    assert isinstance(on_disk["rlhf"]["final_kl"], float)
+    assert 0.0 <= on_disk["rlhf"]["reward_model"]["heldout_accuracy"] <= 1.0
+    # The SFT model is its own reference: zero KL.
+    assert abs(on_disk["rlvr"]["models"]["sft"]["kl_to_sft"]) < 1e-4
+    for name in ("report.md", "rlvr_pass_at_k.png", "rlvr_training.png", "rlhf_training.png"):
+        path = os.path.join(out, name)
+        assert os.path.getsize(path) > 0
+    with open(os.path.join(out, "report.md")) as f:
+        markdown = f.read()
+    assert "pass@1" in markdown and "gold success" in markdown
+    assert len(on_disk["rlhf"]["training"]["ppo_gold_score"]) == on_disk["settings"]["mood_ppo_iterations"]
+
+
+def test_ppo_improves_on_sft_in_both_parts(quick_run):
+    _, report = quick_run
+    rlvr = report["rlvr"]["models"]
+    assert rlvr["ppo"]["pass_at_k"]["1"] > rlvr["sft"]["pass_at_k"]["1"] + 0.02
+    assert report["rlvr"]["final_kl"] > 0.0
+    rlhf = report["rlhf"]["models"]
+    assert rlhf["ppo"]["gold_success"] > rlhf["sft"]["gold_success"] + 0.1
+    assert rlhf["ppo"]["rm_score"] > rlhf["sft"]["rm_score"]
+    assert report["rlhf"]["reward_model"]["heldout_accuracy"] > 0.6
+
+
+def test_an_existing_run_is_not_overwritten_unless_asked(quick_run):
+    out, _ = quick_run
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_demo(out, quick=True, verbose=False)
