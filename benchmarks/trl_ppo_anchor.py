@@ -86,7 +86,9 @@ def time_trl_ppo(
     prompts = rng.integers(0, vocab_size - 2, size=(n_rows, prompt_length)).tolist()
     dataset = Dataset.from_dict({"input_ids": prompts})
 
-    times = {"iteration": [], "generate": [], "score": [], "update": []}
+    # iteration_cpu: CPU seconds of this process (all threads) per iteration, less
+    # sensitive than wall time to other processes sharing the machine.
+    times = {"iteration": [], "generate": [], "score": [], "update": [], "iteration_cpu": []}
     marks: dict[str, float] = {}
 
     orig_generation = trl_ppo.batch_generation
@@ -99,6 +101,7 @@ def time_trl_ppo(
     def timed_generation(*args, **kwargs):
         sync()
         marks["gen_start"] = time.perf_counter()
+        marks["gen_start_cpu"] = time.process_time()
         out = orig_generation(*args, **kwargs)
         sync()
         marks["gen_end"] = time.perf_counter()
@@ -117,6 +120,7 @@ def time_trl_ppo(
             sync()
             end = time.perf_counter()
             times["iteration"].append(end - marks["gen_start"])
+            times["iteration_cpu"].append(time.process_time() - marks["gen_start_cpu"])
             times["generate"].append(marks["gen_end"] - marks["gen_start"])
             times["score"].append(marks["update_start"] - marks["gen_end"])
             times["update"].append(end - marks["update_start"])

@@ -1,0 +1,443 @@
+"""One PPO-RLHF iteration: `rlhf_jax.train.PPOTrainer` vs TRL 1.8.0's `PPOTrainer`.
+
+Both sides train the same random GPT-2 shape (policy, a frozen reference that
+starts as a copy of the policy, a separate value model and a random reward
+model, both scalar-head GPT-2s), on batches of random fixed-length prompts,
+sampling exactly `response_length` tokens per prompt (no EOS stop) at
+temperature 0.7, then `epochs x minibatches` clipped policy + value updates
+(AdamW, lr 1e-5, grad-norm clip 1, kl_coef 0.05, vf_coef 0.1, clip 0.2,
+gamma 1, lam 0.95: TRL's defaults, which ours share).
+
+Each half runs in its own subprocess of this script, so that peak memory is
+per framework (and JAX's GPU pre-allocation never meets PyTorch's). Reported
+per half: the median over the timed iterations (after `--warmup` iterations;
+ours' first one includes compilation, reported separately, and the compile
+count of each jitted phase) of seconds per iteration and its phases; on CPU
+also the process CPU time per iteration (all threads: less sensitive than wall
+time to other processes on the machine, though PyTorch's spinning OpenMP
+threads inflate it under contention); response tokens/s = batch x
+response_length / seconds per iteration; the update's achieved model FLOP/s;
+peak memory (CPU: the largest RSS sampled every 10 ms minus the RSS after
+imports, before any model is built, over the timed iterations for ours, so
+that the compiler's transient peak is not counted, though the heap it grew and
+kept is; GPU: the device's peak bytes in use, `memory_stats()` /
+`torch.cuda.max_memory_allocated`).
+
+Phases do not split at the same place in the two trainers:
+  - TRL: generate | score = reference, value and reward forwards, rewards and
+    GAE | update = epochs x minibatches of forward/backward + optimizer steps.
+  - ours: generate | score = the reward model's forward | update = one jitted
+    call with reference / old-policy / value forwards, shaped rewards, GAE,
+    whitening and the nested `lax.scan` of epochs x minibatches.
+so `score + update` is the comparable pair (it is reported too).
+
+The update's FLOPs are model FLOPs (MFU is reported on GPU only), with T = P + N tokens per
+sequence, N_trunk = non-embedding parameters of one GPT-2 trunk, L layers,
+width D, vocabulary V:
+
+    trunk forward per sequence  F_t = 2 * N_trunk * T + 4 * L * T^2 * D
+    LM head forward per sequence F_h = 2 * D * V * N     (response positions only)
+    update FLOPs = B * [ (3 F_t + 2 F_h)                 reference, old policy, old values
+                         + epochs * 3 * (2 F_t + F_h) ]  policy + value forward/backward
+
+(backward = 2 x forward; biases, norms and the softmax are not counted),
+divided by the update time and, for MFU, by the peak of the device (dense
+bf16 989e12 FLOP/s for H100 SXM and H200; float32 67e12, the non-tensor-core
+peak, although both frameworks may use TF32 tensor cores for float32 matmuls).
+TRL's update phase is credited with the epochs term only, since its
+pre-update forwards are in its score phase. On the CPU config this is 546
+GFLOP per iteration for ours (485 for TRL's update phase), so on a 2-core
+machine at ~100 GFLOP/s per core of float32 matmul either side needs >= ~2.7 s
+per iteration: the CPU config is compute-bound.
+
+Usage:
+  python benchmarks/ppo_iteration.py                  # --device cpu, ~3-4 minutes on 2 quiet cores
+  python benchmarks/ppo_iteration.py --device gpu --bf16
+  python benchmarks/ppo_iteration.py --torch-threads 1   # TRL without OpenMP spinning on a busy box
+
+On a shared, busy CPU PyTorch's OpenMP threads spin and TRL slows down several
+times more than JAX does (measured here: a GPT-2 4x256 minibatch forward/backward
+takes 0.25 CPU-s with 1 torch thread, 1.85 CPU-s with 2 at load ~10 on 2 cores),
+so a speed-up measured on a loaded machine overstates the quiet-machine one.
+
+The last line printed is one JSON object with `ours_s_per_iter`,
+`trl_s_per_iter`, `speedup` (TRL seconds / ours) and the phases of both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import machine, markdown_table, write_section  # noqa: E402
+
+CPU = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=64, prompt_length=16,
+           response_length=32, ppo_epochs=4, num_minibatches=4)
+GPU = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch_size=64, prompt_length=512,
+           response_length=53, ppo_epochs=4, num_minibatches=4)
+N_POSITIONS = 1024  # TRL's anchor builds GPT2Config(n_positions=max(1024, P + N))
+# Dense peak FLOP/s by device kind (public spec sheets): (bf16 tensor core, float32 non-tensor).
+PEAK_FLOPS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12)}
+
+
+def _peak_flops(device_kind: str, bf16: bool) -> float | None:
+    for name, (p16, p32) in PEAK_FLOPS.items():
+        if name in device_kind:
+            return p16 if bf16 else p32
+    return None
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every `interval` s in a thread.
+
+    `reset()` starts a new window; `peak` is the largest RSS seen since. (`ru_maxrss`
+    cannot be reset, and ours would report the XLA compiler's peak, not training's.)
+    """
+
+    def __init__(self, interval: float = 0.01):
+        import psutil
+        import threading
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def reset(self):
+        self.peak = self._proc.memory_info().rss
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak
+
+
+def update_flops(shape: dict, *, with_pre_forwards: bool = True) -> float:
+    """Model FLOPs of one PPO update phase (see the module docstring)."""
+    L, D, V = shape["n_layer"], shape["n_embd"], shape["vocab_size"]
+    B, N = shape["batch_size"], shape["response_length"]
+    T = shape["prompt_length"] + N
+    n_trunk = L * 12 * D * D  # attention 4 D^2 + MLP 8 D^2 per layer (biases, norms ignored)
+    f_trunk = 2 * n_trunk * T + 4 * L * T * T * D
+    f_head = 2 * D * V * N
+    flops = shape["ppo_epochs"] * 3 * (2 * f_trunk + f_head)
+    if with_pre_forwards:
+        flops += 3 * f_trunk + 2 * f_head
+    return float(B * flops)
+
+
+# ------------------------------------------------------------------------------- ours
+
+
+def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool, seed: int) -> dict:
+    if not gpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.models import ModelConfig, from_config
+    from rlhf_jax.train import PPOConfig, PPOTrainer, make_optimizer
+
+    rss0 = _rss_bytes()
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    V = shape["vocab_size"]
+    cfg = ModelConfig(
+        family="gpt2", model_type="gpt2", vocab_size=V, hidden_size=shape["n_embd"],
+        num_layers=shape["n_layer"], num_heads=shape["n_head"],
+        max_position_embeddings=max(N_POSITIONS, shape["prompt_length"] + shape["response_length"]),
+        norm_eps=1e-5, hidden_act="gelu_new", tie_word_embeddings=True, attention_bias=True,
+        attention_out_bias=True, mlp_bias=True, pad_token_id=V - 2, eos_token_id=V - 1,
+    )
+    policy = from_config(cfg, head="lm", seed=seed, dtype=dtype)
+    value_model = from_config(cfg, head="scalar", seed=seed + 1, dtype=dtype)
+    reward_model = from_config(cfg, head="scalar", seed=seed + 2, dtype=dtype)
+    ref_params = jax.tree.map(jnp.copy, policy.params)
+
+    ppo_cfg = PPOConfig(
+        batch_size=shape["batch_size"], num_minibatches=shape["num_minibatches"],
+        ppo_epochs=shape["ppo_epochs"], max_new_tokens=shape["response_length"], temperature=0.7,
+        eos_token_id=None, pad_token_id=V - 2, learning_rate=1e-5, schedule="constant",
+        kl_coef=0.05, vf_coef=0.1, clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95,
+        max_grad_norm=1.0, seed=seed,
+    )
+    tx = make_optimizer(1e-5, schedule="constant", max_grad_norm=1.0)
+    trainer = PPOTrainer(policy, ppo_cfg, tx, value_model=value_model, reward_model=reward_model)
+    state = trainer.init(policy.params, value_model.params, seed=seed)
+
+    rng = np.random.default_rng(seed)
+    B, P = shape["batch_size"], shape["prompt_length"]
+    prompts = [jnp.asarray(rng.integers(0, V - 2, size=(B, P)), jnp.int32) for _ in range(warmup + iterations)]
+    prompt_mask = jnp.ones((B, P), jnp.int32)
+
+    sampler = RssSampler()
+    times = {"iteration": [], "generate": [], "score": [], "update": [], "iteration_cpu": []}
+    for i, prompt_ids in enumerate(prompts):
+        if i == warmup:
+            peak_with_compile = sampler.peak
+            sampler.reset()
+        cpu0 = time.process_time()
+        state, metrics, _ = trainer.iteration(
+            state, prompt_ids, prompt_mask, ref_params=ref_params, reward_params=reward_model.params
+        )
+        times["iteration_cpu"].append(time.process_time() - cpu0)
+        times["iteration"].append(metrics["time/iteration"])
+        times["generate"].append(metrics["time/rollout"])
+        times["score"].append(metrics["time/score"])
+        times["update"].append(metrics["time/update"])
+    jax.block_until_ready(state)
+    peak = sampler.stop()
+    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    out = _summarise(times, warmup)
+    out["first_iteration_s"] = times["iteration"][0]
+    out["compile_s"] = max(times["iteration"][0] - out["iteration"], 0.0)
+    out["compile_counts"] = trainer.compile_counts()
+    out["response_length_mean"] = last["response_length"]
+    out["finite"] = all(np.isfinite(v) for v in last.values())
+    out["approx_kl"] = last.get("approx_kl")
+    dev = jax.devices()[0]
+    out["device"] = f"JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
+    if gpu:
+        stats = dev.memory_stats() or {}
+        out["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+    else:
+        out["peak_memory_bytes"] = peak - rss0
+        out["peak_memory_with_compile_bytes"] = max(peak_with_compile, peak) - rss0
+    return out
+
+
+# -------------------------------------------------------------------------------- TRL
+
+
+def run_trl(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool, seed: int,
+            torch_threads: int | None = None) -> dict:
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+
+    from trl_ppo_anchor import time_trl_ppo
+
+    rss0 = _rss_bytes()
+    sampler = RssSampler()
+    device = "cuda" if gpu else "cpu"
+    times = time_trl_ppo(**shape, iterations=iterations, warmup=warmup, device=device, bf16=bf16, seed=seed)
+    peak = sampler.stop()
+    out = dict(times)
+    out["device"] = f"torch {torch.__version__} on " + (
+        torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if gpu else peak - rss0
+    return out
+
+
+def _summarise(times: dict, warmup: int) -> dict:
+    import statistics
+
+    return {k: statistics.median(v[warmup:]) for k, v in times.items()} | {
+        "iterations_timed": len(times["iteration"]) - warmup
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_half(half: str, args) -> dict:
+    """Run one half in a fresh interpreter; its last stdout line is its JSON result."""
+    cmd = [sys.executable, __file__, "--half", half, "--device", args.device, "--iterations",
+           str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    if args.bf16:
+        cmd.append("--bf16")
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"the {half} half failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _fmt_mem(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 compute (GPU config)")
+    parser.add_argument("--iterations", type=int, default=None, help="timed iterations per side")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-trl", action="store_true", help="time ours only (no table written)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument("--load-note", default=None, help="what else ran on the machine")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for TRL (default: torch's own, one per core)")
+    parser.add_argument("--half", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "gpu"
+    shape = GPU if gpu else CPU
+    if args.iterations is None:
+        args.iterations = 5 if gpu else 3
+
+    if args.half is not None:
+        kwargs = dict(iterations=args.iterations, warmup=args.warmup, gpu=gpu, bf16=args.bf16,
+                      seed=args.seed)
+        if args.half == "ours":
+            result = run_ours(shape, **kwargs)
+        else:
+            result = run_trl(shape, torch_threads=args.torch_threads, **kwargs)
+        print(json.dumps(result))
+        return
+
+    load_start = os.getloadavg()[0]
+    ours = _run_half("ours", args)
+    print(f"ours: {json.dumps(ours)}", flush=True)
+    trl = None if args.skip_trl else _run_half("trl", args)
+    if trl is not None:
+        print(f"trl:  {json.dumps(trl)}", flush=True)
+
+    B, N = shape["batch_size"], shape["response_length"]
+    # Model FLOPs of each side's update phase (TRL's pre-update forwards are in its score).
+    flops = {"ours": update_flops(shape), "trl": update_flops(shape, with_pre_forwards=False)}
+    peak = _peak_flops(ours["device"], args.bf16) if gpu else None
+    mfu = {}
+    if peak is not None:
+        mfu["ours"] = flops["ours"] / ours["update"] / peak
+        if trl is not None:
+            mfu["trl"] = flops["trl"] / trl["update"] / peak
+
+    def row(name, r, key):
+        if r is None:
+            return None
+        cells = [name, f"{r['iteration']:.3f}"]
+        if not gpu:
+            cells.append(f"{r['iteration_cpu']:.2f}")
+        cells += [f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['update']:.3f}",
+                  f"{r['score'] + r['update']:.3f}", f"{B * N / r['iteration']:.0f}",
+                  f"{flops[key] / r['update'] / 1e9:.1f}", _fmt_mem(r["peak_memory_bytes"])]
+        if gpu:
+            cells.append(f"{100 * mfu[key]:.1f}%" if key in mfu else "n/a")
+        return cells
+
+    headers = ["trainer", "s / iteration"] + ([] if gpu else ["CPU s / iteration"]) + [
+        "generate s", "score s", "update s", "score + update s", "response tokens/s",
+        "update GFLOP/s", "peak memory"] + (["update MFU"] if gpu else [])
+    rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
+                        row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]
+    speedup = trl["iteration"] / ours["iteration"] if trl is not None else None
+    if speedup is not None:
+        ratio = lambda k: f"{trl[k] / ours[k]:.1f}x"  # noqa: E731
+        both = (trl["score"] + trl["update"]) / (ours["score"] + ours["update"])
+        rows.append(["speed-up (TRL / ours)", f"{speedup:.1f}x"]
+                    + ([] if gpu else [ratio("iteration_cpu")])
+                    + [ratio("generate"), "", "", f"{both:.1f}x", "", "", ""] + ([""] if gpu else []))
+    table = markdown_table(headers, rows)
+    print(table)
+
+    def phases(r):
+        return None if r is None else {k: r[k] for k in ("generate", "score", "update")}
+
+    summary = {
+        "device": args.device,
+        "bf16": args.bf16,
+        "shape": shape,
+        "ours_s_per_iter": ours["iteration"],
+        "trl_s_per_iter": trl["iteration"] if trl else None,
+        "speedup": speedup,
+        "ours_phases": phases(ours),
+        "trl_phases": phases(trl),
+        "ours_cpu_s_per_iter": ours.get("iteration_cpu"),
+        "trl_cpu_s_per_iter": trl.get("iteration_cpu") if trl else None,
+        "ours_tokens_per_s": B * N / ours["iteration"],
+        "trl_tokens_per_s": B * N / trl["iteration"] if trl else None,
+        "ours_compile_s": ours["compile_s"],
+        "ours_compile_counts": ours["compile_counts"],
+        "ours_update_gflops": flops["ours"] / ours["update"] / 1e9,
+        "trl_update_gflops": flops["trl"] / trl["update"] / 1e9 if trl else None,
+        "ours_peak_memory_bytes": ours["peak_memory_bytes"],
+        "trl_peak_memory_bytes": trl["peak_memory_bytes"] if trl else None,
+        "update_mfu": mfu or None,
+        "iterations_timed": ours["iterations_timed"],
+        "load_average": [load_start, os.getloadavg()[0]],
+    }
+
+    if trl is not None and not args.no_write:
+        s = shape
+        body = (
+            f"## PPO iteration: `rlhf_jax.train.PPOTrainer` vs TRL {_trl_version()} "
+            f"`PPOTrainer` ({args.device}, {'bfloat16' if args.bf16 else 'float32'})\n\n"
+            f"Machine: {machine()}. Ours: {ours['device']}; TRL: {trl['device']}. "
+            f"{args.load_note or _load_note(load_start, summary['load_average'][1])}\n\n"
+            f"GPT-2 {s['n_layer']} layers x {s['n_embd']} wide, {s['n_head']} heads, vocab "
+            f"{s['vocab_size']} (policy, reference = copy of the policy, separate value and reward "
+            f"models); batch {B}, {s['prompt_length']}-token prompts, exactly {N}-token responses "
+            f"(no EOS stop), temperature 0.7, {s['ppo_epochs']} epochs x {s['num_minibatches']} "
+            f"minibatches. Medians of {ours['iterations_timed']} iterations after {args.warmup} "
+            f"warm-up, each side in its own process. Ours compiled each phase once "
+            f"({_counts(ours['compile_counts'])}); its first iteration took "
+            f"{ours['first_iteration_s']:.1f} s (compilation ~{ours['compile_s']:.1f} s, not in the medians). "
+            "TRL's score phase holds its reference, value and reward forwards and GAE; ours holds "
+            "only the reward model, the rest being inside our one jitted update, so compare "
+            "`score + update`. Response tokens/s = batch x response length / (s / iteration). "
+            "Update GFLOP/s: model FLOPs of each side's update phase (formula in the script's "
+            "docstring) / its time. "
+            + ("CPU s: process CPU time (all threads) per iteration. " if not gpu else "")
+            + ("Peak memory: device peak bytes in use. " if gpu else
+               "Peak memory: peak RSS (sampled every 10 ms; ours: during the timed iterations, TRL: "
+               "over its whole run) minus the RSS after imports; ours keeps the heap that the XLA "
+               "compiler grew. ")
+            + (f"Update MFU: over {peak:.3g} FLOP/s." if peak is not None else "")
+            + "\n\n" + table
+        )
+        name = "ppo_iteration" if not gpu else f"ppo_iteration_gpu{'_bf16' if args.bf16 else ''}"
+        write_section(name, body)
+    print(json.dumps(summary))
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}x" for k, v in counts.items())
+
+
+def _trl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("trl")
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _load_note(start: float, end: float) -> str:
+    cores = os.cpu_count() or 1
+    busy = max(start, end) > 1.5 * cores
+    return (f"Load average {start:.1f} at the start, {end:.1f} at the end, on {cores} cores"
+            + (": other processes shared the CPU, absolute times are noisy." if busy else "."))
+
+
+if __name__ == "__main__":
+    main()
