@@ -241,7 +241,7 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
         f"{_since(t0)}")
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lm.save_pretrained(os.path.join(out, "ppo_hf"), params=ppo_params, tokenizer=tokenizer)
+    _export(lm, ppo_params, tokenizer, os.path.join(out, "ppo_hf"))
 
     models = {}
     for name, entry in results["models"].items():
@@ -270,6 +270,12 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
         },
         "eval": results,
     }
+
+
+def _export(lm, params, tokenizer, path):
+    """The policy as an HF causal LM (the value head is PPO's tool, not part of the policy)."""
+    policy, policy_params = lm.with_head("lm", params=params)
+    policy.save_pretrained(path, params=policy_params, tokenizer=tokenizer)
 
 
 def _pad_lists(rows):
@@ -398,7 +404,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
         f"{_since(t0)}")
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lm.save_pretrained(os.path.join(out, "ppo_hf"), params=ppo_params, tokenizer=tokenizer)
+    _export(lm, ppo_params, tokenizer, os.path.join(out, "ppo_hf"))
 
     models = {}
     for name, entry in results["models"].items():

@@ -60,3 +60,21 @@ def test_an_existing_run_is_not_overwritten_unless_asked(quick_run):
     out, _ = quick_run
     with pytest.raises(FileExistsError, match="overwrite"):
         run_demo(out, quick=True, verbose=False)
+
+
+def test_exported_policy_runs_in_transformers(quick_run):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = quick_run
+    path = os.path.join(out, "rlvr", "ppo_hf")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompt = report["rlvr"]["task"]["example"].split("=")[0] + "="
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    # The greedy answer is a fixed-width number: the model learned the answer format.
+    assert len(answer) == report["rlvr"]["task"]["digits"] + 1 and answer.isdigit(), answer
