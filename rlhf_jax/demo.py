@@ -393,11 +393,16 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
     def gold_accepts(prompt_ids, prompt_mask, tokens, mask, index):
         return (gold_fn(prompt_ids, prompt_mask, tokens, mask, index) >= accept).astype(np.float32)
 
+    def malformed(prompt_ids, prompt_mask, tokens, mask, index):
+        # Non-words, broken grammar or no EOS: text the reward model rarely saw in its pairs.
+        gold = gold_fn(prompt_ids, prompt_mask, tokens, mask, index)
+        return (gold == task.annotator.malformed_score).astype(np.float32)
+
     results = evaluate_pass_at_k(
         {"sft": (lm, sft_params), "ppo": (lm, ppo_params)}, ev_ids, ev_mask, gold_accepts,
         n_samples=settings.mood_eval_samples, max_new_tokens=max_new, key=jax.random.key(seed + 2),
         temperature=settings.temperature, ref=(lm, sft_params), reward_model=(rm, rm_params),
-        scorers={"gold_score": gold_fn}, eos_token_id=tokenizer.eos_token_id,
+        scorers={"gold_score": gold_fn, "malformed": malformed}, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, num_examples=6,
     )
     log(f"[rlhf] evaluation: {len(ev_ids)} prompts x {settings.mood_eval_samples} samples "
@@ -416,6 +421,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
             "rm_score": entry["rm_score"]["mean"],
             "kl_to_sft": entry["kl_to_ref"]["mean"],
             "eos_fraction": entry["eos_fraction"],
+            "malformed_fraction": entry["malformed"]["mean"],
             "examples": [f"{task.eval_prompts[i // settings.mood_eval_samples]}{t}" for i, t in enumerate(texts)],
         }
     return {
@@ -426,6 +432,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
             "tie_margin": task.annotator.tie_margin,
             "pairs_sampled": len(rl_ids),
             "accept_threshold": accept,
+            "malformed_score": task.annotator.malformed_score,
             "pairs_train": int(len(train_pairs["chosen_ids"])),
             "pairs_heldout": num_heldout,
             "label_agreement_with_gold": label_agreement,
@@ -458,6 +465,7 @@ def _plot_training(path, series: dict, kl, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), dpi=110, sharex=True)
     for label, values in series.items():
@@ -469,6 +477,7 @@ def _plot_training(path, series: dict, kl, title):
     bottom.plot(np.arange(1, len(kl) + 1), kl, color="black", linewidth=1.4)
     bottom.set_ylabel("KL(policy || SFT), k1")
     bottom.set_xlabel("PPO iteration")
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -511,13 +520,13 @@ def _markdown(report: dict) -> str:
         f"{rlhf['reward_model']['heldout_accuracy_vs_gold']:.3f} "
         f"(the annotator itself agrees with gold on {rlhf['task']['label_agreement_with_gold']:.3f} of its labels).",
         "",
-        "| model | gold success | gold score | RM score | KL to SFT |",
-        "|---|---|---|---|---|",
+        "| model | gold success | gold score | RM score | malformed | KL to SFT |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in rlhf["models"].items():
         lo, hi = m["gold_success_ci"]
         lines.append(f"| {name} | {m['gold_success']:.3f} [{lo:.2f}, {hi:.2f}] | {m['gold_score']:.3f} | "
-                     f"{m['rm_score']:.3f} | {m['kl_to_sft']:.3f} |")
+                     f"{m['rm_score']:.3f} | {m['malformed_fraction']:.3f} | {m['kl_to_sft']:.3f} |")
     lines += ["", "![training](rlhf_training.png)", "", "Samples:", ""]
     for name in ("sft", "ppo"):
         lines.append(f"- {name}: " + "; ".join(f"`{t}`" for t in rlhf["models"][name]["examples"]))
@@ -545,6 +554,12 @@ def _conclusions(report: dict) -> list[str]:
     rm = report["rlhf"]["training"]["ppo_rm_score"]
     out.append(f"RLHF: gold success {rlhf['sft']['gold_success']:.3f} (SFT) -> {rlhf['ppo']['gold_success']:.3f} "
                f"(PPO); RM score {rlhf['sft']['rm_score']:.3f} -> {rlhf['ppo']['rm_score']:.3f}.")
+    before, after = rlhf["sft"]["malformed_fraction"], rlhf["ppo"]["malformed_fraction"]
+    if after > before + 0.03:
+        out.append(f"Reward hacking in small doses: the share of malformed responses (non-words, broken grammar, "
+                   f"no EOS), which the annotator scores {report['rlhf']['task']['malformed_score']:.0f}, rose from "
+                   f"{before:.3f} (SFT) to {after:.3f} (PPO): the policy found some of the reward model's blind "
+                   "spots, text its training pairs rarely contained.")
     if gold:
         best = int(np.argmax(gold))
         fell = gold[best] - gold[-1]
@@ -633,7 +648,8 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
         print("RLHF (held-out prompts):")
         for name, m in rlhf["models"].items():
             print(f"  {name}: gold success {m['gold_success']:.3f}, gold score {m['gold_score']:.3f}, "
-                  f"RM score {m['rm_score']:.3f}, KL to SFT {m['kl_to_sft']:.3f}")
+                  f"RM score {m['rm_score']:.3f}, malformed {m['malformed_fraction']:.3f}, "
+                  f"KL to SFT {m['kl_to_sft']:.3f}")
         print(f"  reward model held-out accuracy {rlhf['reward_model']['heldout_accuracy']:.3f}")
         print()
         for c in report["conclusions"]:
