@@ -176,10 +176,10 @@ _QUIET = dict(log_every=10, print_every=10**9, checkpoint_every=10**9, tensorboa
               async_checkpoint=False, resume=False, progress=False)
 
 
-def _sft(lm, data, steps, lr, settings, output_dir, seed):
+def _sft(lm, data, steps, lr, settings, output_dir, seed, quiet):
     cfg = SFTConfig(batch_size=settings.sft_batch_size, num_epochs=None, learning_rate=lr,
                     warmup_steps=min(50, steps // 10), schedule="cosine", seed=seed)
-    params, history = fit_sft(lm, lm.params, data, cfg, output_dir=output_dir, max_steps=steps, **_QUIET)
+    params, history = fit_sft(lm, lm.params, data, cfg, output_dir=output_dir, max_steps=steps, **quiet)
     return params, history
 
 
@@ -200,7 +200,7 @@ def _history_series(history, key):
 # ----------------------------------------------------------------------------- part 1
 
 
-def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> dict:
+def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet: dict) -> dict:
     task = tasks.make_addition_task(
         seed, num_digits=settings.add_digits, num_sft=settings.add_num_sft,
         num_rl=settings.add_num_rl, num_eval=settings.add_num_eval, noise_rate=settings.add_noise,
@@ -212,7 +212,7 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
 
     t0 = _now()
     sft_params, sft_hist = _sft(lm, sft_data, settings.add_sft_steps, settings.add_sft_lr, settings,
-                                os.path.join(out, "sft"), seed)
+                                os.path.join(out, "sft"), seed, quiet)
     log(f"[rlvr] SFT: {settings.add_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
         f"{_since(t0)}")
 
@@ -224,7 +224,7 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
     ppo_params, ppo_hist = fit_ppo(trainer, sft_params, sft_params,
                                    {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
                                    output_dir=os.path.join(out, "ppo"),
-                                   max_steps=settings.add_ppo_iterations, **{**_QUIET, "log_every": 1})
+                                   max_steps=settings.add_ppo_iterations, **{**quiet, "log_every": 1})
     log(f"[rlvr] PPO: {settings.add_ppo_iterations} iterations, train accuracy "
         f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f} {_since(t0)}")
 
@@ -313,7 +313,7 @@ def _preference_pairs(tokenizer, task, lm, sft_params, prompt_ids, prompt_mask, 
     return pairs, chosen_gold, rejected_gold, seq[0], mask[0]
 
 
-def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> dict:
+def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet: dict) -> dict:
     task = tasks.make_mood_task(seed, num_sft=settings.mood_num_sft, num_rl=settings.mood_num_pairs,
                                 num_eval=settings.mood_num_eval)
     prompt_len = 1 + max(len(p) for p in task.sft_prompts + task.rl_prompts + task.eval_prompts)
@@ -324,7 +324,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
 
     t0 = _now()
     sft_params, sft_hist = _sft(lm, sft_data, settings.mood_sft_steps, settings.mood_sft_lr, settings,
-                                os.path.join(out, "sft"), seed)
+                                os.path.join(out, "sft"), seed, quiet)
     log(f"[rlhf] SFT: {settings.mood_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
         f"{_since(t0)}")
 
@@ -347,7 +347,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
     rm_cfg = RewardConfig(batch_size=settings.rm_batch_size, num_epochs=settings.rm_epochs,
                           learning_rate=settings.rm_lr, warmup_steps=10, schedule="cosine", seed=seed)
     rm_params, rm_hist = fit_reward(rm, rm_params, train_pairs, rm_cfg, eval_data=heldout_pairs,
-                                    output_dir=os.path.join(out, "reward"), **_QUIET)
+                                    output_dir=os.path.join(out, "reward"), **quiet)
     heldout = {k[len("eval/"):]: float(v) for k, v in rm_hist[-1].items() if k.startswith("eval/")}
     # Agreement with the noise-free gold ordering on held-out pairs with distinct gold scores.
     score = jax.jit(rm.scores)
@@ -381,7 +381,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log) -> di
                                    {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
                                    reward_params=rm_params, output_dir=os.path.join(out, "ppo"),
                                    max_steps=settings.mood_ppo_iterations, on_rollout=watch_gold,
-                                   **{**_QUIET, "log_every": 1})
+                                   **{**quiet, "log_every": 1})
     log(f"[rlhf] PPO: {settings.mood_ppo_iterations} iterations, RM score "
         f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f}, gold score "
         f"{ppo_hist[0]['gold_score']:.3f} -> {ppo_hist[-1]['gold_score']:.3f} {_since(t0)}")
@@ -612,8 +612,9 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
             print(message, flush=True)
 
     tokenizer = char_tokenizer()
-    rlvr = _run_rlvr(tokenizer, settings, os.path.join(output_dir, "rlvr"), seed, log)
-    rlhf = _run_rlhf(tokenizer, settings, os.path.join(output_dir, "rlhf"), seed, log)
+    quiet = {**_QUIET, "stdout": verbose}
+    rlvr = _run_rlvr(tokenizer, settings, os.path.join(output_dir, "rlvr"), seed, log, quiet)
+    rlhf = _run_rlhf(tokenizer, settings, os.path.join(output_dir, "rlhf"), seed, log, quiet)
 
     plot_pass_at_k(rlvr["eval"], os.path.join(output_dir, "rlvr_pass_at_k.png"),
                    title="RLVR (addition): pass@k on held-out problems")
