@@ -61,10 +61,20 @@ def _options_epilog(cls) -> str:
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlhf_jax")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `rlhf-jax` (every config key is listed in each subcommand's --help)."""
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, PPO, pass@k evaluation.")
+    parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():

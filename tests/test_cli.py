@@ -252,3 +252,12 @@ def test_demo_forwards_its_options(monkeypatch, tmp_path):
     assert cli.main(["demo", "--output_dir", str(tmp_path / "full")]) == 2
     assert cli.main(["demo", "--output_dir", str(tmp_path / "full"), "--overwrite"]) == 0
     assert calls[-1] == (str(tmp_path / "full"), 0, False, True)
+
+
+def test_version_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("rlhf-jax ")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
