@@ -316,8 +316,10 @@ class EvalConfig:
     temperature: float = _help("sampling temperature", 1.0)
     ks: tuple[int, ...] = _help("the k to report (empty: powers of two up to n, and n)", ())
     batch_size: int = _help("prompts per sampling batch", 16)
-    reward_model: str | None = _help("optional reward-model folder: also report its mean score", None)
-    reference: str | None = _help("optional reference-model folder: also report KL(model || reference)", None)
+    reward_model: str | None = _help("optional reward-model folder (or reward run folder): also report its mean "
+                                     "score", None)
+    reference: str | None = _help("optional reference-model folder (or run folder): also report "
+                                  "KL(model || reference)", None)
     bootstrap: int = _help("bootstrap resamples for the pass@k confidence intervals", 1000)
     seed: int = _help("sampling seed", 0)
     output_dir: str = _help("folder for eval.json and pass_at_k.png", "runs/eval")

@@ -330,10 +330,12 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
     models = {m.name: _policy_from_path(m.path) for m in cfg.models}
     ref = reward_model = None
     if cfg.reference is not None:
-        lm = load_pretrained(cfg.reference, head="lm")
-        ref = (lm, lm.params)
+        ref = _policy_from_path(cfg.reference)
     if cfg.reward_model is not None:
-        lm = load_pretrained(cfg.reward_model, head="scalar")
+        path = cfg.reward_model
+        if os.path.isfile(os.path.join(path, RUN_FILE)) and os.path.isdir(os.path.join(path, "hf")):
+            path = os.path.join(path, "hf")  # a reward run folder: its normalised export
+        lm = load_pretrained(path, head="scalar")
         reward_model = (lm, lm.params)
     results = evaluate_pass_at_k(
         models, prompts.arrays["prompt_ids"], prompts.arrays["prompt_mask"], verifier,
