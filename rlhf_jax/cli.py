@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, RunError) as e:
         if os.environ.get("RLHF_JAX_DEBUG"):
             raise
-        print(f"rlhf-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"rlhf-jax {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         # Bad inputs discovered while loading models, tokenizers or reward functions.
