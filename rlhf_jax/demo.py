@@ -82,6 +82,7 @@ class DemoSettings:
     mood_ppo_iterations: int = 20
     mood_ppo_lr: float = 1e-4
     mood_kl_coef: float = 0.2
+    mood_low_kl_coef: float | None = 0.01
     rm_target_std: float = 1.0
     mood_num_eval: int = 256
     mood_eval_samples: int = 4
@@ -118,6 +119,7 @@ QUICK = dataclasses.replace(
     mood_ppo_lr=2e-4,
     mood_num_eval=128,
     mood_eval_samples=2,
+    mood_low_kl_coef=None,
     ppo_batch_size=128,
 )
 
@@ -373,18 +375,28 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
         return {"gold_score": float(gold.mean()),
                 "gold_success": float(np.mean(gold >= task.annotator.accept_threshold))}
 
-    cfg = _ppo_config(settings, settings.mood_ppo_lr, settings.mood_kl_coef, max_new, tokenizer, seed,
-                      missing_eos_penalty=1.0)
-    trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg), reward_model=rm)
-    t0 = _now()
-    ppo_params, ppo_hist = fit_ppo(trainer, sft_params, sft_params,
-                                   {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
-                                   reward_params=rm_params, output_dir=os.path.join(out, "ppo"),
-                                   max_steps=settings.mood_ppo_iterations, on_rollout=watch_gold,
-                                   **{**quiet, "log_every": 1})
-    log(f"[rlhf] PPO: {settings.mood_ppo_iterations} iterations, RM score "
-        f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f}, gold score "
-        f"{ppo_hist[0]['gold_score']:.3f} -> {ppo_hist[-1]['gold_score']:.3f} {_since(t0)}")
+    def run_ppo(kl_coef, folder):
+        cfg = _ppo_config(settings, settings.mood_ppo_lr, kl_coef, max_new, tokenizer, seed,
+                          missing_eos_penalty=1.0)
+        trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg), reward_model=rm)
+        t0 = _now()
+        params, hist = fit_ppo(trainer, sft_params, sft_params, {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
+                               reward_params=rm_params, output_dir=os.path.join(out, folder),
+                               max_steps=settings.mood_ppo_iterations, on_rollout=watch_gold,
+                               **{**quiet, "log_every": 1})
+        log(f"[rlhf] PPO (kl_coef {kl_coef}): {settings.mood_ppo_iterations} iterations, RM score "
+            f"{hist[0]['score_mean']:.3f} -> {hist[-1]['score_mean']:.3f}, gold score "
+            f"{hist[0]['gold_score']:.3f} -> {hist[-1]['gold_score']:.3f} {_since(t0)}")
+        return params, hist
+
+    policies = {"sft": (lm, sft_params)}
+    histories = {}
+    ppo_params, histories["ppo"] = run_ppo(settings.mood_kl_coef, "ppo")
+    policies["ppo"] = (lm, ppo_params)
+    if settings.mood_low_kl_coef is not None:
+        # The same run with a weak KL penalty: how far does the learned reward stay a good proxy?
+        low_params, histories["ppo_low_kl"] = run_ppo(settings.mood_low_kl_coef, "ppo_low_kl")
+        policies["ppo_low_kl"] = (lm, low_params)
 
     t0 = _now()
     ev_ids, ev_mask = _prompt_arrays(tokenizer, task.eval_prompts, prompt_len)
@@ -399,7 +411,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
         return (gold == task.annotator.malformed_score).astype(np.float32)
 
     results = evaluate_pass_at_k(
-        {"sft": (lm, sft_params), "ppo": (lm, ppo_params)}, ev_ids, ev_mask, gold_accepts,
+        policies, ev_ids, ev_mask, gold_accepts,
         n_samples=settings.mood_eval_samples, max_new_tokens=max_new, key=jax.random.key(seed + 2),
         temperature=settings.temperature, ref=(lm, sft_params), reward_model=(rm, rm_params),
         scorers={"gold_score": gold_fn, "malformed": malformed}, eos_token_id=tokenizer.eos_token_id,
@@ -445,13 +457,16 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
         },
         "models": models,
         "final_kl": results["models"]["ppo"]["kl_to_ref"]["mean"],
+        "kl_coef": {"ppo": settings.mood_kl_coef, "ppo_low_kl": settings.mood_low_kl_coef},
         "training": {
             "sft_loss": _history_series(sft_hist, "loss"),
             "rm_loss": _history_series(rm_hist, "loss"),
-            "ppo_rm_score": _history_series(ppo_hist, "score_mean"),
-            "ppo_gold_score": _history_series(ppo_hist, "gold_score"),
-            "ppo_gold_success": _history_series(ppo_hist, "gold_success"),
-            "ppo_kl": _history_series(ppo_hist, "kl_k1"),
+            **{
+                f"{run}_{name}": _history_series(hist, key)
+                for run, hist in histories.items()
+                for name, key in (("rm_score", "score_mean"), ("gold_score", "gold_score"),
+                                  ("gold_success", "gold_success"), ("kl", "kl_k1"))
+            },
         },
         "eval": results,
     }
@@ -460,27 +475,32 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
 # ----------------------------------------------------------------------------- report
 
 
-def _plot_training(path, series: dict, kl, title):
+def _plot_training(path, series: dict, kl: dict, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), dpi=110, sharex=True)
-    for label, values in series.items():
-        top.plot(np.arange(1, len(values) + 1), values, label=label, linewidth=1.6)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.5), dpi=110, sharex=True)
+    for i, (label, values) in enumerate(series.items()):
+        style = "--" if "low KL" in label else "-"
+        top.plot(np.arange(1, len(values) + 1), values, style, color=f"C{i % 3}", label=label, linewidth=1.6)
     top.set_ylabel("mean over rollouts")
     top.grid(True, alpha=0.3)
-    top.legend(loc="best")
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     top.set_title(title)
-    bottom.plot(np.arange(1, len(kl) + 1), kl, color="black", linewidth=1.4)
+    for label, values in kl.items():
+        style = "--" if "low KL" in label else "-"
+        bottom.plot(np.arange(1, len(values) + 1), values, style, color="black", linewidth=1.4, label=label)
+    if len(kl) > 1:
+        bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     bottom.set_ylabel("KL(policy || SFT), k1")
     bottom.set_xlabel("PPO iteration")
     bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -520,6 +540,8 @@ def _markdown(report: dict) -> str:
         f"{rlhf['reward_model']['heldout_accuracy_vs_gold']:.3f} "
         f"(the annotator itself agrees with gold on {rlhf['task']['label_agreement_with_gold']:.3f} of its labels).",
         "",
+        f"PPO kl_coef: {rlhf['kl_coef']['ppo']} (ppo), {rlhf['kl_coef']['ppo_low_kl']} (ppo_low_kl, when run).",
+        "",
         "| model | gold success | gold score | RM score | malformed | KL to SFT |",
         "|---|---|---|---|---|---|",
     ]
@@ -528,7 +550,7 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['gold_success']:.3f} [{lo:.2f}, {hi:.2f}] | {m['gold_score']:.3f} | "
                      f"{m['rm_score']:.3f} | {m['malformed_fraction']:.3f} | {m['kl_to_sft']:.3f} |")
     lines += ["", "![training](rlhf_training.png)", "", "Samples:", ""]
-    for name in ("sft", "ppo"):
+    for name in rlhf["models"]:
         lines.append(f"- {name}: " + "; ".join(f"`{t}`" for t in rlhf["models"][name]["examples"]))
     lines += ["", "## Conclusions", ""] + [f"- {c}" for c in report["conclusions"]]
     return "\n".join(lines) + "\n"
@@ -550,8 +572,6 @@ def _conclusions(report: dict) -> list[str]:
     else:
         out.append(f"PPO stays ahead at every k up to {k_max} (pass@{k_max}: SFT "
                    f"{rlvr['sft']['pass_at_k'][k_max]:.3f}, PPO {rlvr['ppo']['pass_at_k'][k_max]:.3f}).")
-    gold = report["rlhf"]["training"]["ppo_gold_score"]
-    rm = report["rlhf"]["training"]["ppo_rm_score"]
     out.append(f"RLHF: gold success {rlhf['sft']['gold_success']:.3f} (SFT) -> {rlhf['ppo']['gold_success']:.3f} "
                f"(PPO); RM score {rlhf['sft']['rm_score']:.3f} -> {rlhf['ppo']['rm_score']:.3f}.")
     before, after = rlhf["sft"]["malformed_fraction"], rlhf["ppo"]["malformed_fraction"]
@@ -560,17 +580,23 @@ def _conclusions(report: dict) -> list[str]:
                    f"no EOS), which the annotator scores {report['rlhf']['task']['malformed_score']:.0f}, rose from "
                    f"{before:.3f} (SFT) to {after:.3f} (PPO): the policy found some of the reward model's blind "
                    "spots, text its training pairs rarely contained.")
-    if gold:
+    for run in ("ppo", "ppo_low_kl"):
+        gold = report["rlhf"]["training"].get(f"{run}_gold_score")
+        rm = report["rlhf"]["training"].get(f"{run}_rm_score")
+        if not gold:
+            continue
+        name = f"kl_coef {report['rlhf']['kl_coef'][run]}"
         best = int(np.argmax(gold))
-        fell = gold[best] - gold[-1]
-        if fell > 0.2 and rm[-1] >= rm[best]:
-            out.append(f"Over-optimisation: the gold score peaked at {gold[best]:.3f} (iteration {best + 1}) and "
-                       f"ended at {gold[-1]:.3f} while the reward-model score went on from {rm[best]:.3f} to "
-                       f"{rm[-1]:.3f}: the policy found the reward model's errors.")
+        if gold[best] - gold[-1] > 0.2 and rm[-1] >= rm[best]:
+            out.append(f"Over-optimisation with {name}: the gold score peaked at {gold[best]:.3f} (iteration "
+                       f"{best + 1}) and ended at {gold[-1]:.3f} while the reward-model score went on from "
+                       f"{rm[best]:.3f} to {rm[-1]:.3f} (final gold success {rlhf[run]['gold_success']:.3f}, "
+                       f"malformed {rlhf[run]['malformed_fraction']:.3f}): the policy exploited the reward "
+                       "model's errors.")
         else:
-            out.append(f"No over-optimisation within {len(gold)} iterations: the gold score rose with the RM "
-                       f"score ({gold[0]:.3f} -> {gold[-1]:.3f}, best {gold[best]:.3f}; RM {rm[0]:.3f} -> "
-                       f"{rm[-1]:.3f}).")
+            out.append(f"No over-optimisation with {name} within {len(gold)} iterations: the gold score rose "
+                       f"with the RM score ({gold[0]:.3f} -> {gold[-1]:.3f}, best {gold[best]:.3f}; RM "
+                       f"{rm[0]:.3f} -> {rm[-1]:.3f}).")
     return out
 
 
@@ -620,12 +646,19 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
                    title="RLVR (addition): pass@k on held-out problems")
     _plot_training(os.path.join(output_dir, "rlvr_training.png"),
                    {"verifier reward (train accuracy)": rlvr["training"]["ppo_reward"]},
-                   rlvr["training"]["ppo_kl"], "RLVR: PPO with the verifier as reward")
-    _plot_training(os.path.join(output_dir, "rlhf_training.png"),
-                   {"reward-model score": rlhf["training"]["ppo_rm_score"],
-                    "gold score (hidden annotator)": rlhf["training"]["ppo_gold_score"],
-                    "gold success (accepted fraction)": rlhf["training"]["ppo_gold_success"]},
-                   rlhf["training"]["ppo_kl"], "RLHF: PPO against the learned reward model")
+                   {"KL": rlvr["training"]["ppo_kl"]}, "RLVR: PPO with the verifier as reward")
+    training = rlhf["training"]
+    series, kls = {}, {}
+    for run in ("ppo", "ppo_low_kl"):
+        if f"{run}_rm_score" not in training:
+            continue
+        tag = f"kl_coef {rlhf['kl_coef'][run]}" + (", low KL" if run == "ppo_low_kl" else "")
+        series[f"RM score ({tag})"] = training[f"{run}_rm_score"]
+        series[f"gold score ({tag})"] = training[f"{run}_gold_score"]
+        series[f"gold success ({tag})"] = training[f"{run}_gold_success"]
+        kls[tag] = training[f"{run}_kl"]
+    _plot_training(os.path.join(output_dir, "rlhf_training.png"), series, kls,
+                   "RLHF: PPO against the learned reward model, watched by the gold annotator")
     report = {
         "seconds": time.perf_counter() - start,
         "seed": seed,
