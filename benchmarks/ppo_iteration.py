@@ -263,14 +263,14 @@ def _summarise(times: dict, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_half(half: str, args) -> dict:
+def _run_half(half: str, args, torch_threads: int | None = None) -> dict:
     """Run one half in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--half", half, "--device", args.device, "--iterations",
            str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.bf16:
         cmd.append("--bf16")
-    if args.torch_threads:
-        cmd += ["--torch-threads", str(args.torch_threads)]
+    if torch_threads:
+        cmd += ["--torch-threads", str(torch_threads)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -297,6 +297,8 @@ def main() -> None:
     parser.add_argument("--load-note", default=None, help="what else ran on the machine")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads for TRL (default: torch's own, one per core)")
+    parser.add_argument("--no-trl-1thread", action="store_true",
+                        help="CPU: skip the extra TRL run with one torch thread")
     parser.add_argument("--half", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "gpu"
@@ -317,9 +319,15 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     ours = _run_half("ours", args)
     print(f"ours: {json.dumps(ours)}", flush=True)
-    trl = None if args.skip_trl else _run_half("trl", args)
+    trl = None if args.skip_trl else _run_half("trl", args, args.torch_threads)
     if trl is not None:
         print(f"trl:  {json.dumps(trl)}", flush=True)
+    # On CPU also TRL with one torch thread: on a busy machine PyTorch's spinning OpenMP
+    # threads make the default run several times slower; this row bounds that effect.
+    trl1 = None
+    if trl is not None and not gpu and args.torch_threads is None and not args.no_trl_1thread:
+        trl1 = _run_half("trl", args, 1)
+        print(f"trl1: {json.dumps(trl1)}", flush=True)
 
     B, N = shape["batch_size"], shape["response_length"]
     # Model FLOPs of each side's update phase (TRL's pre-update forwards are in its score).
@@ -348,14 +356,20 @@ def main() -> None:
         "generate s", "score s", "update s", "score + update s", "response tokens/s",
         "update GFLOP/s", "peak memory"] + (["update MFU"] if gpu else [])
     rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
+                        row(f"TRL {_trl_version()} PPOTrainer, 1 torch thread", trl1, "trl"),
                         row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]
     speedup = trl["iteration"] / ours["iteration"] if trl is not None else None
-    if speedup is not None:
-        ratio = lambda k: f"{trl[k] / ours[k]:.1f}x"  # noqa: E731
-        both = (trl["score"] + trl["update"]) / (ours["score"] + ours["update"])
-        rows.append(["speed-up (TRL / ours)", f"{speedup:.1f}x"]
-                    + ([] if gpu else [ratio("iteration_cpu")])
-                    + [ratio("generate"), "", "", f"{both:.1f}x", "", "", ""] + ([""] if gpu else []))
+
+    def speedup_row(name, t):
+        ratio = lambda k: f"{t[k] / ours[k]:.1f}x"  # noqa: E731
+        both = (t["score"] + t["update"]) / (ours["score"] + ours["update"])
+        return ([name, ratio("iteration")] + ([] if gpu else [ratio("iteration_cpu")])
+                + [ratio("generate"), "", "", f"{both:.1f}x", "", "", ""] + ([""] if gpu else []))
+
+    if trl is not None:
+        rows.append(speedup_row("speed-up (TRL / ours)", trl))
+    if trl1 is not None:
+        rows.append(speedup_row("speed-up (TRL 1 thread / ours)", trl1))
     table = markdown_table(headers, rows)
     print(table)
 
@@ -371,6 +385,10 @@ def main() -> None:
         "speedup": speedup,
         "ours_phases": phases(ours),
         "trl_phases": phases(trl),
+        "trl_1thread_s_per_iter": trl1["iteration"] if trl1 else None,
+        "speedup_vs_trl_1thread": trl1["iteration"] / ours["iteration"] if trl1 else None,
+        "trl_1thread_phases": phases(trl1),
+        "trl_1thread_cpu_s_per_iter": trl1.get("iteration_cpu") if trl1 else None,
         "ours_cpu_s_per_iter": ours.get("iteration_cpu"),
         "trl_cpu_s_per_iter": trl.get("iteration_cpu") if trl else None,
         "ours_tokens_per_s": B * N / ours["iteration"],
@@ -403,7 +421,10 @@ def main() -> None:
             f"{ours['first_iteration_s']:.1f} s (compilation ~{ours['compile_s']:.1f} s, not in the medians). "
             "TRL's score phase holds its reference, value and reward forwards and GAE; ours holds "
             "only the reward model, the rest being inside our one jitted update, so compare "
-            "`score + update`. Response tokens/s = batch x response length / (s / iteration). "
+            "`score + update`. "
+            + ("The 1-torch-thread TRL row avoids OpenMP spinning, which on a busy machine slows "
+               "the default run several times. " if trl1 is not None else "")
+            + "Response tokens/s = batch x response length / (s / iteration). "
             "Update GFLOP/s: model FLOPs of each side's update phase (formula in the script's "
             "docstring) / its time. "
             + ("CPU s: process CPU time (all threads) per iteration. " if not gpu else "")
