@@ -347,14 +347,15 @@ def main() -> None:
             cells.append(f"{r['iteration_cpu']:.2f}")
         cells += [f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['update']:.3f}",
                   f"{r['score'] + r['update']:.3f}", f"{B * N / r['iteration']:.0f}",
-                  f"{flops[key] / r['update'] / 1e9:.1f}", _fmt_mem(r["peak_memory_bytes"])]
+                  f"{flops[key] / r['update'] / (1e12 if gpu else 1e9):.1f}",
+                  _fmt_mem(r["peak_memory_bytes"])]
         if gpu:
             cells.append(f"{100 * mfu[key]:.1f}%" if key in mfu else "n/a")
         return cells
 
     headers = ["trainer", "s / iteration"] + ([] if gpu else ["CPU s / iteration"]) + [
         "generate s", "score s", "update s", "score + update s", "response tokens/s",
-        "update GFLOP/s", "peak memory"] + (["update MFU"] if gpu else [])
+        "update TFLOP/s" if gpu else "update GFLOP/s", "peak memory"] + (["update MFU"] if gpu else [])
     rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
                         row(f"TRL {_trl_version()} PPOTrainer, 1 torch thread", trl1, "trl"),
                         row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]
@@ -425,7 +426,7 @@ def main() -> None:
             + ("The 1-torch-thread TRL row avoids OpenMP spinning, which on a busy machine slows "
                "the default run several times. " if trl1 is not None else "")
             + "Response tokens/s = batch x response length / (s / iteration). "
-            "Update GFLOP/s: model FLOPs of each side's update phase (formula in the script's "
+            "Update FLOP/s: model FLOPs of each side's update phase (formula in the script's "
             "docstring) / its time. "
             + ("CPU s: process CPU time (all threads) per iteration. " if not gpu else "")
             + ("Peak memory: device peak bytes in use. " if gpu else
