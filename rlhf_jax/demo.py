@@ -16,8 +16,10 @@ annotator wanted? Gao et al. 2022): SFT on short mood descriptions; pairs of
 the SFT model's own samples labelled by a hidden, noisy annotator; a
 Bradley-Terry reward model initialised from the SFT trunk; PPO against it,
 with the gold annotator's score of every rollout logged next to the reward
-model's, so over-optimisation would show; then the annotator's verdict on
-held-out samples of SFT and PPO.
+model's, so over-optimisation would show; a second PPO run with a weak KL
+penalty (`mood_low_kl_coef`, full mode only) to see where the learned
+reward stops being a good proxy; then the annotator's verdict on held-out
+samples of SFT and both PPO policies.
 
 Outputs in `output_dir`: `report.json` (every number), `report.md`,
 `rlvr_pass_at_k.png`, `rlvr_training.png`, `rlhf_training.png`, and one
