@@ -44,6 +44,7 @@ import numpy as np
 from rlhf_jax.data import tasks
 from rlhf_jax.data.padding import left_pad, right_pad
 from rlhf_jax.data.tokenizers import char_tokenizer, decode_tokens, encode_texts
+from rlhf_jax.demo_report import conclusions, markdown_report, plot_training
 from rlhf_jax.evaluation import evaluate_pass_at_k, format_table, plot_pass_at_k
 from rlhf_jax.models import ModelConfig, from_config
 from rlhf_jax.rollout import generate
@@ -474,134 +475,6 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
     }
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _plot_training(path, series: dict, kl: dict, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.5), dpi=110, sharex=True)
-    for i, (label, values) in enumerate(series.items()):
-        style = "--" if "low KL" in label else "-"
-        top.plot(np.arange(1, len(values) + 1), values, style, color=f"C{i % 3}", label=label, linewidth=1.6)
-    top.set_ylabel("mean over rollouts")
-    top.grid(True, alpha=0.3)
-    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    top.set_title(title)
-    for label, values in kl.items():
-        style = "--" if "low KL" in label else "-"
-        bottom.plot(np.arange(1, len(values) + 1), values, style, color="black", linewidth=1.4, label=label)
-    if len(kl) > 1:
-        bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    bottom.set_ylabel("KL(policy || SFT), k1")
-    bottom.set_xlabel("PPO iteration")
-    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    bottom.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _markdown(report: dict) -> str:
-    rlvr, rlhf = report["rlvr"], report["rlhf"]
-    ks = list(rlvr["models"]["sft"]["pass_at_k"])
-    lines = [
-        "# rlhf_jax offline demo",
-        "",
-        f"Seed {report['seed']}, {'quick' if report['quick'] else 'full'} mode, "
-        f"{report['seconds']:.1f} s on {report['device']}.",
-        "",
-        "## RLVR: addition with a verifier",
-        "",
-        f"SFT data: {rlvr['task']['sft_examples']} {rlvr['task']['digits']}-digit problems, "
-        f"{100 * rlvr['task']['sft_noise_rate']:.0f}% of answers wrong by one digit "
-        f"({rlvr['task']['format']}; e.g. `{rlvr['task']['example']}`).",
-        "",
-        "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | KL to SFT |",
-        "|---|" + "---|" * (len(ks) + 1),
-    ]
-    for name, m in rlvr["models"].items():
-        cells = [f"{m['pass_at_k'][k]:.3f} [{m['pass_at_k_ci'][k][0]:.2f}, {m['pass_at_k_ci'][k][1]:.2f}]" for k in ks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['kl_to_sft']:.3f} |")
-    lines += [
-        "",
-        f"{rlvr['eval']['settings']['num_prompts']} held-out prompts x n = {rlvr['eval']['settings']['n_samples']} "
-        "samples at temperature "
-        f"{rlvr['eval']['settings']['temperature']}; 95% bootstrap intervals over prompts.",
-        "",
-        "![pass@k](rlvr_pass_at_k.png) ![training](rlvr_training.png)",
-        "",
-        "## RLHF: a learned reward model against a hidden annotator",
-        "",
-        f"Reward model held-out accuracy (noisy annotator labels): "
-        f"{rlhf['reward_model']['heldout_accuracy']:.3f}; against the noise-free gold ordering: "
-        f"{rlhf['reward_model']['heldout_accuracy_vs_gold']:.3f} "
-        f"(the annotator itself agrees with gold on {rlhf['task']['label_agreement_with_gold']:.3f} of its labels).",
-        "",
-        f"PPO kl_coef: {rlhf['kl_coef']['ppo']} (ppo), {rlhf['kl_coef']['ppo_low_kl']} (ppo_low_kl, when run).",
-        "",
-        "| model | gold success | gold score | RM score | malformed | KL to SFT |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, m in rlhf["models"].items():
-        lo, hi = m["gold_success_ci"]
-        lines.append(f"| {name} | {m['gold_success']:.3f} [{lo:.2f}, {hi:.2f}] | {m['gold_score']:.3f} | "
-                     f"{m['rm_score']:.3f} | {m['malformed_fraction']:.3f} | {m['kl_to_sft']:.3f} |")
-    lines += ["", "![training](rlhf_training.png)", "", "Samples:", ""]
-    for name in rlhf["models"]:
-        lines.append(f"- {name}: " + "; ".join(f"`{t}`" for t in rlhf["models"][name]["examples"]))
-    lines += ["", "## Conclusions", ""] + [f"- {c}" for c in report["conclusions"]]
-    return "\n".join(lines) + "\n"
-
-
-def _conclusions(report: dict) -> list[str]:
-    rlvr, rlhf = report["rlvr"]["models"], report["rlhf"]["models"]
-    ks = list(rlvr["sft"]["pass_at_k"])
-    k_max = ks[-1]
-    out = [
-        f"RLVR: pass@1 {rlvr['sft']['pass_at_k']['1']:.3f} (SFT) -> {rlvr['ppo']['pass_at_k']['1']:.3f} (PPO).",
-    ]
-    crossing = [k for k in ks if rlvr["sft"]["pass_at_k"][k] >= rlvr["ppo"]["pass_at_k"][k]]
-    if crossing:
-        out.append(f"At large k the SFT model catches up: from k = {crossing[0]} on, SFT's pass@k is at least "
-                   f"PPO's (pass@{k_max}: SFT {rlvr['sft']['pass_at_k'][k_max]:.3f}, "
-                   f"PPO {rlvr['ppo']['pass_at_k'][k_max]:.3f}); RL made correct answers likelier rather than "
-                   "reachable for the first time.")
-    else:
-        out.append(f"PPO stays ahead at every k up to {k_max} (pass@{k_max}: SFT "
-                   f"{rlvr['sft']['pass_at_k'][k_max]:.3f}, PPO {rlvr['ppo']['pass_at_k'][k_max]:.3f}).")
-    out.append(f"RLHF: gold success {rlhf['sft']['gold_success']:.3f} (SFT) -> {rlhf['ppo']['gold_success']:.3f} "
-               f"(PPO); RM score {rlhf['sft']['rm_score']:.3f} -> {rlhf['ppo']['rm_score']:.3f}.")
-    before, after = rlhf["sft"]["malformed_fraction"], rlhf["ppo"]["malformed_fraction"]
-    if after > before + 0.03:
-        out.append(f"Reward hacking in small doses: the share of malformed responses (non-words, broken grammar, "
-                   f"no EOS), which the annotator scores {report['rlhf']['task']['malformed_score']:.0f}, rose from "
-                   f"{before:.3f} (SFT) to {after:.3f} (PPO): the policy found some of the reward model's blind "
-                   "spots, text its training pairs rarely contained.")
-    for run in ("ppo", "ppo_low_kl"):
-        gold = report["rlhf"]["training"].get(f"{run}_gold_score")
-        rm = report["rlhf"]["training"].get(f"{run}_rm_score")
-        if not gold:
-            continue
-        name = f"kl_coef {report['rlhf']['kl_coef'][run]}"
-        best = int(np.argmax(gold))
-        if gold[best] - gold[-1] > 0.2 and rm[-1] >= rm[best]:
-            out.append(f"Over-optimisation with {name}: the gold score peaked at {gold[best]:.3f} (iteration "
-                       f"{best + 1}) and ended at {gold[-1]:.3f} while the reward-model score went on from "
-                       f"{rm[best]:.3f} to {rm[-1]:.3f} (final gold success {rlhf[run]['gold_success']:.3f}, "
-                       f"malformed {rlhf[run]['malformed_fraction']:.3f}): the policy exploited the reward "
-                       "model's errors.")
-        else:
-            out.append(f"No over-optimisation with {name} within {len(gold)} iterations: the gold score rose "
-                       f"with the RM score ({gold[0]:.3f} -> {gold[-1]:.3f}, best {gold[best]:.3f}; RM "
-                       f"{rm[0]:.3f} -> {rm[-1]:.3f}).")
-    return out
-
-
 def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: bool = False,
              settings: DemoSettings | None = None, verbose: bool = True) -> dict:
     """Runs both parts of the demo and writes the report into `output_dir`.
@@ -646,7 +519,7 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
 
     plot_pass_at_k(rlvr["eval"], os.path.join(output_dir, "rlvr_pass_at_k.png"),
                    title="RLVR (addition): pass@k on held-out problems")
-    _plot_training(os.path.join(output_dir, "rlvr_training.png"),
+    plot_training(os.path.join(output_dir, "rlvr_training.png"),
                    {"verifier reward (train accuracy)": rlvr["training"]["ppo_reward"]},
                    {"KL": rlvr["training"]["ppo_kl"]}, "RLVR: PPO with the verifier as reward")
     training = rlhf["training"]
@@ -659,7 +532,7 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
         series[f"gold score ({tag})"] = training[f"{run}_gold_score"]
         series[f"gold success ({tag})"] = training[f"{run}_gold_success"]
         kls[tag] = training[f"{run}_kl"]
-    _plot_training(os.path.join(output_dir, "rlhf_training.png"), series, kls,
+    plot_training(os.path.join(output_dir, "rlhf_training.png"), series, kls,
                    "RLHF: PPO against the learned reward model, watched by the gold annotator")
     report = {
         "seconds": time.perf_counter() - start,
@@ -670,12 +543,12 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
         "rlvr": rlvr,
         "rlhf": rlhf,
     }
-    report["conclusions"] = _conclusions(report)
+    report["conclusions"] = conclusions(report)
     report["seconds"] = time.perf_counter() - start
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(output_dir, "report.md"), "w") as f:
-        f.write(_markdown(report))
+        f.write(markdown_report(report))
     if verbose:
         print()
         print("RLVR pass@k (held-out addition problems):")
