@@ -467,9 +467,10 @@ def _trl_version() -> str:
 
 def _load_note(start: float, end: float) -> str:
     cores = os.cpu_count() or 1
-    busy = max(start, end) > 1.5 * cores
+    busy = max(start, end) > 0.5 * cores
     return (f"Load average {start:.1f} at the start, {end:.1f} at the end, on {cores} cores"
-            + (": other processes shared the CPU, absolute times are noisy." if busy else "."))
+            + (": other processes shared the CPU and the halves ran one after the other, so "
+               "absolute times and ratios are noisy." if busy else "."))
 
 
 if __name__ == "__main__":
