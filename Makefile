@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-base
 	$(VENV)/bin/rlhf-jax demo --output_dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/gae.py
