@@ -22,6 +22,7 @@ from rlhf_jax import ops
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.train.state import (
     TrainState,
+    init_train_state,
     accumulate_gradients,
     guarded_apply,
     learning_rate_from_state,
@@ -82,14 +83,9 @@ class RewardConfig:
 
 
 def reward_init(rm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
-    """A fresh `TrainState` for reward-model training (params, `tx.init`, step 0, key)."""
+    """A fresh `TrainState` for reward-model training (see `init_train_state`); the model is unused."""
     del rm
-    return TrainState(
-        params=params,
-        opt_state=tx.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(seed),
-    )
+    return init_train_state(params, tx, seed=seed)
 
 
 def _check_pairs(batch):

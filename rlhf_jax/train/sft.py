@@ -16,6 +16,7 @@ from rlhf_jax import ops
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.train.state import (
     TrainState,
+    init_train_state,
     accumulate_gradients,
     guarded_apply,
     learning_rate_from_state,
@@ -73,14 +74,9 @@ class SFTConfig:
 
 
 def sft_init(lm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
-    """A fresh `TrainState` for SFT: `params`, `tx.init(params)`, step 0, key from `seed`."""
+    """A fresh `TrainState` for SFT (see `init_train_state`); the model is unused."""
     del lm
-    return TrainState(
-        params=params,
-        opt_state=tx.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(seed),
-    )
+    return init_train_state(params, tx, seed=seed)
 
 
 def _loss_weight(mask, agg: str):

@@ -54,6 +54,16 @@ class TrainState:
     rng: jax.Array
 
 
+def init_train_state(params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
+    """A fresh `TrainState`: `params`, `tx.init(params)`, step 0, a PRNG key from `seed`."""
+    return TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+
+
 def make_optimizer(
     learning_rate: float,
     *,
