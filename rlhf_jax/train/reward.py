@@ -24,6 +24,7 @@ from rlhf_jax.train.state import (
     TrainState,
     init_train_state,
     accumulate_gradients,
+    check_grad_accum,
     guarded_apply,
     learning_rate_from_state,
     split_micro_batches,
@@ -73,13 +74,7 @@ class RewardConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"`grad_accum_steps` must be >= 1, got {self.grad_accum_steps}")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum_steps` "
-                f"({self.grad_accum_steps})"
-            )
+        check_grad_accum(self.batch_size, self.grad_accum_steps)
 
 
 def reward_init(rm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:

@@ -18,6 +18,7 @@ from rlhf_jax.train.state import (
     TrainState,
     init_train_state,
     accumulate_gradients,
+    check_grad_accum,
     guarded_apply,
     learning_rate_from_state,
     split_micro_batches,
@@ -62,15 +63,9 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"`grad_accum_steps` must be >= 1, got {self.grad_accum_steps}")
+        check_grad_accum(self.batch_size, self.grad_accum_steps)
         if self.loss_agg not in _AGGS:
             raise ValueError(f"`loss_agg` must be one of {_AGGS}, got {self.loss_agg!r}")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum_steps` "
-                f"({self.grad_accum_steps})"
-            )
 
 
 def sft_init(lm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:

@@ -185,6 +185,17 @@ def tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def check_grad_accum(batch_size: int, grad_accum_steps: int) -> None:
+    """Errors naming the keys unless `grad_accum_steps >= 1` divides `batch_size`."""
+    if grad_accum_steps < 1:
+        raise ValueError(f"`grad_accum_steps` must be >= 1, got {grad_accum_steps}")
+    if batch_size % grad_accum_steps:
+        raise ValueError(
+            f"`batch_size` ({batch_size}) must be divisible by `grad_accum_steps` "
+            f"({grad_accum_steps})"
+        )
+
+
 def split_micro_batches(batch, num_micro: int, *, name: str = "batch"):
     """Reshape every `[B, ...]` leaf of `batch` to `[num_micro, B // num_micro, ...]`.
 
