@@ -1,14 +1,14 @@
 """rlhf_jax: pure-JAX, functional RLHF for language models.
 
-The array math (losses, GAE, KL, shaped rewards, masked ops, pass@k) is
-re-exported here and imports no models. `rlhf_jax.generate` and
+The array math of `rlhf_jax.core` (losses, GAE, KL, shaped rewards, masked ops,
+pass@k) is re-exported here and imports no models. `rlhf_jax.generate` and
 `rlhf_jax.Rollout` are loaded lazily from `rlhf_jax.rollout` on first use,
 so math users never pay for (or depend on) the model code.
 """
-from rlhf_jax.advantages import gae
-from rlhf_jax.kl import KLControllerState, kl_controller_init, kl_controller_update, kl_penalty
-from rlhf_jax.losses import aggregate, bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
-from rlhf_jax.ops import (
+from rlhf_jax.core.advantages import gae
+from rlhf_jax.core.kl import KLControllerState, kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.core.losses import aggregate, bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
+from rlhf_jax.core.ops import (
     last_valid_index,
     masked_mean,
     masked_sum,
@@ -17,8 +17,8 @@ from rlhf_jax.ops import (
     token_entropy,
     token_logprobs,
 )
-from rlhf_jax.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
-from rlhf_jax.rewards import shaped_rewards
+from rlhf_jax.core.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
+from rlhf_jax.core.shaping import shaped_rewards
 
 __version__ = "0.1.0"
 

@@ -50,7 +50,7 @@ def _kill_hook(args):
 
 def run_sft(args):
     from rlhf_jax.train import SFTConfig
-    from rlhf_jax.train.loop import fit_sft
+    from rlhf_jax.train.drivers import fit_sft
 
     lm = _tiny_lm("lm")
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def run_sft(args):
 
 def run_ppo(args):
     from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
-    from rlhf_jax.train.loop import fit_ppo
+    from rlhf_jax.train.drivers import fit_ppo
 
     policy = _tiny_lm("lm+value")
     target = 5

@@ -9,8 +9,8 @@ import rlax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax import advantages
-from rlhf_jax.advantages import gae
+from rlhf_jax.core import advantages
+from rlhf_jax.core.advantages import gae
 
 B, T = 6, 9
 METHODS = ("scan", "associative")

@@ -1,4 +1,4 @@
-"""Tests of rlhf_jax.checkpoint: whole-state round trips, retention, config and structure checks."""
+"""Tests of rlhf_jax.io.checkpoint: whole-state round trips, retention, config and structure checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ import pytest
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax.checkpoint import Checkpointer, ConfigMismatchError, config_hash
+from rlhf_jax.io.checkpoint import Checkpointer, ConfigMismatchError, config_hash
 
 
 @struct.dataclass

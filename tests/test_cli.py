@@ -2,7 +2,7 @@
 
 The tiny configs (configs/tiny/*.yaml) use paths relative to the working
 directory under `tiny_run/`; the fixture builds that folder with
-`rlhf_jax.data.tiny_run.make_tiny_run` (a character tokenizer and small JSONL
+`rlhf_jax.demo.tiny_run.make_tiny_run` (a character tokenizer and small JSONL
 files) in a temporary directory and runs there.
 """
 import json
@@ -13,9 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from rlhf_jax import cli
-from rlhf_jax.config import COMMAND_CONFIGS, field_help
-from rlhf_jax.data.tiny_run import make_tiny_run
+from rlhf_jax.cli import main as cli
+from rlhf_jax.cli.config import COMMAND_CONFIGS, field_help
+from rlhf_jax.demo.tiny_run import make_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny")
@@ -107,7 +107,7 @@ def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(rm_dir))
     assert rm.config.num_labels == 1
     # Same score as ours on a right-padded pair (HF has no head bias; ours keeps it beside the weights).
-    from rlhf_jax.reward_functions import load_reward_model
+    from rlhf_jax.rewards.functions import load_reward_model
 
     ours_rm, ours_rm_params = load_reward_model(str(rm_dir))
     from rlhf_jax.data.padding import right_pad
@@ -191,7 +191,7 @@ def test_missing_model_folder_and_bad_reward_function(workdir, capsys):
     code = run("reward", "--config", tiny_config("reward"), "model.path=tiny_run/nope", "output_dir=tiny_run/r2")
     assert code == 2 and "tiny_run/nope does not exist" in capsys.readouterr().err
     # Paths and the function are checked right after the data, before any model is built.
-    code = run("ppo", "--config", tiny_config("ppo_verifier"), "reward.function=rlhf_jax.verifiers:nope",
+    code = run("ppo", "--config", tiny_config("ppo_verifier"), "reward.function=rlhf_jax.rewards.verifiers:nope",
                "model.path=tiny_run/tokenizer", "output_dir=tiny_run/p2")
     assert code == 2
     assert "no attribute 'nope'" in capsys.readouterr().err
@@ -212,8 +212,8 @@ def test_foreign_folder_is_never_deleted(workdir, capsys):
 
 
 def test_overwrite_replaces_a_run_with_another_config(tmp_path):
-    from rlhf_jax.config import load_config
-    from rlhf_jax.pipeline import RunError, prepare_output_dir
+    from rlhf_jax.cli.config import load_config
+    from rlhf_jax.cli.commands import RunError, prepare_output_dir
 
     cls = COMMAND_CONFIGS["sft"]
     first = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run"], cls)
@@ -248,10 +248,10 @@ def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys
 
 def test_demo_forwards_its_options(monkeypatch, tmp_path):
     calls = []
-    fake = types.ModuleType("rlhf_jax.demo")
+    fake = types.ModuleType("rlhf_jax.demo.run")
     fake.run_demo = lambda output_dir, *, seed=0, quick=False, overwrite=False: calls.append(
         (output_dir, seed, quick, overwrite))
-    monkeypatch.setitem(sys.modules, "rlhf_jax.demo", fake)
+    monkeypatch.setitem(sys.modules, "rlhf_jax.demo.run", fake)
     assert cli.main(["demo", "--output_dir", str(tmp_path / "d"), "--seed", "3", "--quick"]) == 0
     assert calls == [(str(tmp_path / "d"), 3, True, False)]
     (tmp_path / "full").mkdir()

@@ -1,4 +1,4 @@
-"""Tests of rlhf_jax.config: strict YAML loading, overrides, validation errors, dump/hash,
+"""Tests of rlhf_jax.cli.config: strict YAML loading, overrides, validation errors, dump/hash,
 and that every YAML in configs/ loads and validates."""
 import dataclasses
 import glob
@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from rlhf_jax.config import (
+from rlhf_jax.cli.config import (
     COMMAND_CONFIGS,
     ConfigError,
     EvalConfig,
@@ -135,7 +135,7 @@ def test_impossible_settings_name_the_keys(overrides, message):
 
 
 def test_ppo_batch_arithmetic_and_reward_source():
-    base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.verifiers:math_reward"]
+    base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.rewards.verifiers:math_reward"]
     with pytest.raises(ConfigError, match=r"`train.batch_size` \(64\) must be divisible by `train.num_minibatches` \* "
                                           r"`train.grad_accum_steps` \(4 \* 32 = 128\)"):
         load_config(None, base + ["train.grad_accum_steps=32"], PPORunConfig)
@@ -223,7 +223,7 @@ def test_real_recipes_read_local_rows_in_their_columns(path, tmp_path):
     import json
 
     from rlhf_jax.data.tokenizers import char_tokenizer
-    from rlhf_jax.pipeline import _load_examples
+    from rlhf_jax.cli.commands import _load_examples
 
     command = os.path.basename(path).split("_")[0]
     cfg = load_config(path, [], config_class(path))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rlhf_jax.demo import run_demo
+from rlhf_jax.demo.run import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for pass@k evaluation (rlhf_jax.evaluation) on tiny random models."""
+"""Tests for pass@k evaluation (rlhf_jax.eval.passk_eval) on tiny random models."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.evaluation import default_ks, evaluate_pass_at_k, format_table, write_eval
+from rlhf_jax.eval.passk_eval import default_ks, evaluate_pass_at_k, format_table, write_eval
 from rlhf_jax.models import ModelConfig, from_config
 
 VOCAB = 16

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.kl import KLControllerState, kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.core.kl import KLControllerState, kl_controller_init, kl_controller_update, kl_penalty
 
 
 def test_estimator_values():

@@ -1,4 +1,4 @@
-"""Tests of rlhf_jax.logging: JSONL records, timing split, resume truncation, warnings, TensorBoard."""
+"""Tests of rlhf_jax.io.metrics: JSONL records, timing split, resume truncation, warnings, TensorBoard."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.logging import KLSignMonitor, MetricsLogger, is_timing_key, read_metrics, strip_timing
+from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, is_timing_key, read_metrics, strip_timing
 
 
 def test_records_are_host_values_with_timing_apart(tmp_path, capsys):

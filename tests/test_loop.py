@@ -1,4 +1,4 @@
-"""Tests of the drivers in rlhf_jax.train.loop: data order, fit_reward end to end, hooks,
+"""Tests of the drivers in rlhf_jax.train.drivers: data order, fit_reward end to end, hooks,
 warnings, and the input / resume errors. (Resume after SIGKILL: test_resume.py; meshes:
 test_sharding.py.)"""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.checkpoint import ConfigMismatchError
-from rlhf_jax.logging import read_metrics
-from rlhf_jax.train.loop import batch_rows, epoch_permutation, fit_reward
+from rlhf_jax.io.checkpoint import ConfigMismatchError
+from rlhf_jax.io.metrics import read_metrics
+from rlhf_jax.train.drivers import batch_rows, epoch_permutation, fit_reward
 
 VOCAB = 32
 

@@ -1,4 +1,4 @@
-"""rlhf_jax.losses against float64 NumPy references written as plain loops."""
+"""rlhf_jax.core.losses against float64 NumPy references written as plain loops."""
 import math
 
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from rlhf_jax import losses
-from rlhf_jax.losses import AGGREGATIONS
+from rlhf_jax.core import losses
+from rlhf_jax.core.losses import AGGREGATIONS
 
 B, T = 6, 8
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import ModelConfig, from_config, from_pretrained
-from rlhf_jax.models.hub import read_safetensors, write_safetensors
+from rlhf_jax.models import save_pretrained
+from rlhf_jax.models.hf.pretrained import read_safetensors, write_safetensors
 
 VOCAB = 64
 
@@ -24,7 +25,7 @@ def gpt2_dir(tmp_path_factory):
     lm = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, max_position_embeddings=32,
                                       pad_token_id=0), seed=0)
     folder = tmp_path_factory.mktemp("gpt2")
-    lm.save_pretrained(folder)
+    save_pretrained(lm, folder)
     return lm, folder
 
 
@@ -33,7 +34,7 @@ def llama_dir(tmp_path_factory):
     lm = from_config(ModelConfig.tiny("llama", VOCAB, hidden_size=32, max_position_embeddings=32,
                                       tie_word_embeddings=False), seed=0)
     folder = tmp_path_factory.mktemp("llama")
-    lm.save_pretrained(folder)
+    save_pretrained(lm, folder)
     return lm, folder
 
 
@@ -81,7 +82,7 @@ def test_sharded_checkpoint_loads(llama_dir, tmp_path):
 
 def test_bfloat16_export_and_load(llama_dir, tmp_path):
     lm, _ = llama_dir
-    lm.save_pretrained(tmp_path, save_dtype=jnp.bfloat16)
+    save_pretrained(lm, tmp_path, save_dtype=jnp.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     stored = dict(read_safetensors(tmp_path / "model.safetensors"))
     assert stored["model.norm.weight"].dtype == ml_dtypes.bfloat16
@@ -108,7 +109,7 @@ def test_scalar_export_round_trip_and_bias_warning(tmp_path):
     rm = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, max_position_embeddings=32),
                      head="scalar", seed=2)
     with pytest.warns(UserWarning, match="pad_token_id"):
-        rm.save_pretrained(tmp_path / "a")
+        save_pretrained(rm, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"] and cfg["num_labels"] == 1
     again = from_pretrained(tmp_path / "a", head="scalar")
@@ -116,7 +117,7 @@ def test_scalar_export_round_trip_and_bias_warning(tmp_path):
     params = dict(rm.params, score={**rm.params["score"], "bias": jnp.ones((1,))})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rm.save_pretrained(tmp_path / "b", params=params)
+        save_pretrained(rm, tmp_path / "b", params=params)
     assert any("bias (1)" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="load it with head='scalar'"):
         from_pretrained(tmp_path / "a")
@@ -126,7 +127,7 @@ def test_value_head_is_not_exported_with_a_warning(gpt2_dir, tmp_path):
     lm, _ = gpt2_dir
     policy, params = lm.with_head("lm+value")
     with pytest.warns(UserWarning, match="value head"):
-        policy.save_pretrained(tmp_path)
+        save_pretrained(policy, tmp_path)
     names = set(dict(read_safetensors(tmp_path / "model.safetensors")))
     assert not any("value" in n for n in names)
 
@@ -139,7 +140,7 @@ def test_tokenizer_is_saved_alongside(gpt2_dir, tmp_path):
         def save_pretrained(self, path):
             calls.append(path)
 
-    lm.save_pretrained(tmp_path, tokenizer=FakeTokenizer())
+    save_pretrained(lm, tmp_path, tokenizer=FakeTokenizer())
     assert calls == [str(tmp_path)]
 
 

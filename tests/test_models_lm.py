@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ops
+from rlhf_jax.core import ops
 from rlhf_jax.models import LM, ModelConfig, from_config
 
 VOCAB = 64

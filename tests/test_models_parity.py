@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax.models import ModelConfig, from_config, from_pretrained  # noqa: E402
+from rlhf_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained  # noqa: E402
 
 VOCAB = 96
 TOL = 1e-4
@@ -166,7 +166,7 @@ def test_export_loads_in_transformers_with_same_logits(family, tmp_path, batch):
                            tie_word_embeddings=family != "llama", initializer_range=0.2,
                            pad_token_id=0, eos_token_id=2)
     lm = from_config(cfg, seed=3)
-    lm.save_pretrained(tmp_path)
+    save_pretrained(lm, tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -189,7 +189,7 @@ def test_export_scalar_head_as_sequence_classifier(family, tmp_path, batch):
     cfg = ModelConfig.tiny(family, VOCAB, hidden_size=32, max_position_embeddings=64,
                            initializer_range=0.2, pad_token_id=0)
     rm = from_config(cfg, head="scalar", seed=4)
-    rm.save_pretrained(tmp_path)
+    save_pretrained(rm, tmp_path)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert hf.config.num_labels == 1 and hf.config.pad_token_id == 0
     ids, mask, positions = batch

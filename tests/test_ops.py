@@ -1,4 +1,4 @@
-"""rlhf_jax.ops against float64 NumPy references on randomly right-padded inputs."""
+"""rlhf_jax.core.ops against float64 NumPy references on randomly right-padded inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax import ops
+from rlhf_jax.core import ops
 
 B, T, V = 5, 7, 11
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import passk
-from rlhf_jax.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
+from rlhf_jax.core import passk
+from rlhf_jax.core.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
 
 
 def golden(n, c, k):

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from rlhf_jax.logging import read_metrics, strip_timing
+from rlhf_jax.io.metrics import read_metrics, strip_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "resume_entry.py")

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.kl import kl_controller_init
-from rlhf_jax.rewards import shaped_rewards
+from rlhf_jax.core.kl import kl_controller_init
+from rlhf_jax.core.shaping import shaped_rewards
 
 B, T = 6, 7
 

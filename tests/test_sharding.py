@@ -158,7 +158,7 @@ def _assert_close_runs(got, want, *, rtol=2e-5, atol=2e-6, params_atol=5e-5):
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory):
     from rlhf_jax.train import SFTConfig
-    from rlhf_jax.train.loop import fit_sft
+    from rlhf_jax.train.drivers import fit_sft
 
     lm = _tiny_lm("lm")
     rng = np.random.default_rng(0)
@@ -176,7 +176,7 @@ def sft_setup(tmp_path_factory):
 # data-parallel, and FSDP over all four devices (2 x 2 runs in the PPO test below)
 @pytest.mark.parametrize("data_size,fsdp_size", [(4, 1), (1, 4)])
 def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fsdp_size):
-    from rlhf_jax.train.loop import fit_sft
+    from rlhf_jax.train.drivers import fit_sft
 
     lm, data, cfg, want = sft_setup
     mesh = make_mesh(data=data_size, fsdp=fsdp_size)
@@ -198,7 +198,7 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
 
 def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
     from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
-    from rlhf_jax.train.loop import fit_ppo
+    from rlhf_jax.train.drivers import fit_ppo
 
     policy = _tiny_lm("lm+value")
 

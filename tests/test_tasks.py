@@ -1,10 +1,10 @@
-"""Tests for the built-in demo tasks (rlhf_jax.data.tasks)."""
+"""Tests for the built-in demo tasks (rlhf_jax.demo.tasks)."""
 import re
 
 import numpy as np
 import pytest
 
-from rlhf_jax.data import tasks
+from rlhf_jax.demo import tasks
 from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.data.padding import right_pad
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.kl import kl_controller_init
+from rlhf_jax.core.kl import kl_controller_init
 from rlhf_jax.models import ModelConfig, from_config
 from rlhf_jax.train import PPOBatch, PPOConfig, PPOTrainer, optimizer_from_config, ppo_minibatch_loss
 

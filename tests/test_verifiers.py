@@ -1,4 +1,4 @@
-"""Tests of rlhf_jax.verifiers (final-number math verifier) and rlhf_jax.reward_functions
+"""Tests of rlhf_jax.rewards.verifiers (final-number math verifier) and rlhf_jax.rewards.functions
 (`module:function` loading and the host reward_fn wrapper)."""
 from fractions import Fraction
 
@@ -7,8 +7,8 @@ import pytest
 
 from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.data.padding import right_pad
-from rlhf_jax.reward_functions import host_reward_fn, load_function
-from rlhf_jax.verifiers import extract_final_number, math_reward, numbers_match, parse_number
+from rlhf_jax.rewards.functions import host_reward_fn, load_function
+from rlhf_jax.rewards.verifiers import extract_final_number, math_reward, numbers_match, parse_number
 
 
 @pytest.mark.parametrize("text, value", [
@@ -47,7 +47,7 @@ def test_math_reward_scores_each_completion():
 
 
 def test_load_function_from_module_and_file(tmp_path):
-    assert load_function("rlhf_jax.verifiers:math_reward") is math_reward
+    assert load_function("rlhf_jax.rewards.verifiers:math_reward") is math_reward
     path = tmp_path / "my_rewards.py"
     path.write_text("def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
     fn = load_function(f"{path}:length")
@@ -55,10 +55,10 @@ def test_load_function_from_module_and_file(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("rlhf_jax.verifiers", r"must be written `module:function`"),
+    ("rlhf_jax.rewards.verifiers", r"must be written `module:function`"),
     ("no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
-    ("rlhf_jax.verifiers:nope", r"has no attribute 'nope'"),
-    ("rlhf_jax.verifiers:__doc__", r"'__doc__' is not callable"),
+    ("rlhf_jax.rewards.verifiers:nope", r"has no attribute 'nope'"),
+    ("rlhf_jax.rewards.verifiers:__doc__", r"'__doc__' is not callable"),
     ("missing_file.py:f", r"no such file missing_file.py"),
 ])
 def test_load_function_errors_name_the_spec(spec, message):
@@ -108,8 +108,9 @@ def test_reward_model_export_keeps_the_head_bias(tmp_path):
     import jax.numpy as jnp
 
     from rlhf_jax.models import ModelConfig, from_config
-    from rlhf_jax.pipeline import SCORE_BIAS_FILE, export_model
-    from rlhf_jax.reward_functions import load_reward_model
+    from rlhf_jax.cli.commands import export_model
+    from rlhf_jax.models.hf.pretrained import SCORE_BIAS_FILE
+    from rlhf_jax.rewards.functions import load_reward_model
 
     rm = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="scalar", seed=0)
     assert rm.config.pad_token_id is None

@@ -11,11 +11,9 @@ import json
 import os
 from typing import Any, Sequence
 
+from rlhf_jax.errors import DataError
+
 __all__ = ["DataError", "Row", "read_rows", "read_sources"]
-
-
-class DataError(ValueError):
-    """A data file or row that cannot be used; the message names the file and line."""
 
 
 @dataclasses.dataclass(frozen=True)

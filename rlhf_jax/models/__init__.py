@@ -9,7 +9,7 @@ Example:
   >>> rm, rm_params = policy.with_head("scalar", seed=1)   # reward model from the policy trunk
 """
 from rlhf_jax.models.config import ModelConfig, supported_model_types
-from rlhf_jax.models.hub import from_pretrained, save_pretrained
+from rlhf_jax.models.hf.pretrained import from_pretrained, save_pretrained
 from rlhf_jax.models.lm import HEADS, LM, from_config
 
 __all__ = ["HEADS", "LM", "ModelConfig", "from_config", "from_pretrained", "save_pretrained",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import ops
+from rlhf_jax.core import ops
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.gpt2 import GPT2Model
 from rlhf_jax.models.layers import Dense, attention_allowed, slot_positions
@@ -299,12 +299,6 @@ class LM:
             new_params["lm_head"] = params["lm_head"]
         fresh.params = new_params
         return fresh, new_params
-
-    def save_pretrained(self, out_dir, params=None, tokenizer=None, *, save_dtype=None):
-        """Write an HF checkpoint (see :func:`rlhf_jax.models.hub.save_pretrained`)."""
-        from rlhf_jax.models.hub import save_pretrained
-        return save_pretrained(self, out_dir, params=params, tokenizer=tokenizer,
-                               save_dtype=save_dtype)
 
     def num_params(self, params=None) -> int:
         """Number of parameters."""

@@ -12,7 +12,7 @@ PPO is a small object with three jitted phases (`PPOTrainer.iteration`).
 The drivers (fit_*), sharding and checkpointing live in `train/loop.py`,
 `train/sharding.py` and `rlhf_jax/checkpoint.py`.
 """
-from rlhf_jax.train.ppo import (
+from rlhf_jax.train.rl.ppo import (
     PPOBatch,
     PPOConfig,
     PPOState,

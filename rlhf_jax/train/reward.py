@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import ops
-from rlhf_jax.losses import bradley_terry_loss
+from rlhf_jax.core import ops
+from rlhf_jax.core.losses import bradley_terry_loss
 from rlhf_jax.train.state import (
     TrainState,
     init_train_state,

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import ops
-from rlhf_jax.losses import sft_loss
+from rlhf_jax.core import ops
+from rlhf_jax.core.losses import sft_loss
 from rlhf_jax.train.state import (
     TrainState,
     init_train_state,

@@ -7,7 +7,7 @@
     rlhf-jax export --config configs/tiny/export.yaml [key=value ...]
     rlhf-jax demo   [--output_dir DIR] [--seed N] [--quick] [--overwrite]
 
-Each command reads its config class from `rlhf_jax.config`, validates all of
+Each command reads its config class from `rlhf_jax.cli.config`, validates all of
 it, loads the tokenizer and the data (so a bad key or a bad row fails before
 any model is built), prints the resolved config and writes it into
 `output_dir` together with the run's checkpoints, `metrics.jsonl`,
@@ -21,7 +21,7 @@ data, bad paths) end with a one-line message and exit status 2, never a
 traceback.
 
 The stages themselves (data -> model -> driver -> export) live in
-`rlhf_jax.pipeline`; this module parses arguments, guards run folders and turns
+`rlhf_jax.cli.commands`; this module parses arguments, guards run folders and turns
 user errors into messages. Set `RLHF_JAX_DEBUG=1` to get tracebacks instead.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ import sys
 import textwrap
 import time
 
-from rlhf_jax.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, field_help, load_config
+from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, field_help, load_config
 from rlhf_jax.data.datasets import DataError
-from rlhf_jax.pipeline import RunError
+from rlhf_jax.cli.commands import RunError
 
 __all__ = ["main", "build_parser"]
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(dump_config(cfg), end="", flush=True)
         if args.dry_run:
             return 0
-        from rlhf_jax import pipeline
+        from rlhf_jax.cli import commands as pipeline
 
         run = getattr(pipeline, f"run_{args.command}")
         start = time.perf_counter()
@@ -137,7 +137,7 @@ def _run_demo(args) -> int:
         raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")
     import inspect
 
-    from rlhf_jax.demo import run_demo
+    from rlhf_jax.demo.run import run_demo
 
     kwargs = {"seed": args.seed, "quick": args.quick}
     if "overwrite" in inspect.signature(run_demo).parameters:

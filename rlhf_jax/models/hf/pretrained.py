@@ -24,7 +24,11 @@ import ml_dtypes
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.lm import LM, HEADS, build
+from rlhf_jax.models.lm import HEADS, LM, build
+
+# HF's *ForSequenceClassification has no score bias; a reward head's bias (set by the
+# normalisation to mean 0) travels in this file next to the weights and is restored on load.
+SCORE_BIAS_FILE = "rlhf_jax_score_bias.json"
 
 # ------------------------------------------------------------- weight tables
 # (HF name without the trunk prefix, our path below "trunk" joined by "/", transpose)
@@ -269,6 +273,10 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     if missing:
         names = [_to_hf(rows, p)[0] or p for p in missing]
         raise ValueError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
+    bias_file = folder / SCORE_BIAS_FILE
+    if head == "scalar" and bias_file.is_file():
+        bias = float(json.loads(bias_file.read_text())["bias"])
+        loaded["score/bias"] = jnp.full((1,), bias, jnp.dtype(param_dtype))
     return LM(config, head, graphdef, _unflatten(loaded), dtype=dtype, param_dtype=param_dtype)
 
 
@@ -332,15 +340,12 @@ def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=
     rows = _table(cfg.family)
     flat = _flatten(params)
     tensors = {}
+    score_bias = 0.0
     for path, value in flat.items():
         if path.startswith("value_head/"):
             continue
         if path == "score/bias":
-            bias = float(np.asarray(value, np.float32)[0])
-            if bias != 0.0:
-                warnings.warn(f"the reward head bias ({bias:.4g}) has no place in an HF "
-                              "ForSequenceClassification checkpoint and is not saved: HF scores "
-                              "will be shifted by it", stacklevel=2)
+            score_bias = float(np.asarray(value, np.float32)[0])
             continue
         name, transpose = _to_hf(rows, path)
         if name is None:
@@ -363,6 +368,14 @@ def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=
                       "the last token (HF treats every token equal to it as padding)", stacklevel=2)
         hf_config["pad_token_id"] = fallback
     write_safetensors(out / "model.safetensors", tensors)
+    bias_file = out / SCORE_BIAS_FILE
+    if score_bias != 0.0:
+        warnings.warn(f"the reward head bias ({score_bias:.4g}) has no place in an HF "
+                      f"ForSequenceClassification checkpoint: it is saved in {SCORE_BIAS_FILE}, which "
+                      "rlhf_jax restores; plain transformers scores are shifted by it", stacklevel=2)
+        bias_file.write_text(json.dumps({"bias": score_bias}) + "\n")
+    elif bias_file.exists():
+        bias_file.unlink()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

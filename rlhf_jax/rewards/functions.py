@@ -135,7 +135,9 @@ def load_reward_model(path: str, *, dtype=None, param_dtype=None):
     Returns:
       `(lm, params)`; `lm.scores(params, ids, mask) -> [B]`.
     """
-    from rlhf_jax.pipeline import load_pretrained
+    import jax.numpy as jnp
 
-    lm = load_pretrained(path, head="scalar", dtype=dtype, param_dtype=param_dtype)
+    from rlhf_jax.models import from_pretrained
+
+    lm = from_pretrained(path, head="scalar", dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
     return lm, lm.params

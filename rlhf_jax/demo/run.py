@@ -1,7 +1,7 @@
 """The offline demo: RLVR on addition and RLHF with a learned reward model.
 
 `run_demo(output_dir)` trains tiny GPT-2-shaped transformers from scratch on
-the two built-in tasks of `rlhf_jax.data.tasks` with the library's own
+the two built-in tasks of `rlhf_jax.demo.tasks` with the library's own
 drivers, and writes a report. Nothing is downloaded.
 
 Part 1, RLVR (does RL teach something new, or sharpen what the model
@@ -41,15 +41,15 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax.data import tasks
+from rlhf_jax.demo import tasks
 from rlhf_jax.data.padding import left_pad, right_pad
 from rlhf_jax.data.tokenizers import char_tokenizer, decode_tokens, encode_texts
-from rlhf_jax.demo_report import conclusions, markdown_report, plot_training
-from rlhf_jax.evaluation import evaluate_pass_at_k, format_table, plot_pass_at_k
-from rlhf_jax.models import ModelConfig, from_config
+from rlhf_jax.demo.report import conclusions, markdown_report, plot_training
+from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, format_table, plot_pass_at_k
+from rlhf_jax.models import ModelConfig, from_config, save_pretrained
 from rlhf_jax.rollout import generate
 from rlhf_jax.train import PPOConfig, PPOTrainer, RewardConfig, SFTConfig, normalize_reward_head
-from rlhf_jax.train.loop import fit_ppo, fit_reward, fit_sft
+from rlhf_jax.train.drivers import fit_ppo, fit_reward, fit_sft
 from rlhf_jax.train.state import optimizer_from_config
 
 __all__ = ["DemoSettings", "run_demo", "QUICK", "FULL"]
@@ -280,7 +280,7 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
 def _export(lm, params, tokenizer, path):
     """The policy as an HF causal LM (the value head is PPO's tool, not part of the policy)."""
     policy, policy_params = lm.with_head("lm", params=params)
-    policy.save_pretrained(path, params=policy_params, tokenizer=tokenizer)
+    save_pretrained(policy, path, params=policy_params, tokenizer=tokenizer)
 
 
 def _pad_lists(rows):

@@ -1,4 +1,4 @@
-"""Strict YAML <-> frozen-dataclass conversion: the machinery under `rlhf_jax.config`.
+"""Strict YAML <-> frozen-dataclass conversion: the machinery under `rlhf_jax.cli.config`.
 
 Generic (it knows no rlhf_jax config class): `from_dict` builds any nested
 dataclass from plain data, checking every key and type against the
@@ -19,12 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf_jax.errors import ConfigError
+
 __all__ = ["ConfigError", "from_dict", "to_dict", "dump_config", "config_hash", "apply_overrides",
            "load_config", "field_help"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _type_name(tp) -> str:

@@ -6,7 +6,7 @@ classes compose the trainers' own hyper-parameter dataclasses (`SFTConfig`,
 needs around them: the model, the tokenizer, the data, the reward, the output
 folder, checkpointing, the seed and the device mesh.
 
-`load_config(path, overrides, cls)` (from `rlhf_jax.config_yaml`, re-exported) turns a YAML file plus `a.b=c` overrides
+`load_config(path, overrides, cls)` (from `rlhf_jax.cli.yaml_config`, re-exported) turns a YAML file plus `a.b=c` overrides
 into an instance of `cls` and validates all of it before anything touches a
 model: an unknown key, a value of the wrong type or batch sizes that cannot be
 split as asked raise `ConfigError`, whose message names the dotted key and the
@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_jax.config_yaml import (  # noqa: F401  (re-exported)
+from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     ConfigError,
     apply_overrides,
     config_hash,
@@ -29,8 +29,8 @@ from rlhf_jax.config_yaml import (  # noqa: F401  (re-exported)
     load_config,
     to_dict,
 )
-from rlhf_jax.config_yaml import field_help as _field_help
-from rlhf_jax.train.ppo import PPOConfig
+from rlhf_jax.cli.yaml_config import field_help as _field_help
+from rlhf_jax.train.rl.ppo import PPOConfig
 from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.sft import SFTConfig
 
@@ -124,7 +124,7 @@ class RewardSection:
         "folder of a reward model (ours, from `rlhf-jax reward`, or an HF *ForSequenceClassification)", None)
     function: str | None = _help(
         "`module:function` reward, called as f(prompts, completions, answer=[...]) -> list of floats "
-        "(e.g. rlhf_jax.verifiers:math_reward)", None)
+        "(e.g. rlhf_jax.rewards.verifiers:math_reward)", None)
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class EvalConfig:
     tokenizer: TokenizerSection = _help("tokenizer (default: the first model's folder)", factory=TokenizerSection)
     data: DataSection = _help("prompt set (`prompt` + `answer` columns)", factory=DataSection)
     verifier: str = _help("`module:function` scoring completions, as in reward.function; a score > 0 "
-                          "counts as correct", "rlhf_jax.verifiers:math_reward")
+                          "counts as correct", "rlhf_jax.rewards.verifiers:math_reward")
     num_samples: int = _help("n, samples per prompt (pass@k for k = 1..n)", 16)
     max_new_tokens: int = _help("response length limit", 64)
     temperature: float = _help("sampling temperature", 1.0)

@@ -3,7 +3,7 @@
 `math_reward` is a reward function in TRL's convention
 (`f(prompts, completions, answer=[...]) -> list[float]`) that gives 1.0 when
 the final number of a completion equals the reference answer and 0.0
-otherwise. Use it in a config as `reward.function: rlhf_jax.verifiers:math_reward`
+otherwise. Use it in a config as `reward.function: rlhf_jax.rewards.verifiers:math_reward`
 or as the `verifier` of `rlhf-jax eval`.
 
 The final number of a text is, in order of preference: the number after the

@@ -50,13 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.errors import ConfigMismatchError
+
 __all__ = ["Checkpointer", "ConfigMismatchError", "config_to_dict", "config_hash"]
 
 _FORMAT_VERSION = 1
-
-
-class ConfigMismatchError(ValueError):
-    """The config of the run differs from the one stored in the checkpoint."""
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """The stand-in files that `configs/tiny/*.yaml` read: try the CLI offline in seconds.
 
-    python -m rlhf_jax.data.tiny_run            # writes ./tiny_run/
+    python -m rlhf_jax.demo.tiny_run            # writes ./tiny_run/
     rlhf-jax sft    --config configs/tiny/sft.yaml
     rlhf-jax reward --config configs/tiny/reward.yaml
     rlhf-jax ppo    --config configs/tiny/ppo.yaml

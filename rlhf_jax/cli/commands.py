@@ -1,14 +1,14 @@
 """The stages behind `rlhf-jax`: data -> model -> driver -> HF export.
 
 Each `run_<command>(cfg, *, overwrite)` takes a validated config from
-`rlhf_jax.config`, loads the tokenizer and the data first (so bad rows fail
+`rlhf_jax.cli.config`, loads the tokenizer and the data first (so bad rows fail
 before a model is built), claims the run folder (`prepare_output_dir`),
-builds the models, calls the driver of `rlhf_jax.train.loop` (which logs,
+builds the models, calls the driver of `rlhf_jax.train.drivers` (which logs,
 checkpoints and resumes) and writes the final model in HF format to
-`output_dir/hf/`. `run_eval` wires `rlhf_jax.evaluation`, `run_export`
+`output_dir/hf/`. `run_eval` wires `rlhf_jax.eval.passk_eval`, `run_export`
 re-exports a finished run.
 
-Run folders (claiming, resuming, refusing) are `rlhf_jax.run_folder`.
+Run folders (claiming, resuming, refusing) are `rlhf_jax.cli.run_folder`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from rlhf_jax.config import ConfigError
+from rlhf_jax.cli.config import ConfigError
 from rlhf_jax.data.datasets import (
     preference_examples,
     prompt_examples,
@@ -27,13 +27,12 @@ from rlhf_jax.data.datasets import (
     sft_examples,
     special_token_ids,
 )
-from rlhf_jax.run_folder import CONFIG_FILE, RUN_FILE, RunError, prepare_output_dir, read_run  # noqa: F401
+from rlhf_jax.cli.run_folder import CONFIG_FILE, RUN_FILE, RunError, prepare_output_dir, read_run  # noqa: F401
 
 __all__ = [
     "RunError",
     "CONFIG_FILE",
     "RUN_FILE",
-    "SCORE_BIAS_FILE",
     "prepare_output_dir",
     "read_run",
     "load_tokenizer",
@@ -46,9 +45,6 @@ __all__ = [
     "load_run_model",
 ]
 
-# HF's *ForSequenceClassification has no score bias; the reward head's bias (set by the
-# normalisation to mean 0) travels next to the weights and `load_model` puts it back.
-SCORE_BIAS_FILE = "rlhf_jax_score_bias.json"
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -103,23 +99,14 @@ def load_model(model_cfg, *, head: str, seed: int = 0):
 
 
 def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None):
-    """`from_pretrained`, restoring a reward head's bias saved next to an HF export."""
+    """`from_pretrained` of a local folder (a missing folder is a RunError naming it)."""
     import jax.numpy as jnp
 
     from rlhf_jax.models import from_pretrained
 
     _check_exists(path, "model folder")
-    lm = from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
-                         param_dtype=param_dtype or jnp.float32)
-    bias_file = os.path.join(path, SCORE_BIAS_FILE)
-    if head == "scalar" and os.path.isfile(bias_file) and "score" in lm.params:
-        with open(bias_file, encoding="utf-8") as f:
-            bias = float(json.load(f)["bias"])
-        score = dict(lm.params["score"])
-        if "bias" in score:
-            score["bias"] = jnp.full_like(score["bias"], bias)
-            lm.params = {**lm.params, "score": score}
-    return lm
+    return from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
+                           param_dtype=param_dtype or jnp.float32)
 
 
 def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str:
@@ -127,9 +114,6 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
     import warnings
 
     os.makedirs(out_dir, exist_ok=True)
-    bias = None
-    if lm.head == "scalar" and "bias" in params.get("score", {}):
-        bias = float(np.asarray(params["score"]["bias"], np.float32).reshape(-1)[0])
     if lm.head == "lm+value":
         lm, params = lm.with_head("lm", params=params)
     special = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
@@ -139,13 +123,12 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
         # reads the score at the last token that is not pad_token_id, and generate stops at EOS.
         lm = copy.copy(lm)
         lm.config = dataclasses.replace(lm.config, **special)
+    from rlhf_jax.models import save_pretrained
+
     with warnings.catch_warnings():
         # The value head and the score bias are handled here; the exporter's warnings do not apply.
         warnings.filterwarnings("ignore", message=".*(value head|reward head bias).*")
-        lm.save_pretrained(out_dir, params=params, tokenizer=tokenizer, save_dtype=save_dtype)
-    if bias is not None:
-        with open(os.path.join(out_dir, SCORE_BIAS_FILE), "w", encoding="utf-8") as f:
-            json.dump({"bias": bias}, f)
+        save_pretrained(lm, out_dir, params=params, tokenizer=tokenizer, save_dtype=save_dtype)
     return out_dir
 
 
@@ -196,7 +179,7 @@ def _driver_kwargs(cfg) -> dict:
 
 def run_sft(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax sft`: returns the HF export folder (`output_dir/hf`)."""
-    from rlhf_jax.train.loop import fit_sft
+    from rlhf_jax.train.drivers import fit_sft
     from rlhf_jax.train.state import check_vocab
 
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
@@ -216,7 +199,7 @@ def run_sft(cfg, *, overwrite: bool = False) -> str:
 
 def run_reward(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax reward`: returns the HF export folder (a *ForSequenceClassification)."""
-    from rlhf_jax.train.loop import fit_reward
+    from rlhf_jax.train.drivers import fit_reward
     from rlhf_jax.train.reward import evaluate_reward_model, normalize_reward_head
     from rlhf_jax.train.state import check_vocab
 
@@ -249,8 +232,8 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
 
 def _build_ppo(cfg, tok, prompts):
     """The PPO trainer, its models and params, from a PPORunConfig."""
-    from rlhf_jax.reward_functions import host_reward_fn, load_function, load_reward_model
-    from rlhf_jax.train.ppo import PPOTrainer
+    from rlhf_jax.rewards.functions import host_reward_fn, load_function, load_reward_model
+    from rlhf_jax.train.rl.ppo import PPOTrainer
     from rlhf_jax.train.state import check_vocab, optimizer_from_config
 
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
@@ -286,7 +269,7 @@ def _build_ppo(cfg, tok, prompts):
 
 def run_ppo(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
-    from rlhf_jax.train.loop import fit_ppo
+    from rlhf_jax.train.drivers import fit_ppo
 
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
@@ -298,7 +281,7 @@ def run_ppo(cfg, *, overwrite: bool = False) -> str:
         if path is not None:
             _check_exists(path, what)
     if cfg.reward.function is not None:
-        from rlhf_jax.reward_functions import load_function
+        from rlhf_jax.rewards.functions import load_function
 
         load_function(cfg.reward.function)
     resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
@@ -315,8 +298,8 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax eval`: pass@k of every model; returns the path of eval.json."""
     import jax
 
-    from rlhf_jax.evaluation import evaluate_pass_at_k, write_eval
-    from rlhf_jax.reward_functions import host_reward_fn, load_function
+    from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, write_eval
+    from rlhf_jax.rewards.functions import host_reward_fn, load_function
 
     tok = load_tokenizer(cfg.tokenizer, fallback=_tokenizer_source(cfg.models[0].path))
     prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
@@ -349,7 +332,7 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
 
 def _restored_params(command: str, run_cfg, lm, tok):
     """The parameters in the newest checkpoint of a training run (template: a fresh state)."""
-    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.io.checkpoint import Checkpointer
     from rlhf_jax.train.state import TrainState, optimizer_from_config
 
     ckpt_dir = os.path.join(run_cfg.output_dir, "checkpoints")
@@ -358,7 +341,7 @@ def _restored_params(command: str, run_cfg, lm, tok):
             prompts, answers = ("",), (None,)
 
         cfg = dataclasses.replace(run_cfg, reward=dataclasses.replace(
-            run_cfg.reward, model_path=None, function="rlhf_jax.verifiers:math_reward"))
+            run_cfg.reward, model_path=None, function="rlhf_jax.rewards.verifiers:math_reward"))
         if run_cfg.value_model == "reward_model":
             cfg = dataclasses.replace(cfg, value_model=run_cfg.reward.model_path)
         trainer, policy, _, value_params, _ = _build_ppo(cfg, tok, _Prompts)

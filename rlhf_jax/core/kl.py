@@ -10,7 +10,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import as_float, check_same_shape
+from rlhf_jax.core.ops import as_float, check_same_shape
 
 __all__ = [
     "KL_ESTIMATORS",

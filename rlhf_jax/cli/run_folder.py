@@ -14,16 +14,14 @@ import json
 import os
 import shutil
 
-from rlhf_jax.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, from_dict, to_dict
+from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, from_dict, to_dict
+
+from rlhf_jax.errors import RunError
 
 __all__ = ["RunError", "CONFIG_FILE", "RUN_FILE", "prepare_output_dir", "read_run"]
 
 CONFIG_FILE = "resolved_config.yaml"
 RUN_FILE = "run.json"
-
-
-class RunError(ValueError):
-    """A run folder or a path that cannot be used as asked."""
 
 
 def _flat(d, prefix=""):

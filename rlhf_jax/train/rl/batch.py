@@ -19,10 +19,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ops
-from rlhf_jax.advantages import gae
-from rlhf_jax.losses import aggregate, ppo_policy_loss, ppo_value_loss
-from rlhf_jax.rewards import shaped_rewards
+from rlhf_jax.core import ops
+from rlhf_jax.core.advantages import gae
+from rlhf_jax.core.losses import aggregate, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.core.shaping import shaped_rewards
 
 __all__ = ["PPOBatch", "ppo_advantages", "ppo_minibatch_loss", "loss_weight"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from rlhf_jax.kl import kl_penalty
-from rlhf_jax.ops import as_float, check_rank, check_same_shape, last_valid_index
+from rlhf_jax.core.kl import kl_penalty
+from rlhf_jax.core.ops import as_float, check_rank, check_same_shape, last_valid_index
 
 __all__ = ["shaped_rewards"]
 

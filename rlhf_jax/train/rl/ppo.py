@@ -45,9 +45,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from rlhf_jax import ops
-from rlhf_jax.kl import kl_controller_init, kl_controller_update, kl_penalty
-from rlhf_jax.train.ppo_batch import PPOBatch, loss_weight, ppo_advantages, ppo_minibatch_loss
+from rlhf_jax.core import ops
+from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.train.rl.batch import PPOBatch, loss_weight, ppo_advantages, ppo_minibatch_loss
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,

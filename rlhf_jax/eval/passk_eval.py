@@ -5,7 +5,7 @@
 sampler compiles once per LM object and settings, and runs as one jitted
 call per batch), asks a host verifier which are correct, and computes the unbiased
 pass@k curve for every k = 1..n with percentile-bootstrap confidence
-intervals over prompts (`rlhf_jax.passk`). Optionally, in the same jitted
+intervals over prompts (`rlhf_jax.core.passk`). Optionally, in the same jitted
 pass, it measures the KL divergence to a reference model and the score of a
 reward model, and it averages any extra host scorers (e.g. a gold
 annotator).
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.passk import pass_at_k_bootstrap
+from rlhf_jax.core.passk import pass_at_k_bootstrap
 from rlhf_jax.rollout import generate
 
 __all__ = ["evaluate_pass_at_k", "write_eval", "format_table", "plot_pass_at_k", "default_ks"]

@@ -1,6 +1,6 @@
 """The offline demo's report: conclusions in words, `report.md`, training plots.
 
-Pure functions of the report dict that `rlhf_jax.demo.run_demo` builds (so a
+Pure functions of the report dict that `rlhf_jax.demo.run.run_demo` builds (so a
 saved `report.json` can be re-rendered): `conclusions` states what the
 numbers say (including whether the SFT model catches up at large k, and
 whether the gold score fell while the reward-model score rose), and

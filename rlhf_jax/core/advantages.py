@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import as_float, check_rank, check_same_shape
+from rlhf_jax.core.ops import as_float, check_rank, check_same_shape
 
 __all__ = ["gae", "GAE_METHODS"]
 

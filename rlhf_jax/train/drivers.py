@@ -1,8 +1,8 @@
 """Driver loops: `fit_sft`, `fit_reward`, `fit_ppo`.
 
 A driver is the thin host-side loop around a jitted step: it orders the data,
-feeds fixed-shape batches, logs (`rlhf_jax.logging.MetricsLogger`), saves
-checkpoints (`rlhf_jax.checkpoint.Checkpointer`), and resumes a killed run
+feeds fixed-shape batches, logs (`rlhf_jax.io.metrics.MetricsLogger`), saves
+checkpoints (`rlhf_jax.io.checkpoint.Checkpointer`), and resumes a killed run
 from its newest checkpoint so that it continues exactly as if it had never
 stopped (same batches, same PRNG draws, same metrics bit for bit on CPU).
 
@@ -50,9 +50,9 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.logging import KLSignMonitor, MetricsLogger, to_python
-from rlhf_jax.logging import logger as _log
+from rlhf_jax.io.checkpoint import Checkpointer
+from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
+from rlhf_jax.io.metrics import logger as _log
 from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]

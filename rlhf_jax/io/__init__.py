@@ -1,0 +1,1 @@
+"""Run I/O below the trainers: orbax checkpoints (`checkpoint`) and metric sinks (`metrics`)."""

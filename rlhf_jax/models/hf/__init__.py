@@ -1,0 +1,2 @@
+"""HF checkpoints in and out: safetensors I/O, the name tables per family, `from_pretrained`
+and `save_pretrained`."""

@@ -1,0 +1,1 @@
+"""The RL trainer (rollout -> score -> update) and its per-batch math."""
