@@ -199,20 +199,16 @@ def _report(message: str):
 
 
 def _read_hf_config(folder: str, key: str) -> dict:
-    """The `config.json` of a model folder; errors name the folder, the file and the config key."""
-    path = os.path.join(folder, "config.json")
+    """The `config.json` of a model folder, with its weight files checked for completeness
+    (headers only); errors name the file and the config key."""
+    from rlhf_jax.models.hf.pretrained import check_checkpoint
+
     if not os.path.isdir(folder):
         raise RunError(f"`{key}`: {folder} is not a folder")
-    if not os.path.isfile(path):
-        raise LoadError(f"`{key}`: {folder} has no config.json (not an HF model folder)")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LoadError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return check_checkpoint(folder)
+    except FileNotFoundError as e:
+        raise LoadError(f"`{key}`: {e}") from None
 
 
 def _model_hf_config(model_cfg, key: str = "model") -> dict | None:
@@ -250,9 +246,9 @@ def _check_reward_model(path: str, key: str):
                           "model has one")
 
 
-def _check_batch(batch_size: int, examples, what: str, data_cfg):
+def _check_batch(batch_size: int, examples, what: str, data_cfg, key: str = "train.batch_size"):
     if batch_size > len(examples):
-        raise ConfigError(f"`train.batch_size` ({batch_size}) is larger than the {len(examples)} {what} of "
+        raise ConfigError(f"`{key}` ({batch_size}) is larger than the {len(examples)} {what} of "
                           f"{', '.join(data_cfg.train_files)}: no full batch can be formed")
 
 
@@ -323,7 +319,7 @@ def prepare(command: str, cfg) -> Plan:
 
 def _prepare_ppo(cfg, tok) -> Plan:
     prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
-    _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data)
+    _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data, key="train.batch.batch_size")
     for key, path in (("reference", cfg.reference),
                       ("value_model", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
         if path is not None:

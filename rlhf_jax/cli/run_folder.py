@@ -17,7 +17,9 @@ were validated:
 - `overwrite=True` moves the old run aside into `.replaced/` and removes it
   only when the new run calls `commit_overwrite` (after its first checkpoint);
   any failure before that puts the old run back (on exit from the `with`
-  block, or, after a kill, when the folder is next claimed);
+  block, or, after a kill, when the folder is next claimed). A new run that
+  fails before its first checkpoint leaves no run behind either, so the
+  corrected command is not refused as "a different config";
 - a folder that is not a run is never touched.
 
 `read_run` reads a finished or running run back (for `rlhf-jax export` and `eval`).
@@ -83,6 +85,8 @@ class RunFolder:
         self.resume = resume
         self._lock_fd = lock_fd
         self._replaced = replaced
+        self._fresh = False  # no run was here: a failure before the first checkpoint clears the folder
+        self._created = False  # the folder itself was made by this claim
 
     @property
     def replaced_dir(self) -> str:
@@ -93,19 +97,24 @@ class RunFolder:
         if self._replaced:
             shutil.rmtree(self.replaced_dir, ignore_errors=True)
             self._replaced = False
+        self._fresh = False
 
     def rollback(self) -> None:
-        """Put the replaced run back (the new run failed before its first checkpoint)."""
-        if not self._replaced:
-            return
-        _restore_replaced(self.path)
-        self._replaced = False
+        """The new run failed before its first checkpoint: put back what the folder held before."""
+        if self._replaced:
+            _restore_replaced(self.path)
+            self._replaced = False
+        elif self._fresh:
+            _clear(self.path)
+        self._fresh = False
 
     def close(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+            if self._created and os.listdir(self.path) == [LOCK_FILE]:
+                shutil.rmtree(self.path, ignore_errors=True)  # a folder this run made and left empty
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -118,9 +127,8 @@ class RunFolder:
             self.close()
 
 
-def _restore_replaced(out: str) -> None:
-    """Remove what a new run wrote and move the replaced run back from `.replaced/`."""
-    aside = os.path.join(out, REPLACED_DIR)
+def _clear(out: str) -> None:
+    """Remove everything of `out` but its lock and `.replaced/`."""
     for name in os.listdir(out):
         if name in _OURS:
             continue
@@ -129,6 +137,12 @@ def _restore_replaced(out: str) -> None:
             shutil.rmtree(path)
         else:
             os.remove(path)
+
+
+def _restore_replaced(out: str) -> None:
+    """Remove what a new run wrote and move the replaced run back from `.replaced/`."""
+    aside = os.path.join(out, REPLACED_DIR)
+    _clear(out)
     for name in os.listdir(aside):
         os.replace(os.path.join(aside, name), os.path.join(out, name))
     os.rmdir(aside)
@@ -183,9 +197,11 @@ def claim_run_folder(command: str, cfg, out: str, *, overwrite: bool) -> RunFold
                        "choose another output_dir (nothing was deleted)")
     if not _is_main_process():  # on several hosts, process 0 guards and writes the run files
         return RunFolder(out, None, resume=bool(entries), replaced=False)
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     fd = _lock(out)
     folder = RunFolder(out, fd, resume=False, replaced=False)
+    folder._created = created
     try:
         if os.path.isdir(os.path.join(out, REPLACED_DIR)):
             # an --overwrite that was killed: keep the new run if it got a checkpoint, else the old one
@@ -212,6 +228,7 @@ def claim_run_folder(command: str, cfg, out: str, *, overwrite: bool) -> RunFold
 def _check_previous(command: str, cfg, out: str, folder: RunFolder, *, overwrite: bool) -> None:
     run_path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(run_path):
+        folder._fresh = True
         return
     try:
         with open(run_path, encoding="utf-8") as f:

@@ -115,14 +115,13 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-def read_safetensors(path):
-    """Yield ``(name, np.ndarray)`` for each tensor of a ``.safetensors`` file (memory-mapped).
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The header of a ``.safetensors`` file and the size of its data section, checked.
 
     Raises:
       LoadError: naming the file (and tensor) when the header is unreadable or the file is
         shorter than the header says (a truncated download or copy).
     """
-    path = str(path)
     if not os.path.isfile(path):
         raise LoadError(f"{path}: no such safetensors file")
     size = os.path.getsize(path)
@@ -139,20 +138,50 @@ def read_safetensors(path):
         except (UnicodeDecodeError, ValueError) as e:
             raise LoadError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     data_size = size - 8 - header_len
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_size else np.zeros(0, np.uint8)
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if info.get("dtype") not in _ST_DTYPES:
+            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
         start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        want = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
         if end > data_size or end - start != want:
             raise LoadError(f"{path}: truncated or corrupted: tensor {name!r} {tuple(info['shape'])} needs bytes "
                             f"{start}..{start + want} of the data, the file holds {data_size}")
-        arr = np.frombuffer(data[start:end], dtype=dtype)
+    return header, data_size
+
+
+def read_safetensors(path):
+    """Yield ``(name, np.ndarray)`` for each tensor of a ``.safetensors`` file (memory-mapped).
+
+    Raises:
+      LoadError: naming the file (and tensor) when the file is truncated or damaged.
+    """
+    path = str(path)
+    header, data_size = _safetensors_header(path)
+    offset = os.path.getsize(path) - data_size
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if data_size else np.zeros(0, np.uint8)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
         yield name, arr.reshape(info["shape"])
+
+
+def check_checkpoint(path) -> dict:
+    """Check a local HF folder without loading it: `config.json` parses and every safetensors
+    file is complete. Returns the config dict; errors (`LoadError`) name the file."""
+    folder = Path(os.fspath(path))
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LoadError(f"{folder} has no config.json (not an HF model folder)")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    for file in _checkpoint_files(folder):
+        _safetensors_header(str(file))
+    return config
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
