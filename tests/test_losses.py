@@ -360,7 +360,8 @@ def test_clip_higher_and_sequence_ratio_match_loops(agg, ratio):
     lo, hi = (0.1, 0.15) if ratio == "token" else (0.01, 0.02)
     f = jax.jit(losses.ppo_policy_loss, static_argnames=("clip_eps", "clip_eps_high", "agg", "ratio"))
     loss, aux = f(logp, old, adv, mask, clip_eps=lo, clip_eps_high=hi, agg=agg, ratio=ratio)
-    per_token, low, high, rho = ref_policy_general(*(a.astype(np.float64) for a in (logp, old, adv)), mask, lo, hi, ratio)
+    inputs64 = (a.astype(np.float64) for a in (logp, old, adv))
+    per_token, low, high, rho = ref_policy_general(*inputs64, mask, lo, hi, ratio)
     np.testing.assert_allclose(loss, ref_aggregate(per_token, mask, agg), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["clipfrac_low"], low, rtol=1e-6)
     np.testing.assert_allclose(aux["clipfrac_high"], high, rtol=1e-6)
@@ -595,7 +596,8 @@ def test_critic_free_objectives_micro_batch_invariance(variant):
         kwargs = dict(agg="token-mean")
     if variant == "reinforce_pp":
         rewards = rng.normal(size=(NB, NT)).astype(np.float32) * 0.1
-        adv_t = np.asarray(rlhf_jax.reinforce_pp_advantages(rewards, mask, baseline="group", scores=scores, group_size=4))
+        adv_t = rlhf_jax.reinforce_pp_advantages(rewards, mask, baseline="group", scores=scores, group_size=4)
+        adv_t = np.asarray(adv_t)
         kwargs = dict(agg="token-mean")
     else:
         adv_t = np.asarray(adv)[:, None] * mask
