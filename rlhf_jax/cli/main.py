@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"rlhf-jax {args.command}: stopped at once by a second interrupt (no checkpoint of the current "
-              "step); resume with the same command", file=sys.stderr)
+        print(f"rlhf-jax {args.command}: stopped: interrupted outside a training step, or a second time (the "
+              "step in flight was not checkpointed); resume with the same command", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an unexpected failure: one line, exit 1
         if debug:
