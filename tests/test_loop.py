@@ -54,7 +54,7 @@ def reward_run(tmp_path_factory):
     from rlhf_jax.train import RewardConfig
 
     rm, rm_params = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
-                                      max_position_embeddings=16), head="scalar", seed=0)
+                                                 max_position_embeddings=16), head="scalar", seed=0)
     cfg = RewardConfig(batch_size=8, num_epochs=4, learning_rate=3e-3, seed=0)
     train, held_out = _preference_data(32, 8, 0), _preference_data(16, 8, 1)
     train["margin"] = np.zeros(32, np.float32)
@@ -69,11 +69,11 @@ def reward_run(tmp_path_factory):
     params, history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
                                  checkpoint_every=8, stdout=False, tensorboard=False,
                                  on_step=on_step)
-    return rm, cfg, train, held_out, out, params, history, seen
+    return rm, rm_params, cfg, train, held_out, out, params, history, seen
 
 
 def test_fit_reward_trains_logs_and_evaluates(reward_run):
-    rm, cfg, train, held_out, out, params, history, seen = reward_run
+    rm, rm_params, cfg, train, held_out, out, params, history, seen = reward_run
     # 32 pairs / 8 = 4 steps per epoch, 4 epochs
     assert [r["step"] for r in history] == list(range(1, 17))
     assert _same(read_metrics(out), history)
@@ -104,7 +104,7 @@ def test_nonfinite_steps_are_skipped_with_a_warning(reward_run):
 
 
 def test_finished_run_resumes_to_the_same_result(reward_run):
-    rm, cfg, train, held_out, out, params, history, _ = reward_run
+    rm, rm_params, cfg, train, held_out, out, params, history, _ = reward_run
     again, again_history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
                                       checkpoint_every=8, stdout=False, tensorboard=False,
                                       on_step=lambda step, m: {"hook/step_squared": step * step})
@@ -114,7 +114,7 @@ def test_finished_run_resumes_to_the_same_result(reward_run):
 
 
 def test_resume_refuses_other_config_data_or_resume_false(reward_run):
-    rm, cfg, train, held_out, out, *_ = reward_run
+    rm, rm_params, cfg, train, held_out, out, *_ = reward_run
     kwargs = dict(output_dir=out, stdout=False, tensorboard=False)
     import dataclasses
 
@@ -128,7 +128,7 @@ def test_resume_refuses_other_config_data_or_resume_false(reward_run):
 
 
 def test_bad_inputs_are_named(reward_run, tmp_path):
-    rm, cfg, train, *_ = reward_run
+    rm, rm_params, cfg, train, *_ = reward_run
     kwargs = dict(output_dir=tmp_path, stdout=False, tensorboard=False)
     with pytest.raises(ValueError, match="missing keys \\['rejected_mask'\\]"):
         fit_reward(rm, rm_params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, **kwargs)
