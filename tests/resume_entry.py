@@ -52,7 +52,7 @@ def run_sft(args):
     from rlhf_jax.train import OptimizerConfig, RunOptions, SFTConfig
     from rlhf_jax.train.drivers import fit_sft
 
-    lm = _tiny_lm("lm")
+    lm, lm_params = _tiny_lm("lm")
     rng = np.random.default_rng(0)
     n, length = 20, 10
     lengths = rng.integers(5, length + 1, n)
@@ -62,7 +62,7 @@ def run_sft(args):
     cfg = SFTConfig(batch_size=4, num_epochs=3, optimizer=OptimizerConfig(learning_rate=3e-3, schedule="cosine",
                                                                            warmup_steps=2))
     run = RunOptions(output_dir=args.output_dir, seed=1, checkpoint_every=args.checkpoint_every, tensorboard=False)
-    params, _ = fit_sft(lm, lm.params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask},
+    params, _ = fit_sft(lm, lm_params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask},
                         cfg, run, max_steps=args.steps, on_step=_kill_hook(args))
     return params
 
@@ -73,7 +73,7 @@ def run_ppo(args):
     from rlhf_jax.train import PPOTrainer, RunOptions, optimizer_from_config
     from rlhf_jax.train.drivers import fit_ppo
 
-    policy = _tiny_lm("lm+value")
+    policy, policy_params = _tiny_lm("lm+value")
     target = 5
 
     def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
@@ -89,7 +89,7 @@ def run_ppo(args):
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
     run = RunOptions(output_dir=args.output_dir, seed=3, checkpoint_every=args.checkpoint_every, tensorboard=False)
-    params, _ = fit_ppo(trainer, policy.params, policy.params, {"prompt_ids": ids, "prompt_mask": mask}, run,
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask}, run,
                         max_steps=args.steps, on_step=_kill_hook(args))
     return params
 

@@ -35,7 +35,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Literal
 
@@ -247,19 +246,24 @@ class PPOState:
     rng: jax.Array
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_rollout(policy, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id):
-    """The jitted sampler of one policy and sampling setting, shared by trainers."""
+_SAMPLING = ("policy", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+
+
+def _rollout(params, prompt_ids, prompt_mask, key, *, policy, max_new_tokens, temperature, top_k, top_p,
+             eos_token_id, pad_token_id):
+    """Sample one response per prompt (the policy and the sampling settings are static)."""
     from rlhf_jax.rollout import generate  # imported late: the update does not need the sampler
 
-    def rollout(params, prompt_ids, prompt_mask, key):
-        return generate(
-            policy, params, prompt_ids, prompt_mask, key,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )
+    return generate(
+        policy, params, prompt_ids, prompt_mask, key,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
 
-    return jax.jit(rollout)
+
+# One jitted sampler for every trainer: equal policies (an `LM` hashes by value) and equal
+# settings share its compilation.
+_rollout_jit = jax.jit(_rollout, static_argnames=_SAMPLING)
 
 
 def _kl_coef_of(ctl):
@@ -273,7 +277,7 @@ class PPOTrainer:
       policy: the policy `LM` ("lm" head with a separate `value_model`, or "lm+value"
         for a value head on the shared trunk).
       cfg: `PPOConfig`.
-      tx: the policy optimizer (e.g. `optimizer_from_config(cfg)`).
+      tx: the policy optimizer (e.g. `optimizer_from_config(cfg.optimizer)`).
       value_model: a scalar-head `LM` used as a separate value network (may be
         initialised from the reward model, as in the N+ paper), or None to use the
         policy's own value head (one loss: policy + vf_coef * value).
@@ -316,9 +320,10 @@ class PPOTrainer:
         self.reward_model = reward_model
         self.reward_fn = reward_fn
         sampling = cfg.sampling
-        self._rollout_jit = _jitted_rollout(
-            policy, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-            sampling.eos_token_id, sampling.pad_token_id or 0,  # PAD None: 0 in library use
+        self._sampling = dict(
+            policy=policy, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
+            pad_token_id=sampling.pad_token_id or 0,  # PAD None: 0 in library use
         )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
         self._update_jit = jax.jit(self._update)
@@ -562,7 +567,7 @@ class PPOTrainer:
         state = state.replace(rng=rng)
 
         t0 = time.perf_counter()
-        rollout = self._rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key)
+        rollout = _rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key, **self._sampling)
         jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         if self.reward_model is not None:
@@ -590,11 +595,3 @@ class PPOTrainer:
         metrics["tokens_per_s"] = self.cfg.batch.batch_size * (p + self.cfg.sampling.max_new_tokens) / max(total, 1e-9)
         metrics["generated_tokens_per_s"] = metrics["response_length"] * self.cfg.batch.batch_size / max(t1 - t0, 1e-9)
         return state, metrics, rollout
-
-    def compile_counts(self) -> dict:
-        """How many times each jitted phase has been compiled (cache sizes), for tests."""
-        out = {"rollout": self._rollout_jit._cache_size(), "update": self._update_jit._cache_size()}
-        if self._score_jit is not None:
-            out["score"] = self._score_jit._cache_size()
-        return out
-
