@@ -67,10 +67,10 @@ def _ref_block(kind, b):
         qh, qs = (b[16:48], b[48:176]) if kind == "Q5_K" else (None, b[16:144])
         out = []
         for e in range(QK_K):
-            chunk, hi, l = e // 64, (e % 64) // 32, e % 32
-            q = (qs[32 * chunk + l] >> (4 * hi)) & 0xF
+            chunk, hi, pos = e // 64, (e % 64) // 32, e % 32
+            q = (qs[32 * chunk + pos] >> (4 * hi)) & 0xF
             if qh is not None:
-                q += 16 * ((qh[l] >> (2 * chunk + hi)) & 1)
+                q += 16 * ((qh[pos] >> (2 * chunk + hi)) & 1)
             sc, m = _k_scale_min(scales, e // 32)
             out.append(d * sc * q - dmin * m)
         return out
@@ -79,10 +79,10 @@ def _ref_block(kind, b):
         sc = [s - 256 if s > 127 else s for s in b[192:208]]
         out = []
         for e in range(QK_K):
-            half, k, l = e // 128, (e % 128) // 32, e % 32
-            low = (ql[64 * half + l + 32 * (k % 2)] >> (4 * (k // 2))) & 0xF
-            high = (qh[32 * half + l] >> (2 * k)) & 3
-            out.append(d * sc[8 * half + l // 16 + 2 * k] * ((low | (high << 4)) - 32))
+            half, k, pos = e // 128, (e % 128) // 32, e % 32
+            low = (ql[64 * half + pos + 32 * (k % 2)] >> (4 * (k // 2))) & 0xF
+            high = (qh[32 * half + pos] >> (2 * k)) & 3
+            out.append(d * sc[8 * half + pos // 16 + 2 * k] * ((low | (high << 4)) - 32))
         return out
     raise AssertionError(kind)
 
