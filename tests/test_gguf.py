@@ -8,6 +8,7 @@ tests write from a random HF Llama checkpoint the way llama.cpp's converter lays
 transformers' own GGUF loading and, unquantized, against the HF PyTorch model itself.
 The real SmolLM2-135M-Instruct file is tested in tests/test_gguf_real.py.
 """
+import functools
 import struct
 
 import jax
@@ -345,14 +346,14 @@ def batch():
     return ids, mask
 
 
-_FORWARDS: dict = {}
+@functools.partial(jax.jit, static_argnames="lm")
+def _logits_jit(params, ids, mask, *, lm):
+    return lm.logits(params, ids, mask)
 
 
 def _logits(lm, params, ids, mask):
-    """Our logits; one compile per model config (every file here has the same one)."""
-    if lm.config not in _FORWARDS:
-        _FORWARDS[lm.config] = jax.jit(lm.logits)
-    return np.asarray(_FORWARDS[lm.config](params, jnp.asarray(ids), jnp.asarray(mask)))
+    """Our logits; `lm` is static and hashed by value, so every file here shares one compile."""
+    return np.asarray(_logits_jit(params, jnp.asarray(ids), jnp.asarray(mask), lm=lm))
 
 
 def _torch_logits(model, ids, mask):
@@ -372,9 +373,9 @@ def _hf_gguf_model(path):
 def test_logits_match_transformers_gguf_load(kind, hf_model, batch, tmp_path):
     path = write_llama_gguf(tmp_path / f"tiny-{kind}.gguf", hf_model, kind)
     ids, mask = batch
-    lm = from_pretrained(path)
+    lm, params = from_pretrained(path)
     assert lm.config.num_kv_heads == KV_HEADS and not lm.config.tie_word_embeddings
-    got = _logits(lm, lm.params, ids, mask)
+    got = _logits(lm, params, ids, mask)
     ref = _torch_logits(_hf_gguf_model(path), ids, mask)
     valid = mask > 0
     err = np.abs(got - ref)[valid].max()
@@ -398,8 +399,8 @@ def test_unquantized_file_matches_the_hf_model_and_config(hf_model, batch, tmp_p
         "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
         "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     ids, mask = batch
-    lm = from_pretrained(tmp_path)  # a folder holding one .gguf
-    err = np.abs(_logits(lm, lm.params, ids, mask) - _torch_logits(hf_model, ids, mask))[mask > 0].max()
+    lm, params = from_pretrained(tmp_path)  # a folder holding one .gguf
+    err = np.abs(_logits(lm, params, ids, mask) - _torch_logits(hf_model, ids, mask))[mask > 0].max()
     assert err < 1e-4, err
 
 
@@ -409,8 +410,8 @@ def test_qk_rows_must_be_unpermuted(hf_model, batch, tmp_path, monkeypatch):
     ids, mask = batch
     ref = _torch_logits(hf_model, ids, mask)
     monkeypatch.setattr(ours, "unpermute_rope_rows", lambda w, n: w)
-    lm = from_pretrained(path)
-    err = np.abs(_logits(lm, lm.params, ids, mask) - ref)[mask > 0].max()
+    lm, params = from_pretrained(path)
+    err = np.abs(_logits(lm, params, ids, mask) - ref)[mask > 0].max()
     assert err > 0.05 * np.abs(ref).max(), err
 
 
@@ -428,17 +429,17 @@ def test_attention_bias_rows_are_unpermuted_too(batch, tmp_path):
     model = _hf_llama(seed=3, attention_bias=True)
     path = write_llama_gguf(tmp_path / "bias.gguf", model, "F32")
     ids, mask = batch
-    lm = from_pretrained(path)
+    lm, params = from_pretrained(path)
     assert lm.config.attention_bias and lm.config.attention_out_bias
-    err = np.abs(_logits(lm, lm.params, ids, mask) - _torch_logits(model, ids, mask))[mask > 0].max()
+    err = np.abs(_logits(lm, params, ids, mask) - _torch_logits(model, ids, mask))[mask > 0].max()
     assert err < 1e-4, err
 
 
 def test_scalar_head_from_a_gguf_file(hf_model, tmp_path):
     """A reward model can start from a GGUF policy (fresh score head, no LM head)."""
     path = write_llama_gguf(tmp_path / "tiny.gguf", hf_model, "Q8_0")
-    rm = from_pretrained(path, head="scalar", seed=0)
-    assert "lm_head" not in rm.params and rm.params["score"]["kernel"].shape == (HIDDEN, 1)
+    rm, rm_params = from_pretrained(path, head="scalar", seed=0)
+    assert "lm_head" not in rm_params and rm_params["score"]["kernel"].shape == (HIDDEN, 1)
 
 
 def test_tokenizer_from_gguf_metadata_also_through_the_cli(hf_model, tmp_path):
@@ -496,7 +497,7 @@ def test_folder_with_two_gguf_files_is_ambiguous(hf_model, tmp_path):
     write_llama_gguf(tmp_path / "b.gguf", hf_model, "F16")
     with pytest.raises(LoadError, match=r"exactly one \.gguf file, found 2 \(\['a\.gguf', 'b\.gguf'\]\)"):
         from_pretrained(tmp_path)
-    assert from_pretrained(tmp_path / "b.gguf").config.hidden_size == HIDDEN
+    assert from_pretrained(tmp_path / "b.gguf")[0].config.hidden_size == HIDDEN
 
 
 def test_missing_real_model_package_says_how_to_install_it(monkeypatch):

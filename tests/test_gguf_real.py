@@ -36,7 +36,7 @@ def path():
 
 
 @pytest.fixture(scope="module")
-def lm(path):
+def model(path):
     return from_pretrained(path)
 
 
@@ -53,8 +53,8 @@ def prompts(tokenizer):
     return left_pad(seqs, pad_id=tokenizer.pad_token_id)
 
 
-def test_tokenizer_and_config_from_gguf_metadata(lm, tokenizer):
-    lm_config = lm.config
+def test_tokenizer_and_config_from_gguf_metadata(model, tokenizer):
+    lm_config = model[0].config
     assert (lm_config.num_layers, lm_config.hidden_size, lm_config.num_heads,
             lm_config.num_kv_heads, lm_config.head_dim, lm_config.vocab_size) == (30, 576, 9, 3, 64, 49152)
     assert lm_config.tie_word_embeddings and lm_config.rope_theta == 1e5
@@ -67,13 +67,14 @@ def test_tokenizer_and_config_from_gguf_metadata(lm, tokenizer):
     assert len(tokenizer) == lm_config.vocab_size
 
 
-def test_logits_and_greedy_tokens_match_transformers(path, lm, tokenizer, prompts):
+def test_logits_and_greedy_tokens_match_transformers(path, model, tokenizer, prompts):
+    lm, params = model
     ids, mask = prompts
-    out = generate(lm, lm.params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0)
+    out = generate(lm, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0)
     tokens = np.asarray(out.tokens)
     full_ids = np.concatenate([ids, tokens], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
-    ours = np.asarray(jax.jit(lm.logits)(lm.params, jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    ours = np.asarray(jax.jit(lm.logits)(params, jnp.asarray(full_ids), jnp.asarray(full_mask)))
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
