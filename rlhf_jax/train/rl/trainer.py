@@ -87,13 +87,10 @@ def _rollout(params, prompt_ids, prompt_mask, key, *, policy, max_new_tokens, te
     """Sample `num_samples` responses per prompt (the policy and the sampling settings are static)."""
     from rlhf_jax.rollout import generate  # imported late: the update does not need the sampler
 
-    if num_samples > 1:
-        prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
-        prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
     return generate(
         policy, params, prompt_ids, prompt_mask, key,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=num_samples,
     )
 
 
