@@ -49,7 +49,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
         return lm.lm_head(params, hidden), cache
 
     cache = lm.init_cache(3, prompt_len + new)
-    assert cache[0]["k"].shape == (3, prompt_len + new, lm.config.num_kv_heads, lm.config.head_dim)
+    assert cache["k"].shape == (lm.config.num_layers, 3, prompt_len + new, lm.config.num_kv_heads,
+                                lm.config.head_dim)
     out, cache = step(lm.params, ids[:, :prompt_len], mask, cache, jnp.int32(0))
     pieces = [np.asarray(out)]
     for i in range(prompt_len, prompt_len + new):
@@ -175,13 +176,16 @@ def test_bfloat16_params_and_compute_give_float32_logits():
     ids = np.arange(8, dtype=np.int32).reshape(2, 4)
     out = jax.jit(lm.logits)(lm.params, ids, np.ones((2, 4), np.int32))
     assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
-    assert lm.init_cache(2, 4)[0]["k"].dtype == jnp.bfloat16
+    assert lm.init_cache(2, 4)["k"].dtype == jnp.bfloat16
 
 
 def test_params_are_plain_nested_dicts_with_string_keys():
     lm = from_config(_cfg("llama"))
     assert isinstance(lm.params, dict)
-    assert set(lm.params["trunk"]["layers"]) == {"0", "1"}
+    # the layers are one stacked block: a leading layer axis on every per-layer tensor
+    assert set(lm.params["trunk"]["layers"]) == {"input_layernorm", "self_attn",
+                                                 "post_attention_layernorm", "mlp"}
+    assert lm.params["trunk"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 128)
     assert lm.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(lm.params))
     same = from_config(_cfg("llama"))
     other = from_config(_cfg("llama"), seed=1)

@@ -1,7 +1,9 @@
 """GPT-2 trunk as a Flax NNX module (learned positions, pre-LayerNorm blocks, GELU MLP).
 
-Parameter names follow HF's GPT-2 (``wte``, ``wpe``, ``h.<i>.attn.c_attn`` ...);
-GPT-2's Conv1D weights are already ``[in, out]``, our ``Dense`` layout.
+Parameter names follow HF's GPT-2 (``wte``, ``wpe``, ``h.attn.c_attn`` ...), with the
+blocks stacked along a leading layer axis (HF's ``h.<i>`` is slice ``i``, see
+:mod:`rlhf_jax.models.stack`); GPT-2's Conv1D weights are already ``[in, out]``, our
+``Dense`` layout.
 No dropout: RL training needs it off.
 """
 from __future__ import annotations
@@ -12,8 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.attention import attention, write_kv
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Dense, Embedding, LayerNorm, attend, update_cache
+from rlhf_jax.models.layers import Dense, Embedding, LayerNorm
+from rlhf_jax.models.stack import scan_layers, stack_modules
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -37,16 +41,16 @@ class GPT2Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
 
-    def __call__(self, x, allowed, layer_cache, cache_index):
+    def __call__(self, x, mask, layer_cache):
         b, t, _ = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        cache = None
         if layer_cache is not None:
-            layer_cache = update_cache(layer_cache, k, v, cache_index)
-            k, v = layer_cache["k"], layer_cache["v"]
-        out = attend(q, k, v, allowed, scale=self.head_dim ** -0.5)
-        return self.c_proj(out), layer_cache
+            cache, k, v = write_kv(layer_cache, k, v)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        return self.c_proj(out), cache
 
 
 class GPT2MLP(nnx.Module):
@@ -70,11 +74,11 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
         self.mlp = GPT2MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, allowed, layer_cache, cache_index):
-        attn_out, layer_cache = self.attn(self.ln_1(x), allowed, layer_cache, cache_index)
+    def __call__(self, x, mask, layer_cache):
+        attn_out, cache = self.attn(self.ln_1(x), mask, layer_cache)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
-        return x, layer_cache
+        return x, cache
 
 
 class GPT2Model(nnx.Module):
@@ -86,18 +90,16 @@ class GPT2Model(nnx.Module):
                              std=cfg.initializer_range, **kw)
         self.wpe = Embedding(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs,
                              std=0.01, **kw)
-        self.h = nnx.List([GPT2Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.h = stack_modules([GPT2Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
 
     def embed_table(self):
         """The token embedding ``[V, D]`` (tied LM head)."""
         return self.wte.embedding[...]
 
-    def __call__(self, input_ids, positions, allowed, cache, cache_index):
+    def __call__(self, input_ids, positions, mask, cache, cache_index, *, remat="none"):
+        """Hidden states ``[B, T, D]`` and the cache; ``mask`` is an ``AttentionMask``."""
         x = self.wte(input_ids) + self.wpe(positions)
-        new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.h):
-            x, layer_cache = block(x, allowed, None if cache is None else cache[i], cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return self.ln_f(x), new_cache
+        x, cache = scan_layers(self.h, lambda block, h, lc: block(h, mask, lc), x, cache,
+                               cache_index, remat=remat)
+        return self.ln_f(x), cache

@@ -1,11 +1,12 @@
 """Llama-family trunk as a Flax NNX module: RMSNorm, rotary positions, grouped-query
 attention, SwiGLU MLP.
 
-One module covers Llama 2/3 (incl. ``rope_scaling``), Mistral (sliding window not
-applied: full attention), Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm),
-switched by :class:`ModelConfig` fields. Parameter names follow HF
-(``embed_tokens``, ``layers.<i>.self_attn.q_proj`` ...); HF ``nn.Linear`` weights are
-``[out, in]`` and are transposed on load. No dropout.
+One module covers Llama 2/3 (incl. ``rope_scaling``), Mistral (sliding-window
+attention), Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), switched by
+:class:`ModelConfig` fields. Parameter names follow HF (``embed_tokens``,
+``layers.self_attn.q_proj`` ...), with the layers stacked along a leading axis
+(``layers.<i>`` in HF is slice ``i``, see :mod:`rlhf_jax.models.stack`); HF ``nn.Linear``
+weights are ``[out, in]`` and are transposed on load. No dropout.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.attention import attention, write_kv
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import (Dense, Embedding, RMSNorm, apply_rope, attend,
-                                    rope_cos_sin, update_cache)
+from rlhf_jax.models.layers import Dense, Embedding, RMSNorm, apply_rope, rope_cos_sin
+from rlhf_jax.models.stack import scan_layers, stack_modules
 
 
 class LlamaAttention(nnx.Module):
@@ -32,8 +34,9 @@ class LlamaAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.shape = (hq, hkv, dh)
+        self.window = cfg.sliding_window
 
-    def __call__(self, x, cos, sin, allowed, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, layer_cache):
         b, t, _ = x.shape
         hq, hkv, dh = self.shape
         q = self.q_proj(x).reshape(b, t, hq, dh)
@@ -42,11 +45,11 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = None
         if layer_cache is not None:
-            layer_cache = update_cache(layer_cache, k, v, cache_index)
-            k, v = layer_cache["k"], layer_cache["v"]
-        out = attend(q, k, v, allowed, scale=dh ** -0.5)
-        return self.o_proj(out), layer_cache
+            cache, k, v = write_kv(layer_cache, k, v)
+        out = attention(q, k, v, mask, scale=dh ** -0.5, window=self.window)
+        return self.o_proj(out), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -70,12 +73,11 @@ class LlamaBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
         self.mlp = LlamaMLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, allowed, layer_cache, cache_index):
-        attn_out, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed,
-                                               layer_cache, cache_index)
+    def __call__(self, x, cos, sin, mask, layer_cache):
+        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, layer_cache
+        return x, cache
 
 
 class LlamaModel(nnx.Module):
@@ -85,7 +87,7 @@ class LlamaModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                                       std=cfg.initializer_range, **kw)
-        self.layers = nnx.List([LlamaBlock(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.layers = stack_modules([LlamaBlock(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
         self.cfg = cfg
 
@@ -93,13 +95,10 @@ class LlamaModel(nnx.Module):
         """The token embedding ``[V, D]`` (tied LM head)."""
         return self.embed_tokens.embedding[...]
 
-    def __call__(self, input_ids, positions, allowed, cache, cache_index):
+    def __call__(self, input_ids, positions, mask, cache, cache_index, *, remat="none"):
+        """Hidden states ``[B, T, D]`` and the cache; ``mask`` is an ``AttentionMask``."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.cfg, positions)
-        new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.layers):
-            x, layer_cache = block(x, cos, sin, allowed, None if cache is None else cache[i],
-                                   cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+        x, cache = scan_layers(self.layers, lambda block, h, lc: block(h, cos, sin, mask, lc),
+                               x, cache, cache_index, remat=remat)
+        return self.norm(x), cache

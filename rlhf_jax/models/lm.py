@@ -28,8 +28,11 @@ from flax import nnx
 from rlhf_jax.core import ops
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.gpt2 import GPT2Model
-from rlhf_jax.models.layers import Dense, attention_allowed, slot_positions
+from rlhf_jax.models.attention import (AttentionMask, cache_allowed, init_kv_cache, pack_order,
+                                       slot_positions)
+from rlhf_jax.models.layers import Dense
 from rlhf_jax.models.llama import LlamaModel
+from rlhf_jax.models.stack import check_remat
 
 HEADS = ("lm", "scalar", "lm+value")
 
@@ -92,8 +95,10 @@ class LM:
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
-    def __init__(self, config: ModelConfig, head: str, graphdef, params, *, dtype, param_dtype):
+    def __init__(self, config: ModelConfig, head: str, graphdef, params, *, dtype, param_dtype,
+                 remat: str = "none"):
         _check_head(head)
+        self.remat = check_remat(remat)
         self.config = config
         self.head = head
         self.graphdef = graphdef
@@ -110,7 +115,7 @@ class LM:
 
     # ------------------------------------------------------------------ trunk
     def hidden_states(self, params, input_ids, attention_mask, *, positions=None, cache=None,
-                      cache_index=None):
+                      cache_index=None, remat=None):
         """Final hidden states (after the last norm) and the updated KV cache.
 
         Without a cache, ``attention_mask`` is ``[B, T]`` like ``input_ids``; with a
@@ -120,6 +125,11 @@ class LM:
         ``j <= i`` whose mask is 1. Positions default to ``cumsum(mask) - 1``, so
         left padding is handled.
 
+        Without a cache, any 0/1 mask works: each row's real tokens are moved to the
+        front (in order) before the trunk and the hidden states moved back after it, so
+        attention runs in its packed, fusable form (see :mod:`rlhf_jax.models.attention`).
+        Hidden states at padding positions are finite junk.
+
         Args:
           params: the parameter pytree.
           input_ids: ``[B, T]`` int token ids (``< vocab_size``; not checked in jit,
@@ -128,6 +138,8 @@ class LM:
           positions: optional ``[B, T]`` int position ids.
           cache: from :meth:`init_cache` (or a previous call), or None.
           cache_index: int (may be traced): the first slot written; needed with a cache.
+          remat: activation-checkpointing policy per layer (a key of
+            ``rlhf_jax.models.stack.REMAT_POLICIES``); default the model's ``remat``.
 
         Returns:
           ``(hidden [B, T, D] in the compute dtype, cache)`` (cache is None without one).
@@ -147,7 +159,7 @@ class LM:
         else:
             if cache_index is None:
                 raise ValueError("cache_index is required when cache is given")
-            num_slots = cache[0]["k"].shape[1]
+            num_slots = cache["k"].shape[2]
             if attention_mask.shape != (b, num_slots):
                 raise ValueError(f"with a cache, attention_mask must be [B, S] = {(b, num_slots)} "
                                  f"over the cache slots, got {attention_mask.shape}")
@@ -155,12 +167,20 @@ class LM:
                 raise ValueError(f"{t} input tokens do not fit in a cache of {num_slots} slots")
         if positions is None:
             positions = slot_positions(attention_mask, cache_index, t)
-        allowed = attention_allowed(attention_mask, cache_index, t)
-        net = self._net(params)
-        return net.trunk(input_ids, positions, allowed, cache, cache_index)
+        remat = self.remat if remat is None else remat
+        trunk = self._net(params).trunk
+        if cache is not None:
+            allowed = cache_allowed(attention_mask, cache_index, t, window=self.config.sliding_window)
+            return trunk(input_ids, positions, AttentionMask(allowed=allowed), cache, cache_index,
+                         remat=remat)
+        order, inverse, lengths = pack_order(attention_mask)
+        hidden, _ = trunk(jnp.take_along_axis(input_ids, order, axis=1),
+                          jnp.take_along_axis(positions, order, axis=1),
+                          AttentionMask(lengths=lengths), None, None, remat=remat)
+        return jnp.take_along_axis(hidden, inverse[:, :, None], axis=1), None
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
-        """A zero KV cache: a list (one per layer) of ``{"k", "v"}`` ``[B, S, Hkv, Dh]``.
+        """A zero KV cache ``{"k", "v"}``, each ``[L, B, S, Hkv, Dh]`` (layers stacked).
 
         Args:
           batch_size: B. max_length: S, the number of slots (prompt + new tokens).
@@ -170,10 +190,9 @@ class LM:
         if max_length > cfg.max_position_embeddings:
             raise ValueError(f"cache max_length {max_length} exceeds the model context "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         dt = self.dtype if dtype is None else dtype
-        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-                for _ in range(cfg.num_layers)]
+        return init_kv_cache(cfg.num_layers, batch_size, max_length, cfg.num_kv_heads,
+                             cfg.head_dim, dt)
 
     # ------------------------------------------------------------------ heads
     def lm_head(self, params, hidden):
