@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and pip:
 #   make demo   creates .venv, installs rlhf_jax, runs the offline end-to-end demo
-#   make test   creates .venv, installs the test extras, runs the whole test suite
+#   make test   creates .venv, installs the test extras, runs ruff (lint + import order), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,7 @@ demo: $(VENV)/.installed-base
 	$(VENV)/bin/rlhf-jax demo --output_dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(VENV)/.installed-bench

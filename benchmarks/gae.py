@@ -102,7 +102,8 @@ def main():
     shapes = [(64, 128)] if args.quick else [(64, 128), (64, 1024), (512, 128), (512, 1024)]
     on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
     bw = bandwidth() if on_gpu else None
-    ours = {m: jax.jit(lambda r, v, k, m=m: gae(r, v, k, gamma=GAMMA, lam=LAM, method=m)) for m in ("scan", "associative")}
+    ours = {m: jax.jit(lambda r, v, k, m=m: gae(r, v, k, gamma=GAMMA, lam=LAM, method=m))
+            for m in ("scan", "associative")}
     rlax_gae = make_rlax()
 
     rows, records = [], []

@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _results import machine, markdown_table, median_time, write_section  # noqa: E402
 
 # HBM bandwidth in bytes/s by device kind (public spec sheets).

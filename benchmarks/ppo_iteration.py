@@ -20,7 +20,8 @@ response_length / seconds per iteration; the update's achieved model FLOP/s;
 peak memory (CPU: the largest RSS sampled every 10 ms minus the RSS after
 imports, before any model is built; for ours over the timed iterations, after
 a glibc `malloc_trim`, so that neither the compiler's transient peak nor the
-~0.5 GiB of freed heap that glibc would keep after it is counted; GPU: the device's peak bytes in use, `memory_stats()` /
+~0.5 GiB of freed heap that glibc would keep after it is counted; GPU: the
+device's peak bytes in use, `memory_stats()` /
 `torch.cuda.max_memory_allocated`).
 
 Phases do not split at the same place in the two trainers:
@@ -118,8 +119,9 @@ class RssSampler:
     """
 
     def __init__(self, interval: float = 0.01):
-        import psutil
         import threading
+
+        import psutil
 
         self._proc = psutil.Process()
         self._interval = interval

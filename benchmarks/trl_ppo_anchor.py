@@ -52,6 +52,7 @@ def time_trl_ppo(
     """Median seconds per TRL PPO iteration and its phases, after `warmup` iterations."""
     import numpy as np
     import torch
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
     from datasets import Dataset
     from transformers import (
         GPT2Config,
@@ -59,7 +60,6 @@ def time_trl_ppo(
         GPT2LMHeadModel,
         TrainerCallback,
     )
-    import trl.experimental.ppo.ppo_trainer as trl_ppo
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(seed)

@@ -1,5 +1,8 @@
 """A PPO-RLHF iteration composed by hand from rlhf_jax functions (the README example)."""
-import jax, jax.numpy as jnp, optax
+import jax
+import jax.numpy as jnp
+import optax
+
 import rlhf_jax as rj
 from rlhf_jax.models import ModelConfig, from_config
 

@@ -212,8 +212,8 @@ def test_foreign_folder_is_never_deleted(workdir, capsys):
 
 
 def test_overwrite_replaces_a_run_with_another_config(tmp_path):
-    from rlhf_jax.cli.config import load_config
     from rlhf_jax.cli.commands import RunError, prepare_output_dir
+    from rlhf_jax.cli.config import load_config
 
     cls = COMMAND_CONFIGS["sft"]
     first = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run"], cls)

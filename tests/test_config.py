@@ -157,7 +157,8 @@ def test_override_values_are_yaml_scalars():
     assert cfg.train.max_grad_norm is None and cfg.data.chat_template is False
     assert cfg.train.learning_rate == 3e-5 and cfg.data.max_rows == 10
     # A single string for a list of files is a one-item list.
-    assert load_config(None, ["model.path=m", "data.train_files=x.jsonl"], SFTRunConfig).data.train_files == ("x.jsonl",)
+    one = load_config(None, ["model.path=m", "data.train_files=x.jsonl"], SFTRunConfig)
+    assert one.data.train_files == ("x.jsonl",)
 
 
 def test_override_errors_name_the_override(tmp_path):
@@ -222,8 +223,8 @@ def test_real_recipes_read_local_rows_in_their_columns(path, tmp_path):
     """Each recipe's data section (columns, template, lengths) tokenizes a local stand-in file."""
     import json
 
-    from rlhf_jax.data.tokenizers import char_tokenizer
     from rlhf_jax.cli.commands import _load_examples
+    from rlhf_jax.data.tokenizers import char_tokenizer
 
     command = os.path.basename(path).split("_")[0]
     cfg = load_config(path, [], config_class(path))

@@ -123,13 +123,18 @@ def test_parquet_rows_are_numbered(tmp_path, tok):
 @pytest.mark.parametrize("record, message", [
     ("{not json", r"line 2: invalid JSON"),
     ({"prompt": "1+1="}, r"line 2: missing column `completion`"),
-    ({"prompt": 5, "completion": "x"}, r"line 2: column `prompt` must be a string or a list of messages, got int"),
+    ({"prompt": 5, "completion": "x"},
+     r"line 2: column `prompt` must be a string or a list of messages, got int"),
     ({"prompt": "   ", "completion": "x"}, r"line 2: empty prompt"),
-    ({"prompt": "123456789", "completion": "x"}, r"line 2: the prompt has 9 tokens, more than data.max_prompt_length=8"),
-    ({"prompt": "1", "completion": "x" * 20}, r"line 2: prompt \+ completion have 22 tokens, more than data.max_length=16"),
+    ({"prompt": "123456789", "completion": "x"},
+     r"line 2: the prompt has 9 tokens, more than data.max_prompt_length=8"),
+    ({"prompt": "1", "completion": "x" * 20},
+     r"line 2: prompt \+ completion have 22 tokens, more than data.max_length=16"),
     ([1, 2], r"line 2: expected a JSON object, got list"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"line 2: column `messages` must end with an assistant turn"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, r"line 2: column `messages`\[0\] must be"),
+    ({"messages": [{"role": "user", "content": "hi"}]},
+     r"line 2: column `messages` must end with an assistant turn"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+     r"line 2: column `messages`\[0\] must be"),
 ])
 def test_bad_sft_rows_name_file_and_line(tmp_path, tok, record, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2"}, record])

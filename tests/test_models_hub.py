@@ -9,8 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rlhf_jax.models import ModelConfig, from_config, from_pretrained
-from rlhf_jax.models import save_pretrained
+from rlhf_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
 from rlhf_jax.models.hf.pretrained import read_safetensors, write_safetensors
 
 VOCAB = 64

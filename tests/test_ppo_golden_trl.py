@@ -15,9 +15,9 @@ elsewhere TRL's numbers equal ours computed on the mask extended by one token (w
 zero KL on that extra token), which the second test checks. TRL's `approxkl` metric
 is `0.5 * mean(d^2)`, ours is the k3 estimate; it is a diagnostic, not compared.
 """
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from rlhf_jax import gae, masked_whiten, ppo_value_loss, shaped_rewards
 from rlhf_jax.train import PPOBatch, PPOConfig, ppo_advantages, ppo_minibatch_loss

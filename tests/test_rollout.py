@@ -4,7 +4,6 @@ Checked against slow, obvious references: a fresh full forward for the
 log-probs, NumPy softmax + chi-square for the sampling distribution, a NumPy
 nucleus for top-p, and a fixed-length run truncated by hand for EOS handling.
 """
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from scipy import stats
 from rlhf_jax import rollout
 from rlhf_jax.data import left_pad
 from rlhf_jax.models import ModelConfig, from_config
-from rlhf_jax.rollout import Rollout, generate, sample_logits
+from rlhf_jax.rollout import Rollout, generate
 
 VOCAB = 64
 CONTEXT = 64

@@ -11,8 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
-from rlhf_jax.train.sharding import (batch_sharding, make_mesh, param_shardings, replicated,
-                                     shard_batch)
+from rlhf_jax.train.sharding import batch_sharding, make_mesh, param_shardings, replicated, shard_batch
 
 MESHES = [(4, 1), (2, 2), (1, 4)]
 

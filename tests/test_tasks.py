@@ -4,9 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_jax.demo import tasks
-from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.data.padding import right_pad
+from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
+from rlhf_jax.demo import tasks
 
 
 def _sum_of(prompt, task):

@@ -5,8 +5,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.data.padding import right_pad
+from rlhf_jax.data.tokenizers import char_tokenizer, encode_texts
 from rlhf_jax.rewards.functions import host_reward_fn, load_function
 from rlhf_jax.rewards.verifiers import extract_final_number, math_reward, numbers_match, parse_number
 
@@ -107,8 +107,8 @@ def test_host_reward_fn_without_answers_and_bad_returns():
 def test_reward_model_export_keeps_the_head_bias(tmp_path):
     import jax.numpy as jnp
 
-    from rlhf_jax.models import ModelConfig, from_config
     from rlhf_jax.cli.commands import export_model
+    from rlhf_jax.models import ModelConfig, from_config
     from rlhf_jax.models.hf.pretrained import SCORE_BIAS_FILE
     from rlhf_jax.rewards.functions import load_reward_model
 

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from rlhf_jax.cli.config import ConfigError
+from rlhf_jax.cli.run_folder import CONFIG_FILE, RUN_FILE, RunError, prepare_output_dir, read_run  # noqa: F401
 from rlhf_jax.data.datasets import (
     preference_examples,
     prompt_examples,
@@ -27,7 +28,6 @@ from rlhf_jax.data.datasets import (
     sft_examples,
     special_token_ids,
 )
-from rlhf_jax.cli.run_folder import CONFIG_FILE, RUN_FILE, RunError, prepare_output_dir, read_run  # noqa: F401
 
 __all__ = [
     "RunError",

@@ -6,8 +6,8 @@ classes compose the trainers' own hyper-parameter dataclasses (`SFTConfig`,
 needs around them: the model, the tokenizer, the data, the reward, the output
 folder, checkpointing, the seed and the device mesh.
 
-`load_config(path, overrides, cls)` (from `rlhf_jax.cli.yaml_config`, re-exported) turns a YAML file plus `a.b=c` overrides
-into an instance of `cls` and validates all of it before anything touches a
+`load_config(path, overrides, cls)` (from `rlhf_jax.cli.yaml_config`, re-exported) turns a YAML
+file plus `a.b=c` overrides into an instance of `cls` and validates all of it before anything touches a
 model: an unknown key, a value of the wrong type or batch sizes that cannot be
 split as asked raise `ConfigError`, whose message names the dotted key and the
 file (and line, where the YAML has one). `dump_config` writes the resolved
@@ -30,8 +30,8 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     to_dict,
 )
 from rlhf_jax.cli.yaml_config import field_help as _field_help
-from rlhf_jax.train.rl.ppo import PPOConfig
 from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.rl.ppo import PPOConfig
 from rlhf_jax.train.sft import SFTConfig
 
 __all__ = [

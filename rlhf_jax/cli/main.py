@@ -32,9 +32,9 @@ import sys
 import textwrap
 import time
 
+from rlhf_jax.cli.commands import RunError
 from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, field_help, load_config
 from rlhf_jax.data.datasets import DataError
-from rlhf_jax.cli.commands import RunError
 
 __all__ = ["main", "build_parser"]
 

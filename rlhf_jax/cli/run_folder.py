@@ -15,7 +15,6 @@ import os
 import shutil
 
 from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, from_dict, to_dict
-
 from rlhf_jax.errors import RunError
 
 __all__ = ["RunError", "CONFIG_FILE", "RUN_FILE", "prepare_output_dir", "read_run"]

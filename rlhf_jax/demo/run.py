@@ -41,9 +41,9 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax.demo import tasks
 from rlhf_jax.data.padding import left_pad, right_pad
 from rlhf_jax.data.tokenizers import char_tokenizer, decode_tokens, encode_texts
+from rlhf_jax.demo import tasks
 from rlhf_jax.demo.report import conclusions, markdown_report, plot_training
 from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, format_table, plot_pass_at_k
 from rlhf_jax.models import ModelConfig, from_config, save_pretrained

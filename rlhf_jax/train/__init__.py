@@ -12,6 +12,13 @@ PPO is a small object with three jitted phases (`PPOTrainer.iteration`).
 The drivers (fit_*), sharding and checkpointing live in `train/loop.py`,
 `train/sharding.py` and `rlhf_jax/checkpoint.py`.
 """
+from rlhf_jax.train.reward import (
+    RewardConfig,
+    evaluate_reward_model,
+    make_reward_step,
+    normalize_reward_head,
+    reward_init,
+)
 from rlhf_jax.train.rl.ppo import (
     PPOBatch,
     PPOConfig,
@@ -19,13 +26,6 @@ from rlhf_jax.train.rl.ppo import (
     PPOTrainer,
     ppo_advantages,
     ppo_minibatch_loss,
-)
-from rlhf_jax.train.reward import (
-    RewardConfig,
-    evaluate_reward_model,
-    make_reward_step,
-    normalize_reward_head,
-    reward_init,
 )
 from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init, sft_loss_fn
 from rlhf_jax.train.state import (

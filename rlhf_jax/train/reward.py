@@ -22,10 +22,10 @@ from rlhf_jax.core import ops
 from rlhf_jax.core.losses import bradley_terry_loss
 from rlhf_jax.train.state import (
     TrainState,
-    init_train_state,
     accumulate_gradients,
     check_grad_accum,
     guarded_apply,
+    init_train_state,
     learning_rate_from_state,
     split_micro_batches,
 )
