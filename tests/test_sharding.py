@@ -186,10 +186,10 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
     params, history, state = fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path, mesh=mesh,
                                      return_state=True, **_quiet(log_every=2))
     assert [r["step"] for r in history] == [2, 4]  # 16 rows / 8 = 2 steps per epoch, 2 epochs
-    kernel = state.params["trunk"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
+    kernel = state.params["trunk"]["h"]["mlp"]["c_fc"]["kernel"]  # [layers 1, 32, 128]
     if fsdp_size > 1:
-        assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
-        assert kernel.addressable_shards[0].data.shape == (32, 128 // fsdp_size)
+        assert kernel.sharding.spec == PartitionSpec(None, None, "fsdp")
+        assert kernel.addressable_shards[0].data.shape == (1, 32, 128 // fsdp_size)
     else:
         assert kernel.sharding.is_fully_replicated
     _assert_close_runs((params, history), want)

@@ -2,8 +2,10 @@
 sharded) and ``save_pretrained`` (a checkpoint that transformers loads).
 
 Weights are mapped through one table per family of (HF name pattern, our parameter
-path, transpose?) rows; ``{i}`` stands for a layer index. The same table serves both
-directions. Every tensor's shape is checked; an unknown or missing tensor is an error
+path, transpose?) rows; ``{i}`` stands for a layer index: HF's per-layer tensors
+``layers.<i>.*`` are slice ``i`` of one stacked parameter ``[L, ...]`` of ours (the layers
+are one scanned block), so loading stacks them and export unstacks. The same table serves
+both directions. Every tensor's shape is checked; an unknown or missing tensor is an error
 that names it. safetensors files are read and written here directly (the format is
 a JSON header plus raw little-endian buffers), so bfloat16 checkpoints load without
 torch.
@@ -73,16 +75,21 @@ _IGNORED = [re.compile(r"^(transformer\.)?h\.\d+\.attn\.(masked_)?bias$"),
 
 
 def _table(family: str):
-    """Rows of (compiled HF regex, HF format string, our path format string, transpose)."""
+    """Rows of (compiled HF regex, HF format string, our path, transpose, stacked).
+
+    ``stacked`` rows hold a per-layer tensor: the regex captures the layer index and our
+    path (``{i}`` removed) names the stacked parameter.
+    """
     trunk = _GPT2_TRUNK if family == "gpt2" else _LLAMA_TRUNK
     prefix = _TRUNK_PREFIX[family]
     rows = []
     for hf, ours, transpose in trunk:
         # The trunk prefix is optional on load (base-model checkpoints lack it).
         regex = "^(?:" + re.escape(prefix) + ")?" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
-        rows.append((re.compile(regex), prefix + hf, "trunk/" + ours, transpose))
+        rows.append((re.compile(regex), prefix + hf, "trunk/" + ours.replace("/{i}", ""), transpose,
+                     "{i}" in hf))
     for hf, ours, transpose in _HEADS_TABLE:
-        rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose))
+        rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose, False))
     return rows
 
 
@@ -242,12 +249,13 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     graphdef, abstract = build(config, head, dtype=dtype, param_dtype=param_dtype, abstract=True)
     expected = _flatten(abstract)
     loaded: dict = {}
+    stacks: dict = {}  # our stacked path -> (host buffer [L, ...], layers filled)
     rows = _table(config.family)
     for file in _checkpoint_files(folder):
         for name, array in read_safetensors(file):
             if any(p.search(name) for p in _IGNORED):
                 continue
-            ours, transpose = _match(rows, name)
+            ours, layer, transpose = _match(rows, name)
             if ours is None:
                 raise ValueError(f"{file.name}: unknown tensor {name!r} for model_type "
                                  f"{config.model_type!r} with head {head!r}")
@@ -256,23 +264,39 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
             if ours.startswith("score/") and head != "scalar":
                 raise ValueError(f"tensor {name!r} is a sequence-classification head; "
                                  "load with head='scalar'")
-            if ours not in expected:
+            if ours not in expected or (layer is not None and layer >= config.num_layers):
                 raise ValueError(f"{file.name}: tensor {name!r} (-> {ours}) has no place in this "
-                                 f"model (config: {config.model_type}, head {head!r}); "
-                                 "config.json and weights disagree")
+                                 f"model (config: {config.model_type}, {config.num_layers} layers, "
+                                 f"head {head!r}); config.json and weights disagree")
             if transpose:
                 array = array.T
-            want = tuple(expected[ours].shape)
+            full = tuple(expected[ours].shape)
+            want = full if layer is None else full[1:]
             if tuple(array.shape) != want:
                 raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)} "
                                  f"(after transpose: {transpose}) but the config needs {want}")
-            loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
+            if layer is None:
+                loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
+                continue
+            if ours not in stacks:
+                stacks[ours] = (np.empty(full, jnp.dtype(param_dtype)), set())
+            buffer, filled = stacks[ours]
+            buffer[layer] = array
+            filled.add(layer)
+    missing = []
+    for ours, (buffer, filled) in stacks.items():
+        if len(filled) == config.num_layers:
+            loaded[ours] = jax.device_put(buffer)
+        else:
+            missing += [_to_hf(rows, ours, i)[0] for i in range(config.num_layers) if i not in filled]
     fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
     loaded.update(fresh)
-    missing = [p for p in expected if p not in loaded]
+    for p in expected:
+        if p not in loaded and p not in stacks:
+            name, _, stacked = _to_hf(rows, p)
+            missing += [_to_hf(rows, p, i)[0] for i in range(config.num_layers)] if stacked else [name or p]
     if missing:
-        names = [_to_hf(rows, p)[0] or p for p in missing]
-        raise ValueError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
+        raise ValueError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     bias_file = folder / SCORE_BIAS_FILE
     if head == "scalar" and bias_file.is_file():
         bias = float(json.loads(bias_file.read_text())["bias"])
@@ -281,21 +305,29 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
 
 
 def _match(rows, name):
-    for regex, _, ours, transpose in rows:
+    """(our path, layer index or None, transpose) of an HF tensor name, or (None, None, False)."""
+    for regex, _, ours, transpose, stacked in rows:
         m = regex.match(name)
         if m:
-            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transpose
-    return None, False
+            return ours, (int(m.group(1)) if stacked else None), transpose
+    return None, None, False
 
 
-def _to_hf(rows, ours_path):
-    """(HF tensor name, transpose) of one of our parameter paths, or (None, False)."""
-    for _, hf, ours, transpose in rows:
-        regex = "^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"
-        m = re.match(regex, ours_path)
-        if m:
-            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transpose
-    return None, False
+def _to_hf(rows, ours_path, layer=None):
+    """(HF tensor name, transpose, stacked) of one of our parameter paths.
+
+    A stacked path names layer ``layer`` (the name keeps ``{i}`` when ``layer`` is None);
+    an unknown path gives ``(None, False, False)``.
+    """
+    for _, hf, ours, transpose, stacked in rows:
+        if ours == ours_path:
+            return (hf.replace("{i}", str(layer)) if stacked and layer is not None else hf), transpose, stacked
+    return None, False, False
+
+
+def _unstack(name, array):
+    """``(HF name of layer i, array[i])`` for each layer of a stacked parameter."""
+    return [(name.replace("{i}", str(i)), array[i]) for i in range(array.shape[0])]
 
 
 def _fresh_heads(expected, loaded, config, head, seed, param_dtype):
@@ -347,15 +379,14 @@ def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=
         if path == "score/bias":
             score_bias = float(np.asarray(value, np.float32)[0])
             continue
-        name, transpose = _to_hf(rows, path)
+        name, transpose, stacked = _to_hf(rows, path)
         if name is None:
             raise ValueError(f"parameter {path!r} has no HF name")
         array = np.asarray(jax.device_get(value))
         if save_dtype is not None:
             array = array.astype(jnp.dtype(save_dtype))
-        if transpose:
-            array = array.T
-        tensors[name] = np.ascontiguousarray(array)
+        for hf_name, piece in (_unstack(name, array) if stacked else [(name, array)]):
+            tensors[hf_name] = np.ascontiguousarray(piece.T if transpose else piece)
     if lm.head == "lm+value":
         warnings.warn("head 'lm+value': the value head is not part of an HF causal-LM "
                       "checkpoint and is not saved", stacklevel=2)
