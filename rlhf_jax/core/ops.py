@@ -23,6 +23,7 @@ __all__ = [
     "token_logprobs",
     "token_entropy",
     "last_valid_index",
+    "sequence_logprobs",
 ]
 
 
@@ -177,6 +178,32 @@ def last_valid_index(mask):
     t = jnp.shape(mask)[1]
     positions = jnp.arange(t, dtype=jnp.int32)
     return jnp.max(jnp.where(jnp.asarray(mask) > 0, positions[None, :], -1), axis=1).astype(jnp.int32)
+
+
+def sequence_logprobs(token_logprobs, mask, *, average: bool = False):
+    """Log-probability of each sequence from its per-token log-probs.
+
+    Equation: `log p(y_b) = sum_t m_bt log p(y_bt)`, or with `average=True` the
+    length-normalised `sum_t m_bt log p(y_bt) / max(sum_t m_bt, 1)` (SimPO; TRL's IPO).
+    An empty row gives 0. Padded positions may hold anything (even -inf).
+
+    Args:
+      token_logprobs: `[B, T]` log-probs of the tokens (e.g. from `token_logprobs`).
+      mask: `[B, T]` float or bool, 1 = a completion token.
+      average: divide by the number of valid tokens.
+
+    Returns:
+      `[B]` float32 (differentiable in `token_logprobs`).
+
+    References:
+      Rafailov et al. 2023 (DPO, summed), arXiv 2305.18290; Meng et al. 2024 (SimPO,
+      averaged), arXiv 2405.14734.
+    """
+    check_rank(token_logprobs, 2, "token_logprobs")
+    check_same_shape(token_logprobs, "token_logprobs", mask=mask)
+    if average:
+        return masked_mean(token_logprobs, mask, axis=1)
+    return masked_sum(token_logprobs, mask, axis=1)
 
 
 # ---------------------------------------------------------------------------
