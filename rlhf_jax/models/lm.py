@@ -26,15 +26,17 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.core import ops
+from rlhf_jax.models.attention import AttentionMask, cache_allowed, init_kv_cache, pack_order, slot_positions
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.gpt2 import GPT2Model
-from rlhf_jax.models.attention import (AttentionMask, cache_allowed, init_kv_cache, pack_order,
-                                       slot_positions)
 from rlhf_jax.models.layers import Dense
 from rlhf_jax.models.llama import LlamaModel
 from rlhf_jax.models.stack import check_remat
 
 HEADS = ("lm", "scalar", "lm+value")
+# Tokens per chunk of the LM head in token_stats: [1024, V] float32 logits at a time
+# (0.6 GB at Qwen's 151936 vocabulary).
+LOGITS_CHUNK_SIZE = 1024
 
 
 class Network(nnx.Module):
@@ -96,9 +98,10 @@ class LM:
     """
 
     def __init__(self, config: ModelConfig, head: str, graphdef, params, *, dtype, param_dtype,
-                 remat: str = "none"):
+                 remat: str = "none", logits_chunk_size: int = LOGITS_CHUNK_SIZE):
         _check_head(head)
         self.remat = check_remat(remat)
+        self.logits_chunk_size = int(logits_chunk_size)
         self.config = config
         self.head = head
         self.graphdef = graphdef
@@ -261,12 +264,33 @@ class LM:
         if not 1 <= n < t:
             raise ValueError(f"num_response must be in [1, {t - 1}] for sequences of length {t}, got {n}")
         hidden, _ = self.hidden_states(params, input_ids, attention_mask)
-        logits = self.lm_head(params, hidden[:, t - n - 1:t - 1])
-        targets = input_ids[:, t - n:]
-        logprobs = ops.token_logprobs(logits, targets, temperature=temperature)
+        stats = self.token_stats(params, hidden[:, t - n - 1:t - 1], input_ids[:, t - n:],
+                                 temperature=temperature, with_entropy=with_entropy)
         if with_entropy:
-            return logprobs, ops.token_entropy(logits, temperature=temperature)
-        return logprobs
+            return stats["logprobs"], stats["entropy"]
+        return stats["logprobs"]
+
+    def token_stats(self, params, hidden, targets, *, temperature: float = 1.0,
+                    with_entropy: bool = False, with_accuracy: bool = False, chunk_size=None):
+        """Log-probs of ``targets`` (and entropies, argmax hits) from hidden states, the LM
+        head applied over chunks of tokens so no ``[B, T, V]`` float32 array exists.
+
+        See :func:`rlhf_jax.core.ops.chunked_token_stats`.
+
+        Args:
+          params: parameters. hidden: ``[B, T, D]``. targets: ``[B, T]`` token ids, the
+            token each position predicts.
+          temperature: logits are divided by it.
+          with_entropy, with_accuracy: also return ``"entropy"`` / ``"correct"``.
+          chunk_size: tokens per chunk; default the model's ``logits_chunk_size``.
+
+        Returns:
+          dict of ``[B, T]`` float32: ``"logprobs"`` (+ ``"entropy"``, ``"correct"``).
+        """
+        return ops.chunked_token_stats(
+            hidden, targets, lambda h: self.lm_head(params, h),
+            chunk_size=self.logits_chunk_size if chunk_size is None else chunk_size,
+            temperature=temperature, with_entropy=with_entropy, with_accuracy=with_accuracy)
 
     # ------------------------------------------------------------------ misc
     def check_inputs(self, input_ids, attention_mask=None):

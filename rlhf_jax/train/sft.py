@@ -103,12 +103,13 @@ def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=Non
     loss_mask = batch["loss_mask"]
     ops.check_rank(ids, 2, "input_ids")
     ops.check_same_shape(ids, "input_ids", attention_mask=attn, loss_mask=loss_mask)
-    logits = lm.logits(params, ids, attn)[:, :-1]
-    targets = ids[:, 1:]
+    hidden, _ = lm.hidden_states(params, ids, attn)
     mask = (jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(attn, jnp.float32))[:, 1:]
-    logprobs = ops.token_logprobs(logits, targets)
-    loss, loss_aux = sft_loss(logprobs, mask, agg=agg, norm_constant=norm_constant)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # The LM head runs in chunks of tokens (log-prob and argmax hit in one pass): no
+    # [B, L, V] float32 logits exist.
+    stats = lm.token_stats(params, hidden[:, :-1], ids[:, 1:], with_accuracy=True)
+    loss, loss_aux = sft_loss(stats["logprobs"], mask, agg=agg, norm_constant=norm_constant)
+    correct = stats["correct"]
     aux = {"nll": loss_aux["nll"], "token_accuracy": ops.masked_mean(correct, mask)}
     return loss, (aux, _loss_weight(mask, agg))
 

@@ -321,10 +321,9 @@ class PPOTrainer:
             # Shared trunk: one forward gives both heads.
             hidden, _ = self.policy.hidden_states(params, input_ids, attention_mask)
             hidden = hidden[:, p - 1 : p + n - 1]
-            logits = self.policy.lm_head(params, hidden)
-            targets = input_ids[:, p:]
-            logprobs = ops.token_logprobs(logits, targets, temperature=temperature)
-            entropy = ops.token_entropy(logits, temperature=temperature) if with_entropy else None
+            stats = self.policy.token_stats(params, hidden, input_ids[:, p:], temperature=temperature,
+                                            with_entropy=with_entropy)
+            logprobs, entropy = stats["logprobs"], stats.get("entropy")
             values = self.policy.value_head(params, hidden)
         else:
             out = self.policy.response_logprobs(
