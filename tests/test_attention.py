@@ -12,7 +12,6 @@ from rlhf_jax.models.attention import AttentionMask, cache_allowed, pack_order
 from rlhf_jax.models.attention import attention as _attention
 from rlhf_jax.models.lm import LM, build
 
-
 # one compilation per call site instead of one per eager op
 attention = jax.jit(_attention, static_argnames=("scale", "window"))
 

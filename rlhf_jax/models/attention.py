@@ -34,6 +34,7 @@ form and over cache slots in the explicit form (the same thing for left-padded p
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -123,12 +124,23 @@ def _packed(q, k, v, lengths, *, scale, window):
                   key_value_seq_lengths=jnp.maximum(lengths, 1),
                   local_window_size=None if window is None else (int(window) - 1, 0))
     implementation = _implementation(q.dtype)
-    if implementation == "cudnn" and os.environ.get(ATTENTION_ENV, "auto").lower() == "auto":
+    if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
         except (NotImplementedError, ValueError, RuntimeError):
-            implementation = None  # shapes or the installed cuDNN say no: XLA below
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+            if os.environ.get(ATTENTION_ENV, "auto").lower() == "cudnn":
+                raise
+            # the shapes or the installed cuDNN say no: XLA below
+
+    # XLA materialises the [B, H, T, S] scores; as in flash attention, the backward pass
+    # recomputes them from q, k, v instead of keeping them (a few [B, T, H, Dh] residuals
+    # per layer instead of several [B, H, T, S] ones), whatever the layer remat policy.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def xla(q, k, v, lengths):
+        return jax.nn.dot_product_attention(q, k, v, **{**kwargs, "query_seq_lengths": lengths,
+                                                         "key_value_seq_lengths": jnp.maximum(lengths, 1)})
+
+    return xla(q, k, v, lengths)
 
 
 def attention(q, k, v, mask: AttentionMask, *, scale: float, window: int | None = None):
