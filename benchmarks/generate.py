@@ -108,8 +108,7 @@ def main(argv=None) -> dict:
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         _save_random_gpt2(Path(tmp), shape)
-        lm = from_pretrained(tmp, dtype=jdtype, param_dtype=jdtype)
-        params = lm.params
+        lm, params = from_pretrained(tmp, dtype=jdtype, param_dtype=jdtype)
         hf = None
         if run_hf:
             hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=tdtype)

@@ -6,8 +6,8 @@ import optax
 import rlhf_jax as rj
 from rlhf_jax.models import ModelConfig, from_config
 
-lm = from_config(ModelConfig.tiny("gpt2", vocab_size=32), head="lm+value", seed=0)
-ref_params, params, tx = lm.params, lm.params, optax.adam(3e-3)
+lm, params = from_config(ModelConfig.tiny("gpt2", vocab_size=32), head="lm+value", seed=0)
+ref_params, tx = params, optax.adam(3e-3)
 opt_state, ctl = tx.init(params), rj.kl_controller_init(0.05, target=1.0)
 prompt_ids, prompt_mask = jnp.full((32, 4), 7, jnp.int32), jnp.ones((32, 4), jnp.int32)
 P, N, T = 4, 8, 0.7                                   # prompt length, response length, temperature

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,10 +129,7 @@ def _check_knobs(temperature, top_k, top_p):
 
 
 # ---------------------------------------------------------------------------
-# The sampler body (pure; traced either inside a caller's jit or by our cache).
-
-# Incremented each time the sampler body is traced: the compile-once test reads it.
-_trace_count = 0
+# The sampler body (pure; traced either inside a caller's jit or by `_generate_jit`).
 
 
 def _context_length(config) -> int | None:
@@ -154,8 +150,6 @@ def _generate_body(lm, params, prompt_ids, prompt_mask, key, knobs, *, max_new_t
     """The sampler. Keyword arguments fix the program's structure (static); `knobs`
     holds the values that may change without recompiling: `temperature`, `top_p`,
     `eos_token_id`, `pad_token_id` (scalars, possibly traced)."""
-    global _trace_count
-    _trace_count += 1
     batch, prompt_len = prompt_ids.shape
     n = max_new_tokens
     total = prompt_len + n
@@ -283,40 +277,11 @@ def _validate_values(lm, prompt_ids, prompt_mask):
         raise ValueError("`prompt_mask` must be zeros then ones per row (left padding)")
 
 
-# Compiled samplers per model: {id(lm): (weakref-or-lm, {structure: jitted fn})}.
-_JIT_CACHE: dict[int, tuple[Any, dict]] = {}
-
-
-def _deref(ref):
-    return ref() if isinstance(ref, weakref.ref) else ref
-
-
-def _jitted_sampler(lm, structure: tuple):
-    entry = _JIT_CACHE.get(id(lm))
-    if entry is not None and _deref(entry[0]) is not lm:  # a dead model's id was reused
-        entry = None
-    if entry is None:
-        try:
-            ref = weakref.ref(lm, lambda _r, k=id(lm), cache=_JIT_CACHE: cache.pop(k, None))
-        except TypeError:  # not weak-referenceable: the cache keeps it alive
-            ref = lm
-        entry = (ref, {})
-        _JIT_CACHE[id(lm)] = entry
-    fns = entry[1]
-    if structure not in fns:
-        # Close over the weak reference so the cache does not keep the model alive.
-        model_ref = entry[0]
-        kwargs = dict(zip(_STRUCTURE_NAMES, structure))
-
-        def run(params, prompt_ids, prompt_mask, rng, knobs):
-            return _generate_body(_deref(model_ref), params, prompt_ids, prompt_mask, rng, knobs,
-                                  **kwargs)
-
-        fns[structure] = jax.jit(run)
-    return fns[structure]
-
-
 _STRUCTURE_NAMES = ("max_new_tokens", "greedy", "top_k", "use_top_p", "has_eos")
+
+# The model and the program structure are static: jax.jit's own cache keys on them by
+# value (an `LM` is hashable), so equal models share one compilation per bucket.
+_generate_jit = jax.jit(_generate_body, static_argnames=("lm",) + _STRUCTURE_NAMES)
 
 
 def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
@@ -337,15 +302,17 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
     `temperature=0` is greedy decoding (`top_k`/`top_p` ignored) and its log-probs are
     those of the untempered distribution (temperature 1).
 
-    Callable eagerly (inputs are validated, and a jitted sampler is cached per model
-    and program structure, see below) or inside a caller's `jax.jit` with `lm` closed over
+    Callable eagerly (inputs are validated, then one jitted sampler runs with `lm` and the
+    program structure as static arguments, so `jax.jit` caches it per model value and
+    structure, see below) or inside a caller's `jax.jit` with `lm` closed over or static
     (shape checks only). Step `t` draws with `jax.random.fold_in(key, t)`, so a fixed
     key gives fixed samples. What recompiles: the shapes, `max_new_tokens`, greedy or
     not, `top_k`, top-p on or off, EOS on or off; the values of `temperature`,
     `top_p`, `eos_token_id` and `pad_token_id` do not.
 
     Args:
-      lm: an `rlhf_jax.models` LM (needs `config`, `init_cache`, `hidden_states`, `lm_head`).
+      lm: an `rlhf_jax.models.LM` (hashable; needs `config`, `init_cache`, `hidden_states`,
+        `lm_head`).
       params: the LM's parameter pytree.
       prompt_ids: `[B, P]` int, left-padded prompts (last column is a real token).
       prompt_mask: `[B, P]`, 1 on real prompt tokens.
@@ -385,4 +352,5 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
         return _generate_body(lm, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key,
                               knobs, **dict(zip(_STRUCTURE_NAMES, structure)))
     _validate_values(lm, prompt_ids, prompt_mask)
-    return _jitted_sampler(lm, structure)(params, prompt_ids, prompt_mask, key, knobs)
+    return _generate_jit(lm, params, prompt_ids, prompt_mask, key, knobs,
+                         **dict(zip(_STRUCTURE_NAMES, structure)))

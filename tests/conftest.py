@@ -13,3 +13,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compile_counter():
+    """Count XLA compilations while the block runs, by function, from JAX's public monitoring.
+
+    Yields a `collections.Counter` keyed by the compiled function's name as JAX reports it
+    (`"jit(name)"`); it fills while the block runs. A persistent-cache hit still counts
+    (the event wraps the lookup), so the count is of compilations requested, not of cache misses.
+    """
+    counts = collections.Counter()
+
+    def listener(event, duration_secs, **kwargs):
+        del duration_secs
+        if event == BACKEND_COMPILE_EVENT:
+            counts[kwargs.get("fun_name", "?")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="session")
+def count_compiles():
+    """`with count_compiles() as counts:` ... `counts["jit(f)"]` (see `compile_counter`)."""
+    return compile_counter

@@ -52,7 +52,7 @@ def run_sft(args):
     from rlhf_jax.train import SFTConfig
     from rlhf_jax.train.drivers import fit_sft
 
-    lm = _tiny_lm("lm")
+    lm, lm_params = _tiny_lm("lm")
     rng = np.random.default_rng(0)
     n, length = 20, 10
     lengths = rng.integers(5, length + 1, n)
@@ -61,7 +61,7 @@ def run_sft(args):
     loss_mask = mask * (np.arange(length)[None, :] >= 2)
     cfg = SFTConfig(batch_size=4, num_epochs=3, learning_rate=3e-3, schedule="cosine",
                     warmup_steps=2, seed=1)
-    params, _ = fit_sft(lm, lm.params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask},
+    params, _ = fit_sft(lm, lm_params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask},
                         cfg, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
                         max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
     return params
@@ -71,7 +71,7 @@ def run_ppo(args):
     from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
     from rlhf_jax.train.drivers import fit_ppo
 
-    policy = _tiny_lm("lm+value")
+    policy, policy_params = _tiny_lm("lm+value")
     target = 5
 
     def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
@@ -86,7 +86,7 @@ def run_ppo(args):
     lengths = rng.integers(1, p + 1, n)
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
-    params, _ = fit_ppo(trainer, policy.params, policy.params, {"prompt_ids": ids, "prompt_mask": mask},
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask},
                         output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
                         max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
     return params

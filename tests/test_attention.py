@@ -10,7 +10,7 @@ import pytest
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.attention import AttentionMask, cache_allowed, pack_order
 from rlhf_jax.models.attention import attention as _attention
-from rlhf_jax.models.lm import LM, build
+from rlhf_jax.models.lm import LM
 
 # one compilation per call site instead of one per eager op
 attention = jax.jit(_attention, static_argnames=("scale", "window"))
@@ -141,9 +141,8 @@ def test_mask_needs_exactly_one_form():
 
 # ------------------------------------------------------------- scanned layers and remat
 def _abstract_lm(num_layers, **kw):
-    cfg = ModelConfig.tiny("llama", 64, hidden_size=32, num_layers=num_layers)
-    graphdef, params = build(cfg, "lm", abstract=True)
-    return LM(cfg, "lm", graphdef, params, dtype=jnp.float32, param_dtype=jnp.float32, **kw), params
+    lm = LM(ModelConfig.tiny("llama", 64, hidden_size=32, num_layers=num_layers), **kw)
+    return lm, lm.abstract_params()
 
 
 def test_program_size_is_flat_in_depth():
@@ -164,7 +163,7 @@ def test_remat_policies_give_the_same_gradients_and_full_saves_memory():
     from rlhf_jax.models import from_config
 
     cfg = ModelConfig.tiny("qwen2", 64, hidden_size=32, num_layers=2, initializer_range=0.2)
-    base = from_config(cfg, seed=0)
+    base, params = from_config(cfg, seed=0)
     rs = np.random.default_rng(5)
     ids = jnp.asarray(rs.integers(0, 64, (4, 24)), jnp.int32)
     mask = jnp.asarray(_masks(24)[:4])
@@ -175,8 +174,8 @@ def test_remat_policies_give_the_same_gradients_and_full_saves_memory():
             return jnp.sum(jnp.sin(hidden) * mask[:, :, None])
 
         fn = jax.jit(jax.grad(loss))
-        temp = fn.lower(base.params).compile().memory_analysis().temp_size_in_bytes
-        return fn(base.params), temp
+        temp = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+        return fn(params), temp
 
     want, temp_none = grads("none")
     for remat in ("full", "save_dots_no_batch"):
@@ -186,4 +185,6 @@ def test_remat_policies_give_the_same_gradients_and_full_saves_memory():
         if remat == "full":
             assert temp < temp_none, (temp, temp_none)
     with pytest.raises(ValueError, match="remat must be one of"):
-        base.hidden_states(base.params, ids, mask, remat="sometimes")
+        base.hidden_states(params, ids, mask, remat="sometimes")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        LM(cfg, remat="sometimes")

@@ -71,10 +71,10 @@ def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
     ppo = workdir / "tiny_run" / "ppo"
     records = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-1] == 2
-    policy_sft = from_pretrained(str(sft / "hf"))
-    policy_ppo = from_pretrained(str(ppo / "hf"))
+    _, sft_params = from_pretrained(str(sft / "hf"))
+    policy_ppo, ppo_params = from_pretrained(str(ppo / "hf"))
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
-                zip(jax_leaves(policy_sft.params), jax_leaves(policy_ppo.params)))
+                zip(jax_leaves(sft_params), jax_leaves(ppo_params)))
     assert moved > 0  # PPO changed the policy
 
     # pass@k of both exports with the math verifier.
@@ -100,7 +100,7 @@ def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
 
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor(ids["input_ids"])).logits.numpy()
-    ours = policy_ppo.logits(policy_ppo.params, ids["input_ids"], ids["attention_mask"])
+    ours = policy_ppo.logits(ppo_params, ids["input_ids"], ids["attention_mask"])
     np.testing.assert_allclose(hf_logits, np.asarray(ours), atol=1e-4)
 
     # The reward model export loads in transformers too.

@@ -1,4 +1,5 @@
 """Tests for pass@k evaluation (rlhf_jax.eval.passk_eval) on tiny random models."""
+import dataclasses
 import json
 import math
 
@@ -17,12 +18,12 @@ EOS = 1
 @pytest.fixture(scope="module")
 def models():
     cfg = ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=32)
-    lm = from_config(cfg, head="lm", seed=0)
+    lm, params = from_config(cfg, head="lm", seed=0)
     # Large random changes make the two policies clearly different distributions.
-    leaves, treedef = jax.tree.flatten(lm.params)
+    leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     other = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    return lm, lm.params, other
+    return lm, params, other
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def basic_results(models, prompts):
     ids, mask = prompts
     # 6 prompts x 10 samples = 60 rows: three batches of 24, the last one wrapped.
     return evaluate_pass_at_k(
-        {"sft": (lm, params), "ppo": (lm, other)}, ids, mask, _first_token_even,
+        # The second model is an equal LM value but another object: the sampler is shared.
+        {"sft": (lm, params), "ppo": (dataclasses.replace(lm), other)}, ids, mask, _first_token_even,
         n_samples=10, key=jax.random.key(0), **BASIC,
     )
 
@@ -69,7 +71,7 @@ def test_pass_at_k_matches_math_comb(basic_results, prompts):
     n = 10
     res = basic_results
     assert res["settings"]["ks"] == [1, 2, 4, 8, 10]
-    # Two models, one LM object, fixed batch shape: at most one compilation.
+    # Two models, equal LM values, fixed batch shape: at most one compilation.
     assert res["settings"]["sampler_compilations"] <= 1
     for entry in res["models"].values():
         counts = entry["correct_per_prompt"]
@@ -122,7 +124,7 @@ def _exact_one_token_kl(lm, p_params, q_params, ids, mask):
 def test_kl_to_reference_reward_model_and_scorers(models, prompts):
     lm, params, other = models
     ids, mask = prompts
-    rm, rm_params = lm.with_head("scalar", seed=2, params=params)
+    rm, rm_params = lm.with_head("scalar", params, seed=2)
     n = 128
 
     def response_length(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):

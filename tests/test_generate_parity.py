@@ -78,7 +78,7 @@ def test_greedy_matches_hf_generate(kind, prompts, tmp_path_factory):
     hf = _scrambled(_hf_model(kind), seed=1)
     folder = tmp_path_factory.mktemp(f"{kind}_ckpt")
     hf.save_pretrained(folder)
-    lm = from_pretrained(folder)
+    lm, params = from_pretrained(folder)
     ids, mask = prompts
 
     hf_tokens = _hf_greedy(hf, ids, mask, eos=None)
@@ -89,7 +89,7 @@ def test_greedy_matches_hf_generate(kind, prompts, tmp_path_factory):
     if counts[eos] == 0:  # every token is in all rows or none: any produced token will do
         eos = int(hf_tokens[0, N // 2])
     hf_eos_tokens = _hf_greedy(hf, ids, mask, eos=eos)
-    out = generate(lm, lm.params, ids, mask, jax.random.key(0), max_new_tokens=N,
+    out = generate(lm, params, ids, mask, jax.random.key(0), max_new_tokens=N,
                    temperature=0.0, eos_token_id=eos, pad_token_id=PAD)
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_eos_tokens)
     ended = (hf_tokens == eos).any(axis=1)
@@ -98,12 +98,12 @@ def test_greedy_matches_hf_generate(kind, prompts, tmp_path_factory):
     first = np.where(ended, np.argmax(hf_tokens == eos, axis=1) + 1, N)
     np.testing.assert_array_equal(np.asarray(out.mask), (np.arange(N)[None] < first[:, None]))
 
-    out = generate(lm, lm.params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0)
+    out = generate(lm, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_tokens)
     assert not np.asarray(out.ended_with_eos).any()
     np.testing.assert_array_equal(np.asarray(out.mask), 1.0)
     # Greedy log-probs are those of the untempered distribution, from a fresh forward.
     full_ids = jnp.concatenate([jnp.asarray(ids), out.tokens], axis=1)
     full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((len(ids), N), jnp.int32)], axis=1)
-    fresh = jax.jit(lm.response_logprobs, static_argnums=3)(lm.params, full_ids, full_mask, N)
+    fresh = jax.jit(lm.response_logprobs, static_argnums=3)(params, full_ids, full_mask, N)
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(fresh), atol=1e-5)

@@ -53,8 +53,8 @@ def reward_run(tmp_path_factory):
     from rlhf_jax.models import ModelConfig, from_config
     from rlhf_jax.train import RewardConfig
 
-    rm = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
-                                      max_position_embeddings=16), head="scalar", seed=0)
+    rm, rm_params = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
+                                                 max_position_embeddings=16), head="scalar", seed=0)
     cfg = RewardConfig(batch_size=8, num_epochs=4, learning_rate=3e-3, seed=0)
     train, held_out = _preference_data(32, 8, 0), _preference_data(16, 8, 1)
     train["margin"] = np.zeros(32, np.float32)
@@ -66,14 +66,14 @@ def reward_run(tmp_path_factory):
         seen.append((step, metrics["loss"]))
         return {"hook/step_squared": step * step}
 
-    params, history = fit_reward(rm, rm.params, train, cfg, eval_data=held_out, output_dir=out,
+    params, history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
                                  checkpoint_every=8, stdout=False, tensorboard=False,
                                  on_step=on_step)
-    return rm, cfg, train, held_out, out, params, history, seen
+    return rm, rm_params, cfg, train, held_out, out, params, history, seen
 
 
 def test_fit_reward_trains_logs_and_evaluates(reward_run):
-    rm, cfg, train, held_out, out, params, history, seen = reward_run
+    rm, rm_params, cfg, train, held_out, out, params, history, seen = reward_run
     # 32 pairs / 8 = 4 steps per epoch, 4 epochs
     assert [r["step"] for r in history] == list(range(1, 17))
     assert _same(read_metrics(out), history)
@@ -86,8 +86,8 @@ def test_fit_reward_trains_logs_and_evaluates(reward_run):
     assert history[-1]["eval/accuracy"] >= 0.9
     # the input params are still alive (the step donates a copy of them) and were trained
     first = lambda p: np.asarray(jax.tree.leaves(p)[0])  # noqa: E731
-    assert np.isfinite(first(rm.params)).all()
-    assert not np.allclose(first(params), first(rm.params))
+    assert np.isfinite(first(rm_params)).all()
+    assert not np.allclose(first(params), first(rm_params))
 
 
 def test_nonfinite_steps_are_skipped_with_a_warning(reward_run):
@@ -104,8 +104,8 @@ def test_nonfinite_steps_are_skipped_with_a_warning(reward_run):
 
 
 def test_finished_run_resumes_to_the_same_result(reward_run):
-    rm, cfg, train, held_out, out, params, history, _ = reward_run
-    again, again_history = fit_reward(rm, rm.params, train, cfg, eval_data=held_out, output_dir=out,
+    rm, rm_params, cfg, train, held_out, out, params, history, _ = reward_run
+    again, again_history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
                                       checkpoint_every=8, stdout=False, tensorboard=False,
                                       on_step=lambda step, m: {"hook/step_squared": step * step})
     assert _same(again_history, history)
@@ -114,32 +114,32 @@ def test_finished_run_resumes_to_the_same_result(reward_run):
 
 
 def test_resume_refuses_other_config_data_or_resume_false(reward_run):
-    rm, cfg, train, held_out, out, *_ = reward_run
+    rm, rm_params, cfg, train, held_out, out, *_ = reward_run
     kwargs = dict(output_dir=out, stdout=False, tensorboard=False)
     import dataclasses
 
     with pytest.raises(ConfigMismatchError, match="cfg.learning_rate"):
-        fit_reward(rm, rm.params, train, dataclasses.replace(cfg, learning_rate=1e-3), **kwargs)
+        fit_reward(rm, rm_params, train, dataclasses.replace(cfg, learning_rate=1e-3), **kwargs)
     other = dict(train, chosen_ids=np.roll(train["chosen_ids"], 1, axis=0))
     with pytest.raises(ConfigMismatchError, match="data.hash"):
-        fit_reward(rm, rm.params, other, cfg, **kwargs)
+        fit_reward(rm, rm_params, other, cfg, **kwargs)
     with pytest.raises(ValueError, match="resume=False"):
-        fit_reward(rm, rm.params, train, cfg, resume=False, **kwargs)
+        fit_reward(rm, rm_params, train, cfg, resume=False, **kwargs)
 
 
 def test_bad_inputs_are_named(reward_run, tmp_path):
-    rm, cfg, train, *_ = reward_run
+    rm, rm_params, cfg, train, *_ = reward_run
     kwargs = dict(output_dir=tmp_path, stdout=False, tensorboard=False)
     with pytest.raises(ValueError, match="missing keys \\['rejected_mask'\\]"):
-        fit_reward(rm, rm.params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, **kwargs)
+        fit_reward(rm, rm_params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, **kwargs)
     with pytest.raises(ValueError, match="fewer than `batch_size`"):
-        fit_reward(rm, rm.params, {k: v[:5] for k, v in train.items()}, cfg, **kwargs)
+        fit_reward(rm, rm_params, {k: v[:5] for k, v in train.items()}, cfg, **kwargs)
     with pytest.raises(ValueError, match="same number of rows"):
-        fit_reward(rm, rm.params, dict(train, chosen_mask=train["chosen_mask"][:4]), cfg, **kwargs)
+        fit_reward(rm, rm_params, dict(train, chosen_mask=train["chosen_mask"][:4]), cfg, **kwargs)
     bad = dict(train, chosen_ids=train["chosen_ids"] + VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
-        fit_reward(rm, rm.params, bad, cfg, **kwargs)
+        fit_reward(rm, rm_params, bad, cfg, **kwargs)
     with pytest.raises(ValueError, match="max_steps"):
-        fit_reward(rm, rm.params, train, cfg, max_steps=0, **kwargs)
+        fit_reward(rm, rm_params, train, cfg, max_steps=0, **kwargs)
     with pytest.raises(ValueError, match="checkpoint_every"):
-        fit_reward(rm, rm.params, train, cfg, checkpoint_every=0, **kwargs)
+        fit_reward(rm, rm_params, train, cfg, checkpoint_every=0, **kwargs)

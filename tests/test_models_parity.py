@@ -15,8 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax.models import LM, ModelConfig, from_config, from_pretrained, save_pretrained  # noqa: E402
-from rlhf_jax.models.lm import build  # noqa: E402
+from rlhf_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained  # noqa: E402
 
 VOCAB = 96
 TOL = 1e-4
@@ -104,8 +103,8 @@ def test_causal_lm_logits_match_hf(kind, checkpoints, batch):
     folder, model = checkpoints[kind]
     ids, mask, positions = batch
     ref = _hf_logits(model, ids, mask, positions)
-    lm = from_pretrained(folder)
-    ours = np.asarray(jax.jit(lm.logits)(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    lm, params = from_pretrained(folder)
+    ours = np.asarray(jax.jit(lm.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.dtype == np.float32
     assert np.isfinite(ours).all()  # padding rows included
     err = np.abs(ours - ref)[mask > 0].max()
@@ -119,12 +118,10 @@ def test_sliding_window_is_applied(checkpoints, batch):
 
     folder, model = checkpoints["mistral-window"]
     ids, mask, positions = batch
-    lm = from_pretrained(folder)
+    lm, params = from_pretrained(folder)
     assert lm.config.sliding_window == 4
-    no_window = dataclasses.replace(lm.config, sliding_window=None)
-    graphdef, _ = build(no_window, lm.head, abstract=True)
-    full = LM(no_window, lm.head, graphdef, lm.params, dtype=lm.dtype, param_dtype=lm.param_dtype)
-    ours = np.asarray(jax.jit(full.logits)(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    full = dataclasses.replace(lm, config=dataclasses.replace(lm.config, sliding_window=None))
+    ours = np.asarray(jax.jit(full.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
     ref = _hf_logits(model, ids, mask, positions)
     assert np.abs(ours - ref)[mask > 0].max() > 100 * TOL
 
@@ -133,22 +130,22 @@ def test_rope_scaling_is_applied(checkpoints, batch):
     """Dropping the llama3 rope scaling changes the logits: the parity above tests it."""
     folder, _ = checkpoints["llama-gqa-llama3-bias"]
     ids, mask, _ = batch
-    lm = from_pretrained(folder)
+    lm, params = from_pretrained(folder)
     plain_cfg = ModelConfig(**{**lm.config.__dict__, "rope_scaling": ()})
-    plain = from_config(plain_cfg, seed=0)
-    a = lm.logits(lm.params, jnp.asarray(ids), jnp.asarray(mask))
-    b = plain.logits(lm.params, jnp.asarray(ids), jnp.asarray(mask))
+    plain, _ = from_config(plain_cfg, seed=0)
+    a = lm.logits(params, jnp.asarray(ids), jnp.asarray(mask))
+    b = plain.logits(params, jnp.asarray(ids), jnp.asarray(mask))
     assert float(jnp.abs(a - b)[jnp.asarray(mask) > 0].max()) > 1e-3
 
 
 def test_bf16_compute_close_to_f32(checkpoints, batch):
     folder, _ = checkpoints["llama-gqa-llama3-bias"]
     ids, mask, _ = batch
-    f32 = from_pretrained(folder)
-    bf16 = from_pretrained(folder, dtype=jnp.bfloat16)
-    assert jnp.dtype(bf16.params["trunk"]["norm"]["scale"].dtype) == jnp.float32  # master weights
-    a = np.asarray(f32.logits(f32.params, jnp.asarray(ids), jnp.asarray(mask)))
-    b = np.asarray(bf16.logits(bf16.params, jnp.asarray(ids), jnp.asarray(mask)))
+    f32, f32_params = from_pretrained(folder)
+    bf16, bf16_params = from_pretrained(folder, dtype=jnp.bfloat16)
+    assert jnp.dtype(bf16_params["trunk"]["norm"]["scale"].dtype) == jnp.float32  # master weights
+    a = np.asarray(f32.logits(f32_params, jnp.asarray(ids), jnp.asarray(mask)))
+    b = np.asarray(bf16.logits(bf16_params, jnp.asarray(ids), jnp.asarray(mask)))
     assert b.dtype == np.float32
     valid = mask > 0
     assert np.abs(a - b)[valid].max() < 0.1 * np.abs(a).max()
@@ -174,8 +171,8 @@ def test_sequence_classification_score_matches_hf(kind, tmp_path, batch):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(positions)).logits[:, 0].numpy()
-    rm = from_pretrained(tmp_path, head="scalar")
-    ours = np.asarray(jax.jit(rm.scores)(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    rm, rm_params = from_pretrained(tmp_path, head="scalar")
+    ours = np.asarray(jax.jit(rm.scores)(rm_params, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.shape == (3,)
     np.testing.assert_allclose(ours, ref, atol=TOL)
 
@@ -185,19 +182,20 @@ def test_export_loads_in_transformers_with_same_logits(family, tmp_path, batch):
     cfg = ModelConfig.tiny(family, VOCAB, hidden_size=32, max_position_embeddings=64,
                            tie_word_embeddings=family != "llama", initializer_range=0.2,
                            pad_token_id=0, eos_token_id=2)
-    lm = from_config(cfg, seed=3)
-    save_pretrained(lm, tmp_path)
+    lm, params = from_config(cfg, seed=3)
+    save_pretrained(lm, params, tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == hf_config["architectures"][0]
     ids, mask, positions = batch
     ref = _hf_logits(hf, ids, mask, positions)
-    ours = np.asarray(jax.jit(lm.logits)(lm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(lm.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(ours - ref)[mask > 0].max() < TOL
-    # and back: our loader reads our export to identical parameters
-    again = from_pretrained(tmp_path)
-    np.testing.assert_array_equal(_flat(lm.params), _flat(again.params))
+    # and back: our loader reads our export to identical parameters and an equal LM
+    again, again_params = from_pretrained(tmp_path)
+    assert again == lm
+    np.testing.assert_array_equal(_flat(params), _flat(again_params))
 
 
 def _flat(tree):
@@ -208,13 +206,13 @@ def _flat(tree):
 def test_export_scalar_head_as_sequence_classifier(family, tmp_path, batch):
     cfg = ModelConfig.tiny(family, VOCAB, hidden_size=32, max_position_embeddings=64,
                            initializer_range=0.2, pad_token_id=0)
-    rm = from_config(cfg, head="scalar", seed=4)
-    save_pretrained(rm, tmp_path)
+    rm, rm_params = from_config(cfg, head="scalar", seed=4)
+    save_pretrained(rm, rm_params, tmp_path)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert hf.config.num_labels == 1 and hf.config.pad_token_id == 0
     ids, mask, positions = batch
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(positions)).logits[:, 0].numpy()
-    ours = np.asarray(jax.jit(rm.scores)(rm.params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jax.jit(rm.scores)(rm_params, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(ours, ref, atol=TOL)

@@ -22,11 +22,23 @@ P = 8
 N = 10
 
 
+def _config():
+    return ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_heads=2, max_position_embeddings=CONTEXT)
+
+
 @pytest.fixture(scope="module")
-def lm():
-    config = ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_heads=2,
-                              max_position_embeddings=CONTEXT)
-    return from_config(config, seed=0)
+def model():
+    return from_config(_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def lm(model):
+    return model[0]
+
+
+@pytest.fixture(scope="module")
+def params(model):
+    return model[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +54,8 @@ def _full_sequence(prompt_ids, prompt_mask, out: Rollout):
     return ids, mask
 
 
-def _last_logits(lm, prompt_ids, prompt_mask):
-    logits = lm.logits(lm.params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask))
+def _last_logits(lm, params, prompt_ids, prompt_mask):
+    logits = lm.logits(params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask))
     return np.asarray(logits[:, -1], np.float64)
 
 
@@ -76,9 +88,9 @@ def _chi_square_pvalue(samples, probs):
 # Output contract, determinism, log-probs.
 
 
-def test_output_shapes_and_dtypes(lm, prompts):
+def test_output_shapes_and_dtypes(lm, params, prompts):
     ids, mask = prompts
-    out = generate(lm, lm.params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.7,
+    out = generate(lm, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.7,
                    eos_token_id=7)
     assert isinstance(out, Rollout)
     assert out.tokens.shape == (4, N) and out.tokens.dtype == jnp.int32
@@ -88,12 +100,12 @@ def test_output_shapes_and_dtypes(lm, prompts):
     assert np.all(np.asarray(out.tokens) >= 0) and np.all(np.asarray(out.tokens) < VOCAB)
 
 
-def test_fixed_key_is_deterministic(lm, prompts):
+def test_fixed_key_is_deterministic(lm, params, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=N, temperature=1.0)
-    a = generate(lm, lm.params, ids, mask, jax.random.key(3), **kw)
-    b = generate(lm, lm.params, ids, mask, jax.random.key(3), **kw)
-    c = generate(lm, lm.params, ids, mask, jax.random.key(4), **kw)
+    a = generate(lm, params, ids, mask, jax.random.key(3), **kw)
+    b = generate(lm, params, ids, mask, jax.random.key(3), **kw)
+    c = generate(lm, params, ids, mask, jax.random.key(4), **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert not np.array_equal(a.tokens, c.tokens)
@@ -102,13 +114,13 @@ def test_fixed_key_is_deterministic(lm, prompts):
 @pytest.mark.parametrize(
     "temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 0.8), (0.0, 0, 1.0)]
 )
-def test_logprobs_equal_fresh_forward(lm, prompts, temperature, top_k, top_p):
+def test_logprobs_equal_fresh_forward(lm, params, prompts, temperature, top_k, top_p):
     ids, mask = prompts
-    out = generate(lm, lm.params, ids, mask, jax.random.key(1), max_new_tokens=N,
+    out = generate(lm, params, ids, mask, jax.random.key(1), max_new_tokens=N,
                    temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=7)
     full_ids, full_mask = _full_sequence(ids, mask, out)
     # Unfiltered tempered distribution; greedy reports the untempered one.
-    fresh = lm.response_logprobs(lm.params, full_ids, full_mask, N,
+    fresh = lm.response_logprobs(params, full_ids, full_mask, N,
                                  temperature=temperature if temperature > 0 else 1.0)
     m = np.asarray(out.mask)
     assert m.sum() > 0
@@ -116,17 +128,17 @@ def test_logprobs_equal_fresh_forward(lm, prompts, temperature, top_k, top_p):
     np.testing.assert_array_equal(np.asarray(out.logprobs)[m == 0], 0.0)
 
 
-def test_greedy_is_argmax_of_fresh_forward(lm, prompts):
+def test_greedy_is_argmax_of_fresh_forward(lm, params, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=N, temperature=0.0, eos_token_id=7)
-    out = generate(lm, lm.params, ids, mask, jax.random.key(0), **kw)
+    out = generate(lm, params, ids, mask, jax.random.key(0), **kw)
     full_ids, full_mask = _full_sequence(ids, mask, out)
-    logits = lm.logits(lm.params, full_ids, full_mask)
+    logits = lm.logits(params, full_ids, full_mask)
     argmax = np.asarray(jnp.argmax(logits[:, P - 1:-1], axis=-1))
     m = np.asarray(out.mask) > 0
     np.testing.assert_array_equal(np.asarray(out.tokens)[m], argmax[m])
     # the key does not matter for greedy decoding
-    again = generate(lm, lm.params, ids, mask, jax.random.key(9), **kw)
+    again = generate(lm, params, ids, mask, jax.random.key(9), **kw)
     np.testing.assert_array_equal(out.tokens, again.tokens)
 
 
@@ -143,19 +155,19 @@ def one_prompt_batch():
 
 
 @pytest.fixture(scope="module")
-def spread_temperature(lm, one_prompt_batch):
+def spread_temperature(lm, params, one_prompt_batch):
     """A temperature giving the scaled logits unit spread: a distribution neither
     peaked nor flat, whatever the random init of the test model."""
     ids, mask = one_prompt_batch
-    logits = _last_logits(lm, ids[:1], mask[:1])[0]
+    logits = _last_logits(lm, params, ids[:1], mask[:1])[0]
     return float(f"{logits.std():.3g}")
 
 
-def test_one_step_distribution_matches_softmax(lm, one_prompt_batch, spread_temperature):
+def test_one_step_distribution_matches_softmax(lm, params, one_prompt_batch, spread_temperature):
     ids, mask = one_prompt_batch
-    logits = _last_logits(lm, ids[:1], mask[:1])[0]
+    logits = _last_logits(lm, params, ids[:1], mask[:1])[0]
     temperature = spread_temperature
-    out = generate(lm, lm.params, ids, mask, jax.random.key(11), max_new_tokens=1,
+    out = generate(lm, params, ids, mask, jax.random.key(11), max_new_tokens=1,
                    temperature=temperature)
     samples = np.asarray(out.tokens[:, 0])
     probs = _softmax(logits / temperature)
@@ -167,15 +179,15 @@ def test_one_step_distribution_matches_softmax(lm, one_prompt_batch, spread_temp
     np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(probs[samples]), atol=1e-5)
 
 
-def test_top_k_and_top_p_restrict_support(lm, one_prompt_batch, spread_temperature):
+def test_top_k_and_top_p_restrict_support(lm, params, one_prompt_batch, spread_temperature):
     ids, mask = one_prompt_batch
-    logits = _last_logits(lm, ids[:1], mask[:1])[0]
+    logits = _last_logits(lm, params, ids[:1], mask[:1])[0]
     temperature = spread_temperature
     z = logits / temperature
     probs = _softmax(z)
 
     k = 5
-    out = generate(lm, lm.params, ids, mask, jax.random.key(12), max_new_tokens=1,
+    out = generate(lm, params, ids, mask, jax.random.key(12), max_new_tokens=1,
                    temperature=temperature, top_k=k)
     samples = np.asarray(out.tokens[:, 0])
     top = np.argsort(-z)[:k]
@@ -193,7 +205,7 @@ def test_top_k_and_top_p_restrict_support(lm, one_prompt_batch, spread_temperatu
     top_p = float((cum[4] + cum[5]) / 2)
     nucleus = order[cum - probs[order] < top_p]
     assert len(nucleus) == 6
-    out = generate(lm, lm.params, ids, mask, jax.random.key(13), max_new_tokens=1,
+    out = generate(lm, params, ids, mask, jax.random.key(13), max_new_tokens=1,
                    temperature=temperature, top_p=top_p)
     samples = np.asarray(out.tokens[:, 0])
     assert 1 < len(nucleus) < VOCAB
@@ -227,14 +239,14 @@ def test_sample_logits_on_hand_built_distribution():
 # EOS handling.
 
 
-def test_eos_rows_stop_and_are_masked(lm, prompts):
+def test_eos_rows_stop_and_are_masked(lm, params, prompts):
     ids, mask = prompts
     key = jax.random.key(21)
-    free = generate(lm, lm.params, ids, mask, key, max_new_tokens=N, temperature=1.0)
+    free = generate(lm, params, ids, mask, key, max_new_tokens=N, temperature=1.0)
     free_tokens = np.asarray(free.tokens)
     eos = int(free_tokens[0, 2])  # row 0 ends by step 2 at the latest
     pad = (eos + 1) % VOCAB
-    out = generate(lm, lm.params, ids, mask, key, max_new_tokens=N, temperature=1.0,
+    out = generate(lm, params, ids, mask, key, max_new_tokens=N, temperature=1.0,
                    eos_token_id=eos, pad_token_id=pad)
     tokens, m = np.asarray(out.tokens), np.asarray(out.mask)
     for b in range(len(tokens)):
@@ -251,17 +263,17 @@ def test_eos_rows_stop_and_are_masked(lm, prompts):
     assert bool(out.ended_with_eos[0])
 
 
-def test_early_exit_when_every_row_ends(lm, prompts):
+def test_early_exit_when_every_row_ends(lm, params, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=N, temperature=0.0)
-    greedy = generate(lm, lm.params, ids, mask, jax.random.key(0), eos_token_id=7, **kw)
+    greedy = generate(lm, params, ids, mask, jax.random.key(0), eos_token_id=7, **kw)
     g = np.asarray(greedy.tokens)
     # Every row gets row 0's prompt, and EOS := row 0's greedy token at step 1, so all
     # rows end by step 1 and the loop exits early.
     same_ids, same_mask = np.repeat(ids[:1], len(ids), axis=0), np.repeat(mask[:1], len(ids), axis=0)
     eos = int(g[0, 1]) if g[0, 0] != 7 else 7
     pad = (eos + 1) % VOCAB
-    out = generate(lm, lm.params, same_ids, same_mask, jax.random.key(0), eos_token_id=eos,
+    out = generate(lm, params, same_ids, same_mask, jax.random.key(0), eos_token_id=eos,
                    pad_token_id=pad, **kw)
     length = int(np.nonzero(g[0] == eos)[0][0]) + 1
     assert length <= 2
@@ -276,23 +288,27 @@ def test_early_exit_when_every_row_ends(lm, prompts):
 # Compilation and tracing.
 
 
-def test_compiles_once_per_bucket(lm):
+def test_compiles_once_per_bucket(lm, params, count_compiles):
     rng = np.random.default_rng(5)
-    before = rollout._trace_count
+    # The same config built again (other weights): an equal static value, no new compilation.
+    twin, twin_params = from_config(_config(), seed=1)
+    assert twin == lm and twin is not lm
     results = []
-    # New prompts, keys, temperatures, top_p, EOS and PAD ids: one compilation.
-    for i, (temperature, top_p, eos, pad) in enumerate([(0.9, 0.9, 3, 1), (1.1, 0.7, 4, 2),
-                                                        (0.5, 0.95, 3, 0)]):
-        seqs = [rng.integers(4, VOCAB, size=int(rng.integers(1, P + 1))).tolist() for _ in range(4)]
-        ids, mask = left_pad(seqs, P, pad_id=pad)
-        results.append(generate(lm, lm.params, ids, mask, jax.random.key(i), max_new_tokens=6,
-                                temperature=temperature, top_k=7, top_p=top_p, eos_token_id=eos,
-                                pad_token_id=pad))
-    assert rollout._trace_count - before == 1
+    # New prompts, keys, temperatures, top_p, EOS and PAD ids, an equal model: one compilation.
+    with count_compiles() as compiles:
+        for i, (temperature, top_p, eos, pad) in enumerate([(0.9, 0.9, 3, 1), (1.1, 0.7, 4, 2),
+                                                            (0.5, 0.95, 3, 0)]):
+            seqs = [rng.integers(4, VOCAB, size=int(rng.integers(1, P + 1))).tolist() for _ in range(4)]
+            ids, mask = left_pad(seqs, P, pad_id=pad)
+            model, weights = (twin, twin_params) if i == 2 else (lm, params)
+            results.append(generate(model, weights, ids, mask, jax.random.key(i), max_new_tokens=6,
+                                    temperature=temperature, top_k=7, top_p=top_p, eos_token_id=eos,
+                                    pad_token_id=pad))
+    assert compiles["jit(_generate_body)"] == 1, compiles
     assert not np.array_equal(results[0].tokens, results[1].tokens)
 
 
-def test_traceable_inside_callers_jit(lm, prompts):
+def test_traceable_inside_callers_jit(lm, params, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=N, temperature=1.3, top_k=5, top_p=0.8, eos_token_id=7)
 
@@ -301,8 +317,8 @@ def test_traceable_inside_callers_jit(lm, prompts):
         out = generate(lm, params, ids, mask, key, **kw)
         return out, jnp.sum(out.logprobs * out.mask, axis=1)
 
-    out, total = sample_and_score(lm.params, ids, mask, jax.random.key(2))
-    eager = generate(lm, lm.params, ids, mask, jax.random.key(2), **kw)
+    out, total = sample_and_score(params, ids, mask, jax.random.key(2))
+    eager = generate(lm, params, ids, mask, jax.random.key(2), **kw)
     np.testing.assert_array_equal(out.tokens, eager.tokens)
     np.testing.assert_allclose(out.logprobs, eager.logprobs, atol=1e-6)
     np.testing.assert_allclose(total, jnp.sum(eager.logprobs * eager.mask, axis=1), atol=1e-5)
@@ -312,61 +328,59 @@ def test_traceable_inside_callers_jit(lm, prompts):
 # Bad input.
 
 
-def test_errors(lm, prompts):
+def test_errors(lm, params, prompts):
     ids, mask = prompts
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=rf"{P}.*{CONTEXT - P + 1}.*{CONTEXT}"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=CONTEXT - P + 1)
+        generate(lm, params, ids, mask, key, max_new_tokens=CONTEXT - P + 1)
     bad = ids.copy()
     bad[0, -1] = VOCAB
     with pytest.raises(ValueError, match="vocabulary"):
-        generate(lm, lm.params, bad, mask, key, max_new_tokens=2)
+        generate(lm, params, bad, mask, key, max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_mask"):
-        generate(lm, lm.params, ids, mask[:, 1:], key, max_new_tokens=2)
+        generate(lm, params, ids, mask[:, 1:], key, max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_ids"):
-        generate(lm, lm.params, ids[0], mask[0], key, max_new_tokens=2)
+        generate(lm, params, ids[0], mask[0], key, max_new_tokens=2)
     with pytest.raises(ValueError, match="left-padded"):
-        generate(lm, lm.params, ids[:, ::-1], mask[:, ::-1], key, max_new_tokens=2)
+        generate(lm, params, ids[:, ::-1], mask[:, ::-1], key, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=0)
+        generate(lm, params, ids, mask, key, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=2, temperature=-1.0)
+        generate(lm, params, ids, mask, key, max_new_tokens=2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=2, top_p=0.0)
+        generate(lm, params, ids, mask, key, max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=2, top_k=-1)
+        generate(lm, params, ids, mask, key, max_new_tokens=2, top_k=-1)
     with pytest.raises(ValueError, match="eos_token_id"):
-        generate(lm, lm.params, ids, mask, key, max_new_tokens=2, eos_token_id=VOCAB)
+        generate(lm, params, ids, mask, key, max_new_tokens=2, eos_token_id=VOCAB)
     with pytest.raises(ValueError, match="prompt_ids"):
-        generate(lm, lm.params, ids.astype(np.float32), mask, key, max_new_tokens=2)
+        generate(lm, params, ids.astype(np.float32), mask, key, max_new_tokens=2)
     with pytest.warns(UserWarning, match="PAD and EOS"):
         with pytest.raises(ValueError, match="vocabulary"):  # warns before compiling anything
-            generate(lm, lm.params, bad, mask, key, max_new_tokens=2, eos_token_id=0, pad_token_id=0)
+            generate(lm, params, bad, mask, key, max_new_tokens=2, eos_token_id=0, pad_token_id=0)
     # the context check also runs under a caller's jit (shapes are static)
     with pytest.raises(ValueError, match="context"):
-        jax.jit(lambda i, m: generate(lm, lm.params, i, m, key, max_new_tokens=CONTEXT).tokens)(ids, mask)
+        jax.jit(lambda i, m: generate(lm, params, i, m, key, max_new_tokens=CONTEXT).tokens)(ids, mask)
 
 
 
-def test_bfloat16_model_and_cache_release(prompts):
-    """bf16 compute still returns float32 log-probs close to a fresh bf16 forward; the
-    compiled-sampler cache does not keep a deleted model alive."""
-    import gc
-    import weakref
-
+def test_bfloat16_model_is_its_own_static_value(prompts, count_compiles):
+    """bf16 compute still returns float32 log-probs close to a fresh bf16 forward; a bf16 model
+    compiles its own sampler, which an equal bf16 model built separately reuses."""
     config = ModelConfig.tiny("llama", VOCAB, hidden_size=32, num_heads=2, num_kv_heads=1,
                               intermediate_size=64, max_position_embeddings=CONTEXT)
-    lm16 = from_config(config, seed=3, dtype=jnp.bfloat16)
+    lm16, params16 = from_config(config, seed=3, dtype=jnp.bfloat16)
+    lm32, params32 = from_config(config, seed=3)
+    assert lm16 != lm32
     ids, mask = prompts
-    out = generate(lm16, lm16.params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=1.0)
+    with count_compiles() as compiles:
+        out = generate(lm16, params16, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=1.0)
+        again = generate(from_config(config, seed=4, dtype=jnp.bfloat16)[0], params16, ids, mask,
+                         jax.random.key(0), max_new_tokens=N, temperature=1.0)
+        generate(lm32, params32, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=1.0)
+    assert compiles["jit(_generate_body)"] == 2, compiles
+    np.testing.assert_array_equal(out.tokens, again.tokens)
     assert out.logprobs.dtype == jnp.float32 and np.isfinite(np.asarray(out.logprobs)).all()
     full_ids, full_mask = _full_sequence(ids, mask, out)
-    fresh = lm16.response_logprobs(lm16.params, full_ids, full_mask, N)
+    fresh = lm16.response_logprobs(params16, full_ids, full_mask, N)
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(fresh), atol=0.1)
-
-    assert id(lm16) in rollout._JIT_CACHE
-    key, ref = id(lm16), weakref.ref(lm16)
-    del lm16, out
-    gc.collect()
-    assert ref() is None
-    assert key not in rollout._JIT_CACHE

@@ -159,7 +159,7 @@ def sft_setup(tmp_path_factory):
     from rlhf_jax.train import SFTConfig
     from rlhf_jax.train.drivers import fit_sft
 
-    lm = _tiny_lm("lm")
+    lm, lm_params = _tiny_lm("lm")
     rng = np.random.default_rng(0)
     n, length = 16, 10
     lengths = rng.integers(4, length + 1, n)
@@ -167,9 +167,9 @@ def sft_setup(tmp_path_factory):
     data = {"input_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, length)), 0).astype(np.int32),
             "attention_mask": mask, "loss_mask": mask * (np.arange(length)[None, :] >= 2)}
     cfg = SFTConfig(batch_size=8, num_epochs=2, learning_rate=3e-3, seed=2)
-    want = fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path_factory.mktemp("sft1"),
+    want = fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path_factory.mktemp("sft1"),
                    **_quiet(log_every=2))
-    return lm, data, cfg, want
+    return lm, lm_params, data, cfg, want
 
 
 # data-parallel, and FSDP over all four devices (2 x 2 runs in the PPO test below)
@@ -177,13 +177,13 @@ def sft_setup(tmp_path_factory):
 def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fsdp_size):
     from rlhf_jax.train.drivers import fit_sft
 
-    lm, data, cfg, want = sft_setup
+    lm, lm_params, data, cfg, want = sft_setup
     mesh = make_mesh(data=data_size, fsdp=fsdp_size)
     if fsdp_size == 4:
         # also resume on the mesh: 2 steps, then continue from the sharded checkpoint
-        fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path, mesh=mesh, max_steps=2,
+        fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path, mesh=mesh, max_steps=2,
                 **_quiet(log_every=2))
-    params, history, state = fit_sft(lm, lm.params, data, cfg, output_dir=tmp_path, mesh=mesh,
+    params, history, state = fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path, mesh=mesh,
                                      return_state=True, **_quiet(log_every=2))
     assert [r["step"] for r in history] == [2, 4]  # 16 rows / 8 = 2 steps per epoch, 2 epochs
     kernel = state.params["trunk"]["h"]["mlp"]["c_fc"]["kernel"]  # [layers 1, 32, 128]
@@ -199,7 +199,7 @@ def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
     from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
     from rlhf_jax.train.drivers import fit_ppo
 
-    policy = _tiny_lm("lm+value")
+    policy, policy_params = _tiny_lm("lm+value")
 
     def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
         return ((tokens == 5) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
@@ -213,10 +213,10 @@ def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)
     prompts = {"prompt_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32),
                "prompt_mask": mask}
-    want = fit_ppo(trainer, policy.params, policy.params, prompts, output_dir=tmp_path / "one",
+    want = fit_ppo(trainer, policy_params, policy_params, prompts, output_dir=tmp_path / "one",
                    max_steps=2, **_quiet())
     mesh = make_mesh(data=2, fsdp=2)
-    got = fit_ppo(trainer, policy.params, policy.params, prompts, output_dir=tmp_path / "mesh",
+    got = fit_ppo(trainer, policy_params, policy_params, prompts, output_dir=tmp_path / "mesh",
                   max_steps=2, mesh=mesh, **_quiet())
     assert [r["step"] for r in got[1]] == [1, 2]
     _assert_close_runs(got, want, rtol=1e-4, atol=1e-5, params_atol=1e-4)

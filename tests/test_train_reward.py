@@ -46,26 +46,28 @@ def preference_pairs(n, seed):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(count_compiles):
     cfg_model = ModelConfig.tiny("gpt2", V, hidden_size=32, num_heads=2, max_position_embeddings=16)
-    rm = from_config(cfg_model, head="scalar", seed=0)
+    rm, rm_params = from_config(cfg_model, head="scalar", seed=0)
     cfg = RewardConfig(batch_size=BATCH, grad_accum_steps=2, learning_rate=3e-3, schedule="constant")
     tx = optimizer_from_config(cfg)
-    state = reward_init(rm, rm.params, tx, seed=0)
+    state = reward_init(rm, rm_params, tx, seed=0)
     step = jax.jit(make_reward_step(rm, tx, cfg))
     train = preference_pairs(1024, seed=0)
     held_out = preference_pairs(256, seed=1)
     margins = np.random.default_rng(2).uniform(0.0, 0.5, BATCH).astype(np.float32)
     history = []
-    for i in range(60):
-        rows = slice((i * BATCH) % 1024, (i * BATCH) % 1024 + BATCH)
-        batch = {k: jnp.asarray(v[rows]) for k, v in train.items()}
-        batch["margin"] = jnp.asarray(margins if i == 0 else np.zeros(BATCH, np.float32))
-        if i == 0:
-            first_batch, first_params = batch, state.params
-        state, metrics = step(state, batch)
-        history.append({k: float(v) for k, v in metrics.items()})
-    return dict(rm=rm, state=state, step=step, history=history, held_out=held_out,
+    with count_compiles() as compiles:
+        for i in range(60):
+            rows = slice((i * BATCH) % 1024, (i * BATCH) % 1024 + BATCH)
+            batch = {k: jnp.asarray(v[rows]) for k, v in train.items()}
+            batch["margin"] = jnp.asarray(margins if i == 0 else np.zeros(BATCH, np.float32))
+            if i == 0:
+                first_batch, first_params = batch, state.params
+            state, metrics = step(state, batch)
+            history.append({k: float(v) for k, v in metrics.items()})
+    return dict(rm=rm, state=state, step_compiles=compiles["jit(step)"], history=history,
+                held_out=held_out,
                 first_batch=first_batch, first_params=first_params, scores=jax.jit(rm.scores))
 
 
@@ -75,7 +77,7 @@ def test_reward_model_learns_decidable_preference(trained):
     metrics = evaluate_reward_model(rm, state.params, trained["held_out"], batch_size=128)
     assert metrics["accuracy"] > 0.9, metrics
     assert int(state.step) == 60
-    assert trained["step"]._cache_size() == 1
+    assert trained["step_compiles"] == 1
     assert all(h["skipped_nonfinite"] == 0.0 for h in history)
 
 
@@ -126,14 +128,14 @@ def test_normalize_reward_head(trained, target_std):
 
 
 def test_reward_bad_input(trained):
-    rm = trained["rm"]
+    rm, params = trained["rm"], trained["first_params"]
     pairs = preference_pairs(4, seed=3)
     with pytest.raises(ValueError, match="rejected_mask"):
-        evaluate_reward_model(rm, rm.params, {k: v for k, v in pairs.items() if k != "rejected_mask"})
+        evaluate_reward_model(rm, params, {k: v for k, v in pairs.items() if k != "rejected_mask"})
     with pytest.raises(ValueError, match="same number of rows"):
-        evaluate_reward_model(rm, rm.params, dict(pairs, rejected_ids=pairs["rejected_ids"][:2],
+        evaluate_reward_model(rm, params, dict(pairs, rejected_ids=pairs["rejected_ids"][:2],
                                                   rejected_mask=pairs["rejected_mask"][:2]))
     with pytest.raises(ValueError, match="empty"):
-        normalize_reward_head(rm, rm.params, pairs["chosen_ids"][:0], pairs["chosen_mask"][:0])
+        normalize_reward_head(rm, params, pairs["chosen_ids"][:0], pairs["chosen_mask"][:0])
     with pytest.raises(ValueError, match="grad_accum_steps"):
         RewardConfig(batch_size=6, grad_accum_steps=4)

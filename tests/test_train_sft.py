@@ -26,9 +26,19 @@ V, L, P = 24, 12, 4
 
 
 @pytest.fixture(scope="module")
-def lm():
+def model():
     cfg = ModelConfig.tiny("gpt2", V, hidden_size=32, num_heads=2, max_position_embeddings=32)
     return from_config(cfg, head="lm", seed=0)
+
+
+@pytest.fixture(scope="module")
+def lm(model):
+    return model[0]
+
+
+@pytest.fixture(scope="module")
+def params(model):
+    return model[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,39 +79,40 @@ def reference_nll(lm, params, batch):
     return total / count
 
 
-def test_sft_loss_matches_reference_and_ignores_prompt_tokens(lm, loss_jit):
+def test_sft_loss_matches_reference_and_ignores_prompt_tokens(lm, params, loss_jit):
     batch = counting_batch(16, seed=1)
-    loss, (aux, weight) = loss_jit(lm.params, batch)
-    np.testing.assert_allclose(loss, reference_nll(lm, lm.params, batch), rtol=1e-5)
+    loss, (aux, weight) = loss_jit(params, batch)
+    np.testing.assert_allclose(loss, reference_nll(lm, params, batch), rtol=1e-5)
     keep = np.asarray(batch["loss_mask"]) * np.asarray(batch["attention_mask"])
     assert float(weight) == keep[:, 1:].sum()
     # The loss has no gradient through the targets of prompt tokens: changing the first
     # prompt token's id changes the context but never adds a term; masking everything
     # after the prompt gives a zero loss.
     empty = dict(batch, loss_mask=jnp.zeros_like(batch["loss_mask"]))
-    loss0, _ = loss_jit(lm.params, empty)
+    loss0, _ = loss_jit(params, empty)
     assert float(loss0) == 0.0
 
 
-def test_sft_loss_falls_and_compiles_once(lm, loss_jit):
+def test_sft_loss_falls_and_compiles_once(lm, params, loss_jit, count_compiles):
     cfg = SFTConfig(batch_size=16, grad_accum_steps=2, learning_rate=3e-3, schedule="constant")
     tx = optimizer_from_config(cfg)
-    state = sft_init(lm, lm.params, tx, seed=0)
+    state = sft_init(lm, params, tx, seed=0)
     step = jax.jit(make_sft_step(lm, tx, cfg))
     batch = counting_batch(16, seed=2)
     held_out = counting_batch(16, seed=3)
     before = float(loss_jit(state.params, held_out)[0])
     losses = []
-    for _ in range(25):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    with count_compiles() as compiles:
+        for _ in range(25):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
     after = float(loss_jit(state.params, held_out)[0])
     assert losses[-1] < 0.6 * losses[0]
     assert after < 0.75 * before  # the rule generalises to unseen prompts
     assert int(state.step) == 25
     assert float(metrics["skipped_nonfinite"]) == 0.0
     np.testing.assert_allclose(metrics["learning_rate"], 3e-3, rtol=1e-6)
-    assert step._cache_size() == 1
+    assert compiles["jit(step)"] == 1, compiles
 
 
 def test_grad_accumulation_equals_full_batch_by_token_count():

@@ -112,9 +112,9 @@ def test_reward_model_export_keeps_the_head_bias(tmp_path):
     from rlhf_jax.models.hf.pretrained import SCORE_BIAS_FILE
     from rlhf_jax.rewards.functions import load_reward_model
 
-    rm = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="scalar", seed=0)
+    rm, rm_params = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="scalar", seed=0)
     assert rm.config.pad_token_id is None
-    params = {**rm.params, "score": {**rm.params["score"], "bias": jnp.full_like(rm.params["score"]["bias"], 0.75)}}
+    params = {**rm_params, "score": {**rm_params["score"], "bias": jnp.full_like(rm_params["score"]["bias"], 0.75)}}
     tok = char_tokenizer()
     tok.pad_token = "<unk>"  # id 3: the written config must carry the tokenizer's PAD and EOS
     export_model(rm, params, tok, str(tmp_path / "rm"))

@@ -12,7 +12,6 @@ Run folders (claiming, resuming, refusing) are `rlhf_jax.cli.run_folder`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -85,7 +84,7 @@ def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None
 
 
 def load_model(model_cfg, *, head: str, seed: int = 0):
-    """An `LM` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
+    """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
     from rlhf_jax.models import ModelConfig, from_config
 
     kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype)}
@@ -99,7 +98,7 @@ def load_model(model_cfg, *, head: str, seed: int = 0):
 
 
 def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None):
-    """`from_pretrained` of a local folder (a missing folder is a RunError naming it)."""
+    """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it)."""
     import jax.numpy as jnp
 
     from rlhf_jax.models import from_pretrained
@@ -115,20 +114,19 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
 
     os.makedirs(out_dir, exist_ok=True)
     if lm.head == "lm+value":
-        lm, params = lm.with_head("lm", params=params)
+        lm, params = lm.with_head("lm", params)
     special = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
     special = {k: int(v) for k, v in special.items() if v is not None and getattr(lm.config, k, v) != v}
     if special:
         # The written config.json must name the tokenizer's PAD/EOS: HF's sequence classifier
         # reads the score at the last token that is not pad_token_id, and generate stops at EOS.
-        lm = copy.copy(lm)
-        lm.config = dataclasses.replace(lm.config, **special)
+        lm = dataclasses.replace(lm, config=dataclasses.replace(lm.config, **special))
     from rlhf_jax.models import save_pretrained
 
     with warnings.catch_warnings():
         # The value head and the score bias are handled here; the exporter's warnings do not apply.
         warnings.filterwarnings("ignore", message=".*(value head|reward head bias).*")
-        save_pretrained(lm, out_dir, params=params, tokenizer=tokenizer, save_dtype=save_dtype)
+        save_pretrained(lm, params, out_dir, tokenizer=tokenizer, save_dtype=save_dtype)
     return out_dir
 
 
@@ -191,9 +189,9 @@ def run_sft(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("sft", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    lm = load_model(cfg.model, head="lm", seed=cfg.train.seed)
+    lm, params = load_model(cfg.model, head="lm", seed=cfg.train.seed)
     check_vocab(tok, lm)
-    params, _ = fit_sft(lm, lm.params, train.arrays, cfg.train, **_driver_kwargs(cfg))
+    params, _ = fit_sft(lm, params, train.arrays, cfg.train, **_driver_kwargs(cfg))
     return export_model(lm, params, tok, os.path.join(cfg.output_dir, "hf"))
 
 
@@ -211,9 +209,9 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("reward", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    rm = load_model(cfg.model, head="scalar", seed=cfg.train.seed)
+    rm, params = load_model(cfg.model, head="scalar", seed=cfg.train.seed)
     check_vocab(tok, rm)
-    params, _ = fit_reward(rm, rm.params, train.arrays, cfg.train,
+    params, _ = fit_reward(rm, params, train.arrays, cfg.train,
                            eval_data=held_out.arrays if held_out else None, **_driver_kwargs(cfg))
     if cfg.normalize:
         # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
@@ -242,18 +240,17 @@ def _build_ppo(cfg, tok, prompts):
         eos_token_id=eos_id if cfg.train.eos_token_id is None else cfg.train.eos_token_id)
     shared = cfg.value_model is None
     head = "lm+value" if shared else "lm"
-    policy = load_model(cfg.model, head=head, seed=ppo_cfg.seed)
+    policy, policy_params = load_model(cfg.model, head=head, seed=ppo_cfg.seed)
     check_vocab(tok, policy)
     if cfg.reference is None:
-        ref_params = policy.params
+        ref_params = policy_params
     else:
-        ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
-                                     param_dtype=policy.param_dtype).params
+        _, ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
+                                        param_dtype=policy.param_dtype)
     value_model = value_params = value_tx = None
     if not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
-        value_model = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1)
-        value_params = value_model.params
+        value_model, value_params = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1)
         value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
     reward_model = reward_params = reward_fn = None
     if cfg.reward.model_path is not None:
@@ -264,7 +261,7 @@ def _build_ppo(cfg, tok, prompts):
                                    answers=prompts.answers, name=cfg.reward.function)
     trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg), value_model=value_model,
                          value_tx=value_tx, reward_model=reward_model, reward_fn=reward_fn)
-    return trainer, policy, ref_params, value_params, reward_params
+    return trainer, policy, policy_params, ref_params, value_params, reward_params
 
 
 def run_ppo(cfg, *, overwrite: bool = False) -> str:
@@ -287,8 +284,8 @@ def run_ppo(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    trainer, policy, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts)
-    params, _ = fit_ppo(trainer, policy.params, ref_params, prompts.arrays, value_params=value_params,
+    trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts)
+    params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, value_params=value_params,
                         reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
                         **_driver_kwargs(cfg))
     return export_model(policy, params, tok, os.path.join(cfg.output_dir, "hf"))
@@ -318,8 +315,7 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
         path = cfg.reward_model
         if os.path.isfile(os.path.join(path, RUN_FILE)) and os.path.isdir(os.path.join(path, "hf")):
             path = os.path.join(path, "hf")  # a reward run folder: its normalised export
-        lm = load_pretrained(path, head="scalar")
-        reward_model = (lm, lm.params)
+        reward_model = load_pretrained(path, head="scalar")
     results = evaluate_pass_at_k(
         models, prompts.arrays["prompt_ids"], prompts.arrays["prompt_mask"], verifier,
         n_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, key=jax.random.key(cfg.seed),
@@ -330,7 +326,7 @@ def run_eval(cfg, *, overwrite: bool = False) -> str:
     return paths["json"]
 
 
-def _restored_params(command: str, run_cfg, lm, tok):
+def _restored_params(command: str, run_cfg, params, tok):
     """The parameters in the newest checkpoint of a training run (template: a fresh state)."""
     from rlhf_jax.io.checkpoint import Checkpointer
     from rlhf_jax.train.state import TrainState, optimizer_from_config
@@ -344,13 +340,13 @@ def _restored_params(command: str, run_cfg, lm, tok):
             run_cfg.reward, model_path=None, function="rlhf_jax.rewards.verifiers:math_reward"))
         if run_cfg.value_model == "reward_model":
             cfg = dataclasses.replace(cfg, value_model=run_cfg.reward.model_path)
-        trainer, policy, _, value_params, _ = _build_ppo(cfg, tok, _Prompts)
-        template = trainer.init(policy.params, value_params)
+        trainer, _, policy_params, _, value_params, _ = _build_ppo(cfg, tok, _Prompts)
+        template = trainer.init(policy_params, value_params)
     else:
         import jax
 
         tx = optimizer_from_config(dataclasses.replace(run_cfg.train, total_steps=run_cfg.train.total_steps or 1))
-        template = TrainState(params=lm.params, opt_state=tx.init(lm.params), step=np.zeros((), np.int32),
+        template = TrainState(params=params, opt_state=tx.init(params), step=np.zeros((), np.int32),
                               rng=jax.random.key(run_cfg.train.seed))
     if not os.path.isdir(ckpt_dir):
         raise RunError(f"{run_cfg.output_dir} has no checkpoints/ folder (the run saved none yet)")
@@ -377,8 +373,8 @@ def load_run_model(run_dir: str):
         head = "lm+value" if run_cfg.value_model is None else "lm"
     else:
         head = "lm" if command == "sft" else "scalar"
-    lm = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
-    params, step = _restored_params(command, run_cfg, lm, tok)
+    lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
+    params, step = _restored_params(command, run_cfg, params, tok)
     return command, lm, params, tok, step
 
 
@@ -393,10 +389,9 @@ def _policy_from_path(path: str):
                 raise RunError(f"{path} is a reward-model run, not a policy")
             _report(f"eval: {path} has no hf/ export yet; using its checkpoint at step {step}")
             if lm.head == "lm+value":
-                lm, params = lm.with_head("lm", params=params)
+                lm, params = lm.with_head("lm", params)
             return lm, params
-    lm = load_pretrained(path, head="lm")
-    return lm, lm.params
+    return load_pretrained(path, head="lm")
 
 
 def _tokenizer_source(path: str) -> str:

@@ -181,10 +181,10 @@ _QUIET = dict(log_every=10, print_every=10**9, checkpoint_every=10**9, tensorboa
               async_checkpoint=False, resume=False, progress=False)
 
 
-def _sft(lm, data, steps, lr, settings, output_dir, seed, quiet):
+def _sft(lm, params, data, steps, lr, settings, output_dir, seed, quiet):
     cfg = SFTConfig(batch_size=settings.sft_batch_size, num_epochs=None, learning_rate=lr,
                     warmup_steps=min(50, steps // 10), schedule="cosine", seed=seed)
-    params, history = fit_sft(lm, lm.params, data, cfg, output_dir=output_dir, max_steps=steps, **quiet)
+    params, history = fit_sft(lm, params, data, cfg, output_dir=output_dir, max_steps=steps, **quiet)
     return params, history
 
 
@@ -212,11 +212,11 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
     )
     prompt_len = 1 + len(task.eval_prompts[0])
     max_new = task.max_answer_length + 1  # room for EOS after the longest answer
-    lm = _new_policy(tokenizer, settings, settings.add_layers, prompt_len + max_new, seed)
+    lm, init_params = _new_policy(tokenizer, settings, settings.add_layers, prompt_len + max_new, seed)
     sft_data = _sft_arrays(tokenizer, task.sft_prompts, task.sft_completions, prompt_len + max_new)
 
     t0 = _now()
-    sft_params, sft_hist = _sft(lm, sft_data, settings.add_sft_steps, settings.add_sft_lr, settings,
+    sft_params, sft_hist = _sft(lm, init_params, sft_data, settings.add_sft_steps, settings.add_sft_lr, settings,
                                 os.path.join(out, "sft"), seed, quiet)
     log(f"[rlvr] SFT: {settings.add_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
         f"{_since(t0)}")
@@ -279,8 +279,8 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
 
 def _export(lm, params, tokenizer, path):
     """The policy as an HF causal LM (the value head is PPO's tool, not part of the policy)."""
-    policy, policy_params = lm.with_head("lm", params=params)
-    save_pretrained(policy, path, params=policy_params, tokenizer=tokenizer)
+    policy, policy_params = lm.with_head("lm", params)
+    save_pretrained(policy, policy_params, path, tokenizer=tokenizer)
 
 
 def _pad_lists(rows):
@@ -324,11 +324,11 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
     prompt_len = 1 + max(len(p) for p in task.sft_prompts + task.rl_prompts + task.eval_prompts)
     max_new = task.max_completion_length + 3  # room for EOS and a little overshoot
     context = prompt_len + max_new
-    lm = _new_policy(tokenizer, settings, settings.mood_layers, context, seed)
+    lm, init_params = _new_policy(tokenizer, settings, settings.mood_layers, context, seed)
     sft_data = _sft_arrays(tokenizer, task.sft_prompts, task.sft_completions, context)
 
     t0 = _now()
-    sft_params, sft_hist = _sft(lm, sft_data, settings.mood_sft_steps, settings.mood_sft_lr, settings,
+    sft_params, sft_hist = _sft(lm, init_params, sft_data, settings.mood_sft_steps, settings.mood_sft_lr, settings,
                                 os.path.join(out, "sft"), seed, quiet)
     log(f"[rlhf] SFT: {settings.mood_sft_steps} steps, final loss {sft_hist[-1]['loss']:.3f} "
         f"{_since(t0)}")
@@ -348,7 +348,7 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
     train_pairs = {k: v[num_heldout:] for k, v in pairs.items()}
     heldout_pairs = {k: v[:num_heldout] for k, v in pairs.items()}
 
-    rm, rm_params = lm.with_head("scalar", seed=seed + 7, params=sft_params)
+    rm, rm_params = lm.with_head("scalar", sft_params, seed=seed + 7)
     rm_cfg = RewardConfig(batch_size=settings.rm_batch_size, num_epochs=settings.rm_epochs,
                           learning_rate=settings.rm_lr, warmup_steps=10, schedule="cosine", seed=seed)
     rm_params, rm_hist = fit_reward(rm, rm_params, train_pairs, rm_cfg, eval_data=heldout_pairs,

@@ -2,7 +2,7 @@
 
 `evaluate_pass_at_k` samples `n_samples` responses per prompt from each model
 (the prompts are repeated `n` times and cut into fixed-size batches, so the
-sampler compiles once per LM object and settings, and runs as one jitted
+sampler compiles once per model value and settings, and runs as one jitted
 call per batch), asks a host verifier which are correct, and computes the unbiased
 pass@k curve for every k = 1..n with percentile-bootstrap confidence
 intervals over prompts (`rlhf_jax.core.passk`). Optionally, in the same jitted
@@ -30,7 +30,7 @@ References:
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import os
 from typing import Callable, Mapping
@@ -57,36 +57,58 @@ def _tile_to_batches(num_rows: int, batch_size: int) -> tuple[np.ndarray, int]:
     return np.arange(num_batches * batch_size) % num_rows, num_batches
 
 
-# A few recent samplers stay cached (and keep their LMs alive), so that evaluating
-# again with the same models and settings does not compile again.
-@functools.lru_cache(maxsize=8)
-def _make_sampler(lm, *, ref_lm, reward_lm, max_new_tokens, temperature, eos_token_id, pad_token_id):
-    """One jitted function: sample a batch, then reference log-probs and reward scores."""
+_SAMPLER_STATIC = ("lm", "ref_lm", "reward_lm", "max_new_tokens", "temperature", "eos_token_id", "pad_token_id")
 
-    def run(params, ref_params, reward_params, prompt_ids, prompt_mask, key):
-        rollout = generate(
-            lm, params, prompt_ids, prompt_mask, key,
-            max_new_tokens=max_new_tokens, temperature=temperature,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )
-        out = {"tokens": rollout.tokens, "mask": rollout.mask, "ended_with_eos": rollout.ended_with_eos}
-        input_ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
-        attention_mask = jnp.concatenate(
-            [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(rollout.mask > 0, jnp.int32)], axis=1
-        )
-        if ref_lm is not None:
-            # Greedy sampling has no distribution to compare; use the untempered one then.
-            temp = temperature if temperature > 0 else 1.0
-            ref_logprobs = ref_lm.response_logprobs(
-                ref_params, input_ids, attention_mask, max_new_tokens, temperature=temp
-            )
-            # k1 summed over the response: an unbiased estimate of KL(policy || ref) per sequence.
-            out["kl"] = jnp.sum((rollout.logprobs - ref_logprobs) * rollout.mask, axis=1)
-        if reward_lm is not None:
-            out["rm_score"] = jnp.asarray(reward_lm.scores(reward_params, input_ids, attention_mask), jnp.float32)
-        return out
 
-    return jax.jit(run)
+def _sample_and_score(params, ref_params, reward_params, prompt_ids, prompt_mask, key, *, lm, ref_lm,
+                      reward_lm, max_new_tokens, temperature, eos_token_id, pad_token_id):
+    """Sample a batch, then reference log-probs and reward scores (the models are static)."""
+    rollout = generate(
+        lm, params, prompt_ids, prompt_mask, key,
+        max_new_tokens=max_new_tokens, temperature=temperature,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    out = {"tokens": rollout.tokens, "mask": rollout.mask, "ended_with_eos": rollout.ended_with_eos}
+    input_ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
+    attention_mask = jnp.concatenate(
+        [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(rollout.mask > 0, jnp.int32)], axis=1
+    )
+    if ref_lm is not None:
+        # Greedy sampling has no distribution to compare; use the untempered one then.
+        temp = temperature if temperature > 0 else 1.0
+        ref_logprobs = ref_lm.response_logprobs(
+            ref_params, input_ids, attention_mask, max_new_tokens, temperature=temp
+        )
+        # k1 summed over the response: an unbiased estimate of KL(policy || ref) per sequence.
+        out["kl"] = jnp.sum((rollout.logprobs - ref_logprobs) * rollout.mask, axis=1)
+    if reward_lm is not None:
+        out["rm_score"] = jnp.asarray(reward_lm.scores(reward_params, input_ids, attention_mask), jnp.float32)
+    return out
+
+
+# Models and settings are static arguments: jax.jit's cache keys on them by value, so a
+# second evaluation with equal models and settings does not compile again.
+_sample_and_score_jit = jax.jit(_sample_and_score, static_argnames=_SAMPLER_STATIC)
+_SAMPLER_NAME = "jit(_sample_and_score)"
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def _count_sampler_compiles(count: list):
+    """Add to `count[0]` each XLA compilation of the sampler while the block runs.
+
+    Counted from JAX's public monitoring events (the backend-compile event names the function).
+    """
+    def listener(event, duration_secs, **kwargs):
+        del duration_secs
+        if event == _COMPILE_EVENT and kwargs.get("fun_name") == _SAMPLER_NAME:
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _summary(values: np.ndarray) -> dict:
@@ -189,27 +211,22 @@ def evaluate_pass_at_k(
     ref_lm, ref_params = ref if ref is not None else (None, None)
     reward_lm, reward_params = reward_model if reward_model is not None else (None, None)
 
-    samplers: dict[int, Callable] = {}
-    compiled_before: dict[int, int] = {}
+    compilations = [0]
     results = {}
     for name, (lm, params) in models.items():
-        sampler = _make_sampler(
-            lm, ref_lm=ref_lm, reward_lm=reward_lm, max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id),
-        )
-        if id(sampler) not in samplers:
-            samplers[id(sampler)] = sampler
-            compiled_before[id(sampler)] = sampler._cache_size()
+        static = dict(lm=lm, ref_lm=ref_lm, reward_lm=reward_lm, max_new_tokens=int(max_new_tokens),
+                      temperature=float(temperature), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id))
         pieces: dict[str, list] = {}
-        for b in range(num_batches):
-            sel = row_prompt[b * batch_size : (b + 1) * batch_size]
-            out = sampler(
-                params, ref_params, reward_params,
-                jnp.asarray(prompt_ids[sel], jnp.int32), jnp.asarray(prompt_mask[sel], jnp.int32),
-                jax.random.fold_in(key, b),
-            )
-            for field, value in jax.device_get(out).items():
-                pieces.setdefault(field, []).append(np.asarray(value))
+        with _count_sampler_compiles(compilations):
+            for b in range(num_batches):
+                sel = row_prompt[b * batch_size : (b + 1) * batch_size]
+                out = _sample_and_score_jit(
+                    params, ref_params, reward_params,
+                    jnp.asarray(prompt_ids[sel], jnp.int32), jnp.asarray(prompt_mask[sel], jnp.int32),
+                    jax.random.fold_in(key, b), **static,
+                )
+                for field, value in jax.device_get(out).items():
+                    pieces.setdefault(field, []).append(np.asarray(value))
         arrays = {field: np.concatenate(parts)[:num_rows] for field, parts in pieces.items()}
         host_args = (
             prompt_ids[row_prompt[:num_rows]], prompt_mask[row_prompt[:num_rows]],
@@ -263,11 +280,10 @@ def evaluate_pass_at_k(
             "num_bootstrap": int(num_bootstrap),
             "success_threshold": float(success_threshold),
             "kl_estimator": "k1 summed over response tokens, on the model's samples",
-            # Compilations of the sampling function during this call (at most 1 when the
-            # models share one LM object: the fixed batch shape compiles once).
-            "sampler_compilations": int(
-                sum(s._cache_size() - compiled_before[i] for i, s in samplers.items())
-            ),
+            # XLA compilations of the sampling function during this call, counted from JAX's
+            # monitoring events (at most 1 when the models are equal `LM` values: the fixed
+            # batch shape compiles once; 0 when an earlier call already compiled it).
+            "sampler_compilations": int(compilations[0]),
         },
         "models": results,
     }

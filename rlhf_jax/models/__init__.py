@@ -1,12 +1,13 @@
 """Decoder LMs (GPT-2, Llama family) in Flax NNX with scalar heads, HF loading and export.
 
 Public API: :class:`ModelConfig`, :class:`LM`, :func:`from_config`,
-:func:`from_pretrained`, :func:`save_pretrained`.
+:func:`from_pretrained`, :func:`save_pretrained`. An ``LM`` is a static, hashable
+description (no weights); every constructor returns ``(lm, params)``.
 
 Example:
   >>> from rlhf_jax.models import ModelConfig, from_config
-  >>> policy = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="lm", seed=0)
-  >>> rm, rm_params = policy.with_head("scalar", seed=1)   # reward model from the policy trunk
+  >>> policy, params = from_config(ModelConfig.tiny("gpt2", vocab_size=64), head="lm", seed=0)
+  >>> rm, rm_params = policy.with_head("scalar", params, seed=1)   # reward model from the policy trunk
 """
 from rlhf_jax.models.config import ModelConfig, supported_model_types
 from rlhf_jax.models.hf.pretrained import from_pretrained, save_pretrained

@@ -1,9 +1,17 @@
-"""The LM wrapper: pure functions over an explicit parameter pytree, plus the heads.
+"""The LM: a static, hashable model description plus pure functions over a params pytree.
 
-An :class:`LM` is a plain Python object that holds the static parts (config,
-NNX graph definition, head kind, dtypes) and exposes jittable functions that take
-``params`` (a nested dict of arrays) as their first argument. Close over it; never
-pass it through ``jit``.
+An :class:`LM` is a frozen dataclass of what fixes the program (config, head kind,
+compute and storage dtypes; the NNX graph definition follows from them). It holds no
+weights: those travel separately as a plain pytree (``params``, a nested dict of
+arrays), and every method takes them as its first argument. Because an ``LM`` compares
+and hashes by value, it is a static argument of ``jax.jit``:
+
+  >>> lm, params = from_config(ModelConfig.tiny("gpt2", 64), head="lm", seed=0)
+  >>> logits = jax.jit(lambda lm, p, i, m: lm.logits(p, i, m), static_argnums=0)
+  >>> logits(lm, params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3))).shape
+  (1, 3, 64)
+
+Two ``LM`` values built separately from the same config share one compilation.
 
 Heads:
 
@@ -18,7 +26,10 @@ References: Ziegler et al. 2019, arXiv 1909.08593; Huang et al. 2024, arXiv 2403
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,31 +98,68 @@ def _check_head(head):
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
 
 
+@dataclasses.dataclass(frozen=True)
 class LM:
-    """A decoder LM with pure, jittable functions over ``params``.
+    """A decoder LM description: static, hashable, weight-free; methods are pure in ``params``.
+
+    Two ``LM`` values are equal (and hash equal) when their config, head and dtypes are,
+    so ``jax.jit(f, static_argnames=("lm",))`` caches by value. The NNX graph definition
+    (:attr:`graphdef`) is a function of those fields, built (abstractly) on first use and
+    not part of the comparison (hashing it would cost a walk over the whole graph on every
+    jitted call).
 
     Attributes:
-      config: the :class:`ModelConfig`.
+      config: the frozen :class:`ModelConfig`.
       head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
-      params: nested dict of jax arrays (``param_dtype``, float32 by default).
-      dtype: compute dtype; param_dtype: storage dtype.
+      dtype: compute dtype; param_dtype: storage dtype of freshly made params.
+      remat: activation checkpointing per layer, a key of
+        ``rlhf_jax.models.stack.REMAT_POLICIES`` (``"none"``, ``"full"``, ``"save_dots"``,
+        ``"save_dots_no_batch"``, ``"save_attention"``). It acts only where a forward is
+        differentiated, so every training step (SFT, reward, PPO update) uses it and
+        frozen-model forwards are unchanged.
+      logits_chunk_size: tokens per chunk of the LM head in :meth:`token_stats` (log-probs,
+        entropies, SFT cross-entropy): the most ``[chunk, V]`` float32 logits held at once.
     """
 
-    def __init__(self, config: ModelConfig, head: str, graphdef, params, *, dtype, param_dtype,
-                 remat: str = "none", logits_chunk_size: int = LOGITS_CHUNK_SIZE):
-        _check_head(head)
-        self.remat = check_remat(remat)
-        self.logits_chunk_size = int(logits_chunk_size)
-        self.config = config
-        self.head = head
-        self.graphdef = graphdef
-        self.params = params
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+    config: ModelConfig
+    head: str = "lm"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    logits_chunk_size: int = LOGITS_CHUNK_SIZE
+
+    def __post_init__(self):
+        if not isinstance(self.config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(self.config).__name__}")
+        _check_head(self.head)
+        check_remat(self.remat)
+        if not isinstance(self.logits_chunk_size, int) or self.logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size must be a positive int, got {self.logits_chunk_size!r}")
+        # Normalised so that jnp.bfloat16, "bfloat16" and jnp.dtype("bfloat16") give equal LMs.
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
 
     def __repr__(self):
         return (f"LM({self.config.model_type}, head={self.head!r}, layers={self.config.num_layers}, "
                 f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name})")
+
+    @functools.cached_property
+    def graphdef(self):
+        """The NNX ``GraphDef`` of the network (shapes only; no weights are made)."""
+        graphdef, _ = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
+                            abstract=True)
+        return graphdef
+
+    def init(self, seed: int = 0):
+        """Freshly initialised params (HF-style N(0, 0.02); norms 1, biases 0; see :func:`build`)."""
+        _, params = build(self.config, self.head, seed=seed, dtype=self.dtype, param_dtype=self.param_dtype)
+        return params
+
+    def abstract_params(self):
+        """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no memory allocated)."""
+        _, params = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
+                          abstract=True)
+        return params
 
     def _net(self, params) -> Network:
         return nnx.merge(self.graphdef, _intify(params))
@@ -194,8 +242,7 @@ class LM:
             raise ValueError(f"cache max_length {max_length} exceeds the model context "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         dt = self.dtype if dtype is None else dtype
-        return init_kv_cache(cfg.num_layers, batch_size, max_length, cfg.num_kv_heads,
-                             cfg.head_dim, dt)
+        return init_kv_cache(cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim, dt)
 
     # ------------------------------------------------------------------ heads
     def lm_head(self, params, hidden):
@@ -321,31 +368,26 @@ class LM:
             if not np.isin(mask, (0, 1)).all():
                 raise ValueError("attention_mask must contain only 0 and 1")
 
-    def with_head(self, head: str, *, seed: int = 0, params=None):
-        """A new LM with another head that reuses this trunk's parameters.
+    def with_head(self, head: str, params, *, seed: int = 0):
+        """Another head on this trunk: ``(new_lm, new_params)`` reusing ``params``' trunk.
 
         E.g. a reward model initialised from an SFT policy:
-        ``rm, rm_params = policy.with_head("scalar", seed=1, params=sft_params)``.
+        ``rm, rm_params = policy.with_head("scalar", sft_params, seed=1)``.
         The LM head is carried over when both heads have one; new heads are freshly
-        initialised (``score`` N(0, 1/sqrt(D+1)), ``value_head`` zeros).
-
-        Returns:
-          ``(new_lm, new_params)`` (``new_lm.params`` is ``new_params``).
+        initialised (``score`` N(0, 1/sqrt(D+1)), ``value_head`` zeros). ``params`` is
+        not modified.
         """
         _check_head(head)
-        params = self.params if params is None else params
-        fresh = from_config(self.config, head=head, seed=seed, dtype=self.dtype,
-                            param_dtype=self.param_dtype)
-        new_params = dict(fresh.params)
+        new_lm = dataclasses.replace(self, head=head)
+        new_params = dict(new_lm.init(seed))
         new_params["trunk"] = params["trunk"]
         if "lm_head" in new_params and "lm_head" in params:
             new_params["lm_head"] = params["lm_head"]
-        fresh.params = new_params
-        return fresh, new_params
+        return new_lm, new_params
 
-    def num_params(self, params=None) -> int:
-        """Number of parameters."""
-        leaves = jax.tree_util.tree_leaves(self.params if params is None else params)
+    def num_params(self, params) -> int:
+        """Number of parameters in ``params``."""
+        leaves = jax.tree_util.tree_leaves(params)
         return int(sum(np.prod(x.shape) for x in leaves))
 
 
@@ -375,21 +417,23 @@ def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
 
 
 def from_config(config: ModelConfig, *, head: str = "lm", seed: int = 0, dtype=jnp.float32,
-                param_dtype=jnp.float32) -> LM:
-    """A randomly initialised :class:`LM` (HF-style N(0, 0.02) init; norms 1, biases 0).
+                param_dtype=jnp.float32, remat: str = "none") -> tuple[LM, Any]:
+    """A randomly initialised model: ``(lm, params)`` (HF-style N(0, 0.02) init; norms 1, biases 0).
 
     Args:
       config: the architecture, e.g. ``ModelConfig.tiny("gpt2", vocab_size=64)``.
       head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
       seed: PRNG seed of the initialisation.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype.
+      remat: activation-checkpointing policy per layer (see :class:`LM`).
+
+    Returns:
+      ``(lm, params)``: the static :class:`LM` and its parameter pytree.
 
     Example:
-      >>> lm = from_config(ModelConfig.tiny("llama", 64), head="lm", seed=0)
-      >>> lm.logits(lm.params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3))).shape
+      >>> lm, params = from_config(ModelConfig.tiny("llama", 64), head="lm", seed=0)
+      >>> lm.logits(params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3))).shape
       (1, 3, 64)
     """
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-    graphdef, params = build(config, head, seed=seed, dtype=dtype, param_dtype=param_dtype)
-    return LM(config, head, graphdef, params, dtype=dtype, param_dtype=param_dtype)
+    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return lm, lm.init(seed)

@@ -139,5 +139,5 @@ def load_reward_model(path: str, *, dtype=None, param_dtype=None):
 
     from rlhf_jax.models import from_pretrained
 
-    lm = from_pretrained(path, head="scalar", dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
-    return lm, lm.params
+    return from_pretrained(path, head="scalar", dtype=dtype or jnp.float32,
+                           param_dtype=param_dtype or jnp.float32)

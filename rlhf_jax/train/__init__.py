@@ -4,7 +4,8 @@ Steps are built by factories that close over static things (the model, the optim
 the config) and return pure `(state, batch) -> (state, metrics)` functions:
 
     tx = make_optimizer(1e-4, warmup_steps=10, total_steps=1000)
-    state = sft_init(lm, lm.params, tx, seed=0)
+    lm, params = from_config(ModelConfig.tiny("gpt2", vocab_size=64))
+    state = sft_init(lm, params, tx, seed=0)
     step = jax.jit(make_sft_step(lm, tx, SFTConfig()))
     state, metrics = step(state, batch)
 

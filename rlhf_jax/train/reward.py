@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -180,14 +179,13 @@ def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
     return step
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_pair_scores(rm):
-    return jax.jit(lambda params, batch: pair_scores(rm, params, batch))
+def _scores(rm, params, ids, mask):
+    return rm.scores(params, ids, mask)
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_scores(rm):
-    return jax.jit(rm.scores)
+# The reward model is static: jax.jit caches by its value (an `LM` is hashable).
+_pair_scores_jit = jax.jit(pair_scores, static_argnums=0)
+_scores_jit = jax.jit(_scores, static_argnums=0)
 
 
 def evaluate_reward_model(rm, params, batch, *, batch_size: int | None = None) -> dict:
@@ -207,11 +205,10 @@ def evaluate_reward_model(rm, params, batch, *, batch_size: int | None = None) -
     _check_pairs(batch)
     n = int(np.shape(batch["chosen_ids"])[0])
     size = n if batch_size is None else int(batch_size)
-    score_fn = _jitted_pair_scores(rm)
     chosen_all, rejected_all = [], []
     for start in range(0, n, size):
         chunk = {k: jnp.asarray(batch[k][start:start + size]) for k in _PAIR_KEYS}
-        c, r = score_fn(params, chunk)
+        c, r = _pair_scores_jit(rm, params, chunk)
         chosen_all.append(np.asarray(c, np.float64))
         rejected_all.append(np.asarray(r, np.float64))
     chosen = np.concatenate(chosen_all)
@@ -251,7 +248,7 @@ def normalize_reward_head(rm, params, ids, mask, *, target_std: float | None = N
     ops.check_same_shape(ids, "ids", mask=mask)
     if np.shape(ids)[0] == 0:
         raise ValueError("`ids` is empty: normalising needs reference sequences")
-    scores = np.asarray(_jitted_scores(rm)(params, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+    scores = np.asarray(_scores_jit(rm, params, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
     mu = float(np.mean(scores))
     gain = 1.0
     if target_std is not None:

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.lm import HEADS, LM, build
+from rlhf_jax.models.lm import HEADS, LM
 
 # HF's *ForSequenceClassification has no score bias; a reward head's bias (set by the
 # normalisation to mean 0) travels in this file next to the weights and is restored on load.
@@ -207,8 +207,8 @@ def _architecture_kind(hf_config: dict) -> str:
 
 
 def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jnp.float32,
-                    seed: int = 0) -> LM:
-    """Load an HF checkpoint folder (or hub repo id) into an :class:`LM`.
+                    seed: int = 0, remat: str = "none") -> tuple[LM, dict]:
+    """Load an HF checkpoint folder (or hub repo id): ``(lm, params)``.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
     ``model.safetensors.index.json``). A hub download is tried only when ``path``
@@ -223,6 +223,10 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
         ``"lm+value"``: causal LM plus a zero value head.
       dtype: compute dtype; param_dtype: storage dtype of the loaded weights.
       seed: PRNG seed for freshly initialised heads.
+      remat: activation-checkpointing policy per layer (see :class:`LM`).
+
+    Returns:
+      ``(lm, params)``: the static :class:`LM` and the loaded parameter pytree.
 
     Raises:
       ValueError: unsupported model type/architecture, a tensor with the wrong shape,
@@ -246,8 +250,8 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
             raise ValueError(f"{folder} holds a {hf_config['architectures'][0]} (a scalar head); "
                              "load it with head='scalar'")
 
-    graphdef, abstract = build(config, head, dtype=dtype, param_dtype=param_dtype, abstract=True)
-    expected = _flatten(abstract)
+    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    expected = _flatten(lm.abstract_params())
     loaded: dict = {}
     stacks: dict = {}  # our stacked path -> (host buffer [L, ...], layers filled)
     rows = _table(config.family)
@@ -301,7 +305,7 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     if head == "scalar" and bias_file.is_file():
         bias = float(json.loads(bias_file.read_text())["bias"])
         loaded["score/bias"] = jnp.full((1,), bias, jnp.dtype(param_dtype))
-    return LM(config, head, graphdef, _unflatten(loaded), dtype=dtype, param_dtype=param_dtype)
+    return lm, _unflatten(loaded)
 
 
 def _match(rows, name):
@@ -346,7 +350,7 @@ def _fresh_heads(expected, loaded, config, head, seed, param_dtype):
 
 
 # ------------------------------------------------------------ save_pretrained
-def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=None) -> Path:
+def save_pretrained(lm: LM, params, out_dir, *, tokenizer=None, save_dtype=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers loads.
 
     Head ``"lm"`` writes a ``*ForCausalLM`` (GPT-2: ``GPT2LMHeadModel``); ``"scalar"``
@@ -357,15 +361,13 @@ def save_pretrained(lm: LM, out_dir, *, params=None, tokenizer=None, save_dtype=
     (warning).
 
     Args:
-      lm: the model. out_dir: created if needed.
-      params: parameters to save (``lm.params`` by default).
+      lm: the model. params: its parameters. out_dir: created if needed.
       tokenizer: optional; saved with ``tokenizer.save_pretrained(out_dir)``.
       save_dtype: storage dtype (default: the params' own dtype).
 
     Returns:
       the output folder.
     """
-    params = lm.params if params is None else params
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     cfg = lm.config

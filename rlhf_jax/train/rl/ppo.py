@@ -35,7 +35,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable
 
@@ -203,19 +202,24 @@ class PPOState:
     rng: jax.Array
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_rollout(policy, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id):
-    """The jitted sampler of one policy and sampling setting, shared by trainers."""
+_SAMPLING = ("policy", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+
+
+def _rollout(params, prompt_ids, prompt_mask, key, *, policy, max_new_tokens, temperature, top_k, top_p,
+             eos_token_id, pad_token_id):
+    """Sample one response per prompt (the policy and the sampling settings are static)."""
     from rlhf_jax.rollout import generate  # imported late: the update does not need the sampler
 
-    def rollout(params, prompt_ids, prompt_mask, key):
-        return generate(
-            policy, params, prompt_ids, prompt_mask, key,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )
+    return generate(
+        policy, params, prompt_ids, prompt_mask, key,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
 
-    return jax.jit(rollout)
+
+# One jitted sampler for every trainer: equal policies (an `LM` hashes by value) and equal
+# settings share its compilation.
+_rollout_jit = jax.jit(_rollout, static_argnames=_SAMPLING)
 
 
 def _kl_coef_of(ctl):
@@ -271,8 +275,9 @@ class PPOTrainer:
         self.value_tx = value_tx if value_tx is not None else tx
         self.reward_model = reward_model
         self.reward_fn = reward_fn
-        self._rollout_jit = _jitted_rollout(
-            policy, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.eos_token_id, cfg.pad_token_id
+        self._sampling = dict(
+            policy=policy, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
         self._update_jit = jax.jit(self._update)
@@ -515,7 +520,7 @@ class PPOTrainer:
         state = state.replace(rng=rng)
 
         t0 = time.perf_counter()
-        rollout = self._rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key)
+        rollout = _rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key, **self._sampling)
         jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         if self.reward_model is not None:
@@ -543,11 +548,3 @@ class PPOTrainer:
         metrics["tokens_per_s"] = self.cfg.batch_size * (p + self.cfg.max_new_tokens) / max(total, 1e-9)
         metrics["generated_tokens_per_s"] = metrics["response_length"] * self.cfg.batch_size / max(t1 - t0, 1e-9)
         return state, metrics, rollout
-
-    def compile_counts(self) -> dict:
-        """How many times each jitted phase has been compiled (cache sizes), for tests."""
-        out = {"rollout": self._rollout_jit._cache_size(), "update": self._update_jit._cache_size()}
-        if self._score_jit is not None:
-            out["score"] = self._score_jit._cache_size()
-        return out
-
