@@ -480,7 +480,9 @@ class PPOTrainer:
                 f"prompt length {p} + `max_new_tokens` {cfg.max_new_tokens} = "
                 f"{p + cfg.max_new_tokens} exceeds the model's context length {ctx}"
             )
-        if hasattr(self.policy, "check_inputs"):  # token ids inside the vocabulary, 0/1 mask
+        spread = any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in (prompt_ids, prompt_mask))
+        if hasattr(self.policy, "check_inputs") and not spread:  # token ids inside the vocabulary, 0/1 mask
+            # (a batch spread over processes was checked on the host before it was placed)
             self.policy.check_inputs(np.asarray(prompt_ids), np.asarray(prompt_mask))
 
     def iteration(
