@@ -419,7 +419,8 @@ def main() -> None:
 
     headers = ["trainer", "s / iteration"] + ([] if gpu else ["CPU s / iteration"]) + [
         "generate s", "score s", "update s", "score + update s", "response tokens/s",
-        "update TFLOP/s" if gpu else "update GFLOP/s", "update / XLA matmul", "peak memory"] + (["update MFU"] if gpu else [])
+        "update TFLOP/s" if gpu else "update GFLOP/s", "update / XLA matmul", "peak memory"] + (
+        ["update MFU"] if gpu else [])
     rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
                         row(f"TRL {_trl_version()} PPOTrainer, 1 torch thread", trl1, "trl"),
                         row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]

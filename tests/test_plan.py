@@ -27,8 +27,8 @@ def model_dir(tmp_path):
 
 def test_plan_sft_json_schema_and_device_memory(capsys, model_dir):
     # no weights, no tokenizer, no data: only config.json (through --model-config)
-    args = ["--config", "configs/tiny/sft.yaml", "--model-config", str(model_dir), "model.random_init=null",
-            "model.path=nowhere", "--devices", "2", "mesh.fsdp=2"]
+    args = ["--config", "configs/tiny/sft.yaml", "--model-config", str(model_dir), "--devices", "2",
+            "model.random_init=null", "model.path=nowhere", "mesh.fsdp=2"]
     got, text = _plan(capsys, *args)
     assert set(got) == {"devices", "device_memory_bytes", "fits", "phases"}
     assert got["devices"] == 2 and got["device_memory_bytes"] == 80 * 1024 ** 3 and got["fits"] is True
@@ -37,9 +37,10 @@ def test_plan_sft_json_schema_and_device_memory(capsys, model_dir):
     assert set(step) == {"peak_bytes_per_device", "compile_s", "flops"}
     assert isinstance(step["peak_bytes_per_device"], int) and step["peak_bytes_per_device"] > 0
     assert step["compile_s"] > 0
-    # 3 x forward: 3 * (8 x 16 tokens) * (2 * 12 * 32^2 ... ) -- at least 6 * params * tokens of the trunk
-    trunk_params = 12 * 32 * 32
-    assert step["flops"] >= 6 * trunk_params * 8 * 16
+    # 3 forwards of 8 x 16 tokens: trunk matmuls (qkv 32 x 96, out 32 x 32, MLP 2 x 32 x 64),
+    # causal attention over 16 / 2 positions on average, the tied head 32 x 64 on every token
+    tokens, trunk = 8 * 16, 32 * 96 + 32 * 32 + 2 * 32 * 64
+    assert step["flops"] == 3 * (tokens * (2 * trunk + 2 * 32 * 8) + 2 * 32 * 64 * tokens)
     assert "1 x 2 x 1 mesh" in text
     # the same plan against a device smaller than its peak does not fit, and says what to change
     small = step["peak_bytes_per_device"] / 2 / 1024 ** 3

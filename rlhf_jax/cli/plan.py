@@ -37,7 +37,8 @@ def add_plan_parser(sub):
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", required=True, help="the run's YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for the run itself")
-    p.add_argument("--command", dest="plan_command", choices=PLANNED_COMMANDS, help="the run's command (default: from the file name)")
+    p.add_argument("--command", dest="plan_command", choices=PLANNED_COMMANDS,
+                   help="the run's command (default: from the file name)")
     p.add_argument("--devices", type=int, help="devices to plan for (default: the mesh's fsdp x tensor x data)")
     p.add_argument("--device-memory", dest="device_memory", type=float, default=80.0, metavar="GIB",
                    help="memory per device in GiB (default 80)")

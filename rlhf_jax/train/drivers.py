@@ -30,8 +30,9 @@ new `output_dir` or delete the old one.
 Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
 created under `jit` with `param_shardings` as its output shardings (FSDP when
 the mesh's "fsdp" axis is larger than 1, tensor-parallel rules when its
-"tensor" axis is), frozen params are placed the same way, batches with `shard_batch`, and the step is jitted with the state's
-shardings as `out_shardings`. Without a mesh everything runs on the default
+"tensor" axis is), frozen params are placed the same way, batches with
+`shard_batch`, and the step is jitted with the state's shardings as
+`out_shardings`. Without a mesh everything runs on the default
 device.
 
 Metrics. Each logged step fetches its metrics with one `jax.device_get`;
