@@ -223,10 +223,12 @@ def _cast(abstract, dtype):
 
 def plan_ppo(trainer, *, prompt_len: int, mesh, fsdp: bool | None = None, device_memory_bytes: int,
              frozen_dtype=None, reference=None) -> RunPlan:
-    """Plan a PPO run of `trainer` (a `PPOTrainer`): ``rollout``, ``score``, ``update``.
+    """Plan an RL run of `trainer` (a `PPOTrainer` or any `RLTrainer`): ``rollout``, ``score``
+    (with a reward model), ``update``.
 
     Args:
-      trainer: the trainer (its policy, value and reward `LM`s and config).
+      trainer: the trainer (its policy, value and reward `LM`s and its `rl_cfg`; the rollout
+        samples `batch.group_size` responses per prompt).
       prompt_len: the padded prompt length P.
       mesh: the mesh; fsdp: FSDP-shard params and states (default: the mesh's fsdp axis > 1).
       device_memory_bytes: the device memory the plan is checked against.
@@ -234,11 +236,12 @@ def plan_ppo(trainer, *, prompt_len: int, mesh, fsdp: bool | None = None, device
         param_dtype).
       reference: the reference `LM` (default the policy).
     """
-    from rlhf_jax.train.rl.ppo import _rollout
+    from rlhf_jax.train.rl.trainer import _rollout
 
-    cfg = trainer.cfg
+    rl = trainer.rl_cfg
     fsdp = _fsdp(mesh, fsdp)
-    b, p, n = int(cfg.batch_size), int(prompt_len), int(cfg.max_new_tokens)
+    b, p, n = int(rl.batch.batch_size), int(prompt_len), int(rl.sampling.max_new_tokens)
+    rows = b * int(rl.batch.group_size)
     _check_batch(b, mesh)
     policy = trainer.policy
     policy_params = policy.abstract_params()
@@ -253,6 +256,8 @@ def plan_ppo(trainer, *, prompt_len: int, mesh, fsdp: bool | None = None, device
     ref_bytes = tree_bytes_per_device(ref)
     rm_bytes = 0 if rm is None else tree_bytes_per_device(rm)
     prompts = _batch_abstract({"ids": ((b, p), jnp.int32), "mask": ((b, p), jnp.int32)}, mesh)
+    # score and update see the prompts repeated once per sample: `rows` of them
+    row_prompts = _batch_abstract({"ids": ((rows, p), jnp.int32), "mask": ((rows, p), jnp.int32)}, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
     bsh = lambda a: batch_sharding(mesh, a.ndim)  # noqa: E731
 
@@ -264,7 +269,7 @@ def plan_ppo(trainer, *, prompt_len: int, mesh, fsdp: bool | None = None, device
     params_bytes = tree_bytes_per_device(state.params)
     phases = []
     cfg_p = policy.config
-    flops = forward_flops(cfg_p, b * p, p / 2, b) + n * forward_flops(cfg_p, b, p + n / 2, b)
+    flops = forward_flops(cfg_p, b * p, p / 2, b) + n * forward_flops(cfg_p, rows, p + n / 2, rows)
     phases.append(_compile(
         "rollout", rollout_fn, (state.params, prompts["ids"], prompts["mask"], key),
         in_shardings=(state_sh.params, prompts["ids"].sharding, prompts["mask"].sharding, replicated(mesh)),
@@ -273,27 +278,28 @@ def plan_ppo(trainer, *, prompt_len: int, mesh, fsdp: bool | None = None, device
 
     scores_sh = batch_sharding(mesh, 1)
     if trainer.reward_model is not None:
-        flops = forward_flops(trainer.reward_model.config, b * (p + n), (p + n) / 2, 0, lm_head=False)
+        flops = forward_flops(trainer.reward_model.config, rows * (p + n), (p + n) / 2, 0, lm_head=False)
         phases.append(_compile(
-            "score", trainer._score, (rm, prompts["ids"], prompts["mask"], rollout.tokens, rollout.mask),
-            in_shardings=(rm_sh, prompts["ids"].sharding, prompts["mask"].sharding, rollout_sh.tokens,
+            "score", trainer._score, (rm, row_prompts["ids"], row_prompts["mask"], rollout.tokens, rollout.mask),
+            in_shardings=(rm_sh, row_prompts["ids"].sharding, row_prompts["mask"].sharding, rollout_sh.tokens,
                           rollout_sh.mask),
             out_shardings=scores_sh, flops=flops, resident_bytes=state_bytes + ref_bytes))
-    scores = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=scores_sh)
+    scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=scores_sh)
 
     t = p + n
     value_cfg = cfg_p if trainer.value_model is None else trainer.value_model.config
-    fwd_policy = forward_flops(cfg_p, b * t, t / 2, b * n)
-    fwd_value = 0.0 if trainer.value_model is None else forward_flops(value_cfg, b * t, t / 2, 0, lm_head=False)
-    flops = 2 * fwd_policy + fwd_value + cfg.ppo_epochs * 3.0 * (fwd_policy + fwd_value)
+    fwd_policy = forward_flops(cfg_p, rows * t, t / 2, rows * n)
+    fwd_value = 0.0 if trainer.value_model is None else forward_flops(value_cfg, rows * t, t / 2, 0, lm_head=False)
+    flops = 2 * fwd_policy + fwd_value + rl.batch.ppo_epochs * 3.0 * (fwd_policy + fwd_value)
     phases.append(_compile(
-        "update", trainer._update, (state, prompts["ids"], prompts["mask"], rollout, scores, ref, key),
-        in_shardings=(state_sh, prompts["ids"].sharding, prompts["mask"].sharding, rollout_sh, scores_sh, ref_sh,
+        "update", trainer._update, (state, row_prompts["ids"], row_prompts["mask"], rollout, scores, ref, key),
+        in_shardings=(state_sh, row_prompts["ids"].sharding, row_prompts["mask"].sharding, rollout_sh, scores_sh,
+                      ref_sh,
                       replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,), flops=flops, resident_bytes=rm_bytes))
     plan = RunPlan(int(mesh.devices.size), int(device_memory_bytes), phases, state_bytes_per_device=state_bytes,
                    frozen_bytes_per_device=ref_bytes + rm_bytes)
-    plan.advice = advise(plan, lm=policy, cfg=cfg, mesh=mesh, kind="ppo", frozen_dtype=frozen_dtype)
+    plan.advice = advise(plan, lm=policy, cfg=rl.batch, mesh=mesh, kind="ppo", frozen_dtype=frozen_dtype)
     return plan
 
 
