@@ -39,8 +39,8 @@ import optax
 from flax import struct
 
 from rlhf_jax.core import ops
-from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.core.importance import truncated_importance_weights
+from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
@@ -457,7 +457,8 @@ class RLTrainer:
             raise ValueError(
                 f"prompt length {p} + `max_new_tokens` {n} = {p + n} exceeds the model's context length {ctx}"
             )
-        spread = any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in (prompt_ids, prompt_mask))
+        spread = any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                     for x in (prompt_ids, prompt_mask))
         if hasattr(self.policy, "check_inputs") and not spread:  # token ids inside the vocabulary, 0/1 mask
             # (a batch spread over processes was checked on the host before it was placed)
             self.policy.check_inputs(np.asarray(prompt_ids), np.asarray(prompt_mask))
