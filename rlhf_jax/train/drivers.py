@@ -56,6 +56,7 @@ from rlhf_jax.errors import TrainingStalledError
 from rlhf_jax.io.checkpoint import Checkpointer
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.sharding import FSDP_AXIS, mesh_batch_size, param_shardings, place, replicated, shard_batch
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
@@ -324,7 +325,7 @@ def _jit_step(step_fn, run: _Run, state):
 def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step, output_dir, tx,
                     mesh, log_every, print_every, checkpoint_every, keep, resume, max_steps,
                     on_step, stdout, tensorboard, progress, allow_config_mismatch,
-                    async_checkpoint, eval_fn=None, eval_every=None, return_state=False):
+                    async_checkpoint, eval_fn=None, eval_every=None, return_state=False, frozen=None):
     from rlhf_jax.train.state import optimizer_from_config
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
@@ -359,12 +360,13 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
         state = run.init_state(lambda p: init_fn(model, p, tx, seed=cfg.seed), params)
         state, start = run.restore_or_start(state)
         step_fn = _jit_step(make_step(model, tx, cfg), run, state)
+        frozen = run.place(frozen)  # LoRA's base weights: an argument of every step, never trained
         for step in range(start, total):
             epoch, _, rows = order.rows(step)
             batch = {k: v[rows] for k, v in arrays.items()}
             if mesh is not None:
                 batch = shard_batch(batch, mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, frozen)
             done = step + 1
             if run.should_log(done):
                 host = run.fetch(metrics)
@@ -372,7 +374,7 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
                 if "tokens" in host:
                     host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
                 if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
-                    host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
+                    host.update({f"eval/{k}": v for k, v in eval_fn(combine(frozen, state.params)).items()})
                 run.warn_if_skipped(done, host)
                 run.log(done, host, on_step)
             run.maybe_save(done, state, _position(done, order.per_epoch))
@@ -413,12 +415,14 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=N
             keep: int = 3, resume: bool = True, max_steps: int | None = None,
             on_step: Callable | None = None, stdout: bool = True, tensorboard: bool = True,
             progress: bool | None = None, allow_config_mismatch: bool = False,
-            async_checkpoint: bool = True, return_state: bool = False):
+            async_checkpoint: bool = True, return_state: bool = False, frozen=None):
     """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
 
     Args:
       lm: the `LM` (closed over by the step).
-      params: its initial parameters.
+      params: its initial trained parameters (with LoRA: the adapters only).
+      frozen: with LoRA, the frozen base weights (`lora.partition`), passed to every step
+        as an argument; the returned params are the trained part only. None otherwise.
       data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
         (right-padded; `loss_mask` is 1 on completion tokens).
       cfg: `SFTConfig` (batch_size, num_epochs, seed, optimizer settings).
@@ -435,7 +439,7 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=N
         print_every=print_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
         max_steps=max_steps, on_step=on_step, stdout=stdout, tensorboard=tensorboard,
         progress=progress, allow_config_mismatch=allow_config_mismatch,
-        async_checkpoint=async_checkpoint, return_state=return_state)
+        async_checkpoint=async_checkpoint, return_state=return_state, frozen=frozen)
 
 
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_data=None,
@@ -445,12 +449,14 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_da
                max_steps: int | None = None, on_step: Callable | None = None, stdout: bool = True,
                tensorboard: bool = True, progress: bool | None = None,
                allow_config_mismatch: bool = False, async_checkpoint: bool = True,
-               return_state: bool = False):
+               return_state: bool = False, frozen=None):
     """Bradley-Terry reward-model training on preference pairs.
 
     Args:
       rm: a scalar-head `LM`.
-      params: its initial parameters (e.g. the SFT trunk with a fresh head).
+      params: its initial trained parameters (e.g. the SFT trunk with a fresh head; with
+        LoRA: the adapters and the score head, `lora.partition(p, heads=("score",))`).
+      frozen: with LoRA, the frozen base weights; None otherwise.
       train_data: {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
         `[N, L]` arrays (+ optional "margin" `[N]`).
       cfg: `RewardConfig`.
@@ -484,7 +490,7 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_da
         keep=keep, resume=resume, max_steps=max_steps, on_step=on_step, stdout=stdout,
         tensorboard=tensorboard, progress=progress, allow_config_mismatch=allow_config_mismatch,
         async_checkpoint=async_checkpoint, eval_fn=eval_fn, eval_every=eval_every,
-        return_state=return_state)
+        return_state=return_state, frozen=frozen)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], cfg=None, *,
