@@ -11,18 +11,16 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft  # the test extras pin it: a missing peft is a failure, not a skip
 import pytest
+import torch
+import transformers
 
-from rlhf_jax.models import LoRAConfig, ModelConfig, add_lora, from_config, from_pretrained, save_pretrained
-from rlhf_jax.models import lora
+from rlhf_jax.models import LoRAConfig, ModelConfig, add_lora, from_config, from_pretrained, lora, save_pretrained
 from rlhf_jax.models.hf.peft import load_peft_adapter, save_peft_adapter
 from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
 from rlhf_jax.train.reward import RewardConfig, make_reward_step, reward_init
 from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 VOCAB = 64
 TOL = 1e-4
@@ -153,6 +151,7 @@ def test_merged_and_peft_exports_match_our_forward(family, use_rslora, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()
     err_peft = np.abs(_hf_logits(peft_model, ids, mask) - ours)[valid].max()
     assert err_peft < TOL, err_peft
+    print(f"{family}: max |logit diff| merged {err_merged:.2e}, peft {err_peft:.2e}")
 
     # and back: the folder loads onto our base with the same adapters
     lm2, adapters2 = load_peft_adapter(base_lm, adapter_dir)
@@ -207,6 +206,18 @@ def test_sft_trains_only_the_adapters_and_reduces_the_loss(sft_setup):
 
     grads = jax.grad(lambda p: sft_loss_fn(lm, p, batch)[0])(lora.combine(base, state.params))
     assert float(jnp.abs(grads["trunk"]["layers"]["mlp"]["up_proj"]["kernel"].astype(jnp.float32)).max()) > 0
+
+
+def test_fit_sft_with_a_frozen_base_returns_the_adapters(sft_setup, tmp_path):
+    from rlhf_jax.train.drivers import fit_sft
+
+    _, lm, base, adapters, batch = sft_setup
+    data = {k: np.concatenate([v, v]) for k, v in batch.items()}
+    cfg = SFTConfig(batch_size=4, learning_rate=3e-3)
+    trained, history = fit_sft(lm, adapters, data, cfg, output_dir=tmp_path, frozen=base, max_steps=2,
+                               checkpoint_every=None, stdout=False, tensorboard=False, progress=False)
+    assert jax.tree.structure(trained) == jax.tree.structure(adapters)
+    assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
 
 
 def test_reward_model_trains_adapters_and_the_new_head():

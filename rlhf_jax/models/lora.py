@@ -25,6 +25,25 @@ How the pieces fit:
   >>> lm, adapters = add_lora(base_lm, LoRAConfig(rank=4, alpha=8))
   >>> logits = lm.logits(combine(base, adapters), ids, mask)       # doctest: +SKIP
 
+Recipes (``frozen`` is an argument of the jitted step, never a captured constant, and has
+no optimizer state):
+
+- SFT: ``make_sft_step(lm, tx, cfg)(state, batch, frozen)`` with ``state.params = adapters``.
+- Reward model: ``trainable, frozen = partition(params, heads=("score",))``; ``make_reward_step``
+  as for SFT.
+- RL (``PPOTrainer``): ``trainable, frozen = partition(params, heads=("value_head",))`` for an
+  ``"lm+value"`` policy; ``state = trainer.init(trainable)`` and ``ref_params=frozen``: the
+  frozen base is also the reference.
+- DPO (or any loss against a reference): differentiate ``adapters`` only, ::
+
+      policy_lp = lm.response_logprobs(combine(frozen, adapters), ids, mask, n)
+      ref_lp = reference_lm(lm).response_logprobs(frozen, ids, mask, n)   # no adapters
+
+  (stop the gradient of ``ref_lp`` or compute it once per batch).
+
+Export: ``save_pretrained(lm, combine(base, adapters), out)`` writes merged HF weights;
+``rlhf_jax.models.hf.peft.save_peft_adapter(lm, adapters, out)`` writes a PEFT folder.
+
 References: Hu et al. 2021, arXiv 2106.09685 (LoRA); Kalajdzievski 2023, arXiv 2312.03732
 (rsLoRA).
 """
