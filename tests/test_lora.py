@@ -266,3 +266,34 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     assert float(metrics["kl_k3"]) > 0  # the adapters moved the policy away from the base
     assert jax.tree.structure(state.params) == jax.tree.structure(trainable)
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), frozen, frozen_before)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo"])
+def test_critic_free_estimators_with_a_lora_policy(algorithm):
+    from rlhf_jax.train import make_optimizer
+    from rlhf_jax.train.rl.presets import rl_config
+    from rlhf_jax.train.rl.trainer import RLTrainer
+
+    v, b, g, p, n = 16, 2, 4, 4, 6
+    config = ModelConfig.tiny("gpt2", v, hidden_size=32, num_heads=2, max_position_embeddings=16)
+    base_lm, base = from_config(config, head="lm", seed=0)
+    policy, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets="c_attn|c_fc"))
+    cfg = rl_config(algorithm, {
+        "batch": {"batch_size": b, "group_size": g, "num_minibatches": 1, "ppo_epochs": 2},
+        "sampling": {"max_new_tokens": n, "temperature": 1.0, "eos_token_id": 2, "pad_token_id": 0},
+    })
+    trainer = RLTrainer(policy, cfg, make_optimizer(1e-2, schedule="constant"),
+                        reward_fn=lambda pi, pm, tok, m, idx: ((tok == 5) * m).sum(1) / np.maximum(m.sum(1), 1))
+    state = trainer.init(adapters)
+    prompts = np.random.default_rng(0).integers(3, v, (b, p)).astype(np.int32)
+    mask = np.ones((b, p), np.int32)
+    with pytest.raises(ValueError, match="frozen base"):
+        trainer.iteration(state, prompts, mask, prompt_index=np.arange(b))
+    for _ in range(2):
+        state, metrics, rollout = trainer.iteration(state, prompts, mask, ref_params=base,
+                                                    prompt_index=np.arange(b))
+        assert all(np.isfinite(float(x)) for x in metrics.values())
+    assert np.asarray(rollout.tokens).shape == (b * g, n)
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
+    moved = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters)))
+    assert moved > 0
