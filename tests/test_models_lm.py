@@ -292,7 +292,9 @@ def test_lm_is_a_static_value_and_equal_models_share_one_compilation(count_compi
     b, b_params = from_config(_cfg("gpt2"), seed=1)
     assert isinstance(a, LM) and "gpt2" in repr(a)
     assert a is not b and a == b and hash(a) == hash(b)
-    assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype"}
+    assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype", "remat",
+                                                       "logits_chunk_size"}
+    assert dataclasses.replace(a, remat="full") != a  # how the program is built: part of the value
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.head = "scalar"
     assert a.graphdef == b.graphdef  # derived from the fields, equal by value
