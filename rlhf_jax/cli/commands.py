@@ -87,7 +87,8 @@ def load_model(model_cfg, *, head: str, seed: int = 0):
     """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
     from rlhf_jax.models import ModelConfig, from_config
 
-    kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype)}
+    kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype),
+              "remat": model_cfg.remat}
     if model_cfg.random_init is not None:
         try:
             config = ModelConfig.from_hf_config(dict(model_cfg.random_init))
@@ -97,7 +98,7 @@ def load_model(model_cfg, *, head: str, seed: int = 0):
     return load_pretrained(model_cfg.path, head=head, seed=seed, **kwargs)
 
 
-def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None):
+def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None, remat: str = "none"):
     """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it)."""
     import jax.numpy as jnp
 
@@ -105,7 +106,7 @@ def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dt
 
     _check_exists(path, "model folder")
     return from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
-                           param_dtype=param_dtype or jnp.float32)
+                           param_dtype=param_dtype or jnp.float32, remat=remat)
 
 
 def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str:
@@ -250,7 +251,8 @@ def _build_ppo(cfg, tok, prompts):
     value_model = value_params = value_tx = None
     if not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
-        value_model, value_params = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1)
+        value_model, value_params = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1,
+                                                    remat=policy.remat)
         value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
     reward_model = reward_params = reward_fn = None
     if cfg.reward.model_path is not None:

@@ -78,6 +78,9 @@ class ModelSection:
         "model (tests, experiments)", None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("compute dtype", "float32")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter (master weight) dtype", "float32")
+    remat: Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention"] = _help(
+        "activation checkpointing per layer in every training step (SFT, reward, PPO policy and value): "
+        "'full' keeps only each layer's input and recomputes the rest in the backward pass", "none")
 
 
 @dataclass(frozen=True)
