@@ -1,6 +1,6 @@
-"""Building blocks shared by the GPT-2 and Llama modules: dense, norms, rotary
-embeddings, the attention mask over (left-padded) slots, and grouped-query attention
-with an optional preallocated KV cache.
+"""Building blocks shared by the GPT-2 and Llama modules: dense, embeddings, norms and
+rotary embeddings (attention and the KV cache: :mod:`rlhf_jax.models.attention`; the layer
+stack: :mod:`rlhf_jax.models.stack`).
 """
 from __future__ import annotations
 
