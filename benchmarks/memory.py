@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,12 +103,22 @@ def main():
     parser.add_argument("--json-out", help="write the measurements as JSON here")
     parser.add_argument("--baseline", help="JSON of a run on older code: a 'before' column")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument("--render", help="only render the tables of this --json-out file (no compiling)")
     args = parser.parse_args()
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    records = json.loads(Path(args.render).read_text()) if args.render else measure()
+    body = render(records, baseline)
+    print(body)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(records, indent=1))
+    if not args.no_write:
+        write_section("memory", body)
 
+
+def measure():
     config = ModelConfig.from_hf_config(QWEN25_05B)
     policies = ("none", "save_dots_no_batch", "full") if HAS_REMAT else ("none",)
-    records = {"backend": jax.default_backend(), "memory": {}, "depth": {}}
+    records = {"backend": jax.default_backend(), "memory": {}, "depth": {}, "load": os.getloadavg()[0]}
     for remat in policies:
         records["memory"][f"sft step|16 x 1024|{remat}"] = sft_step(config, 16, 1024, remat)
         print("sft", remat, records["memory"][f"sft step|16 x 1024|{remat}"], flush=True)
@@ -119,17 +130,23 @@ def main():
         records["depth"][str(layers)] = sft_step(deep, 2, 128, depth_remat)["compile_s"]
         print("depth", layers, records["depth"][str(layers)], flush=True)
     records["depth"]["ratio"] = records["depth"]["32"] / records["depth"]["4"]
+    records["depth"]["remat"] = depth_remat
+    return records
 
+
+def render(records, baseline):
     def before(kind, key):
         if baseline is None:
             return []
         value = baseline.get(kind, {}).get(key)
         if value is None:
             return ["-"]
-        return [f"{value['peak'] / GiB:.1f}" if kind == "memory" else f"{value:.1f}"]
+        if kind == "memory":
+            return [f"{value['peak'] / GiB:.1f}"]
+        return [f"{value:.2f}x" if key == "ratio" else f"{value:.1f}"]
 
     mem_head = ["phase", "tokens", "remat"] + (["before: peak GiB"] if baseline else []) + [
-        "peak GiB", "params+state in GiB", "temporaries GiB", "compile s"]
+        "peak GiB", "arguments GiB", "temporaries GiB", "compile s"]
     mem_rows = []
     for key, r in records["memory"].items():
         phase, shape, remat = key.split("|")
@@ -139,20 +156,18 @@ def main():
     depth_head = ["layers (width 896)"] + (["before: compile s"] if baseline else []) + ["compile s"]
     depth_rows = [[k] + before("depth", k) + [f"{records['depth'][k]:.1f}"] for k in ("4", "32")]
     depth_rows.append(["32 / 4"] + before("depth", "ratio") + [f"{records['depth']['ratio']:.2f}x"])
-    body = (
+    depth_remat = records["depth"].get("remat", "full")
+    return (
         "## Memory at Qwen2.5-0.5B's shape (benchmarks/memory.py)\n\n"
         f"Machine: {machine()}. Backend {jax.default_backend()}: compiled with abstract params "
         "(no weights), bf16 compute, f32 params, AdamW; peak = arguments + outputs + temporaries - "
         "donated. XLA:CPU stores bf16 as f32, so activations need less on a GPU. `before` = the same "
         "script on main before the scanned layers, remat, fused-API attention and chunked LM head.\n\n"
         + markdown_table(mem_head, mem_rows)
-        + f"\nCompile time of the SFT update (2 x 128 tokens, remat {depth_remat}) by depth:\n\n"
+        + f"\nCompile time of the SFT update (2 x 128 tokens, remat {depth_remat}) by depth "
+        "(wall clock; on a shared machine compile times carry the load of the moment"
+        + (f", load average {records['load']:.1f} when measured" if "load" in records else "") + "):\n\n"
         + markdown_table(depth_head, depth_rows))
-    print(body)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(records, indent=1))
-    if not args.no_write:
-        write_section("memory", body)
 
 
 if __name__ == "__main__":
