@@ -65,15 +65,18 @@ def _check_exists(path: str, what: str):
 
 
 def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None):
-    """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`)."""
+    """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`); a GGUF path
+    gives the tokenizer (and chat template) stored in the file."""
     path = tokenizer_cfg.path or (model_cfg.path if model_cfg is not None else None) or fallback
     if path is None:
         raise ConfigError("`tokenizer.path`: no tokenizer given and no model path to take it from")
     from transformers import AutoTokenizer
 
+    from rlhf_jax.models.hf.gguf import is_gguf, load_gguf_tokenizer
+
     _check_exists(path, "tokenizer folder")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_gguf_tokenizer(path) if is_gguf(path) else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RunError(f"cannot load a tokenizer from {path!r} (tokenizer.path / model.path): "
                        f"{' '.join(str(e).split())[:300]}") from None

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from rlhf_jax.models import registry
+import rlhf_jax.models.registry as registry
 
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -146,12 +146,30 @@ def _checkpoint_files(folder: Path):
                             "(PyTorch .bin checkpoints are not supported: convert them to safetensors)")
 
 
+def _open_checkpoint(path):
+    """``(folder, HF config dict, [(file name, iterator of (HF tensor name, array))])`` of an HF
+    folder (config.json + safetensors) or of a GGUF file (or a folder holding one)."""
+    from rlhf_jax.models.hf import gguf
+
+    if gguf.is_gguf(path):
+        file = gguf.gguf_file(path)
+        hf_config, named_arrays = gguf.read_gguf(file)
+        return file.parent, hf_config, [(file.name, named_arrays)]
+    folder = _resolve(path)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    sources = [(file.name, read_safetensors(file)) for file in _checkpoint_files(folder)]
+    return folder, json.loads(config_path.read_text()), sources
+
+
 def _resolve(path) -> Path:
     folder = Path(os.fspath(path)).expanduser()
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise ValueError(f"from_pretrained expects a directory (or a hub repo id), got the file {folder}")
+        raise ValueError(f"from_pretrained expects a directory or a .gguf file (or a hub repo id), "
+                         f"got the file {folder}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -182,11 +200,12 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     """Load an HF checkpoint folder (or hub repo id): ``(lm, params)``.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
-    ``model.safetensors.index.json``). A hub download is tried only when ``path``
-    is not a local directory and ``huggingface_hub`` is installed.
+    ``model.safetensors.index.json``), or a GGUF file (or a folder holding exactly one
+    ``.gguf`` and no ``config.json``; see :mod:`rlhf_jax.models.hf.gguf`). A hub download
+    is tried only when ``path`` is not a local path and ``huggingface_hub`` is installed.
 
     Args:
-      path: local folder or hub repo id.
+      path: local folder, ``.gguf`` file or hub repo id.
       head: ``"lm"`` (needs a causal-LM checkpoint, or tied embeddings);
         ``"scalar"`` from a ``*ForSequenceClassification`` checkpoint with one label
         (its ``score``), or from a causal-LM checkpoint with a fresh score head
@@ -205,11 +224,7 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    folder = _resolve(path)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = json.loads(config_path.read_text())
+    folder, hf_config, sources = _open_checkpoint(path)
     config = ModelConfig.from_hf_config(hf_config)
     kind = _architecture_kind(hf_config)
     if kind == "classifier":
@@ -226,13 +241,13 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     loaded: dict = {}
     stacks: dict = {}  # our stacked path -> (host buffer [L, ...], layers filled)
     rows = _table(config.family)
-    for file in _checkpoint_files(folder):
-        for name, array in read_safetensors(file):
+    for source, named_arrays in sources:
+        for name, array in named_arrays:
             if any(p.search(name) for p in _IGNORED):
                 continue
             ours, layer, transpose = _match(rows, name)
             if ours is None:
-                raise ValueError(f"{file.name}: unknown tensor {name!r} for model_type "
+                raise ValueError(f"{source}: unknown tensor {name!r} for model_type "
                                  f"{config.model_type!r} with head {head!r}")
             if ours.startswith("lm_head/") and (head == "scalar" or config.tie_word_embeddings):
                 continue  # an LM head we do not need (reward model from SFT) or tied
@@ -240,7 +255,7 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                 raise ValueError(f"tensor {name!r} is a sequence-classification head; "
                                  "load with head='scalar'")
             if ours not in expected or (layer is not None and layer >= config.num_layers):
-                raise ValueError(f"{file.name}: tensor {name!r} (-> {ours}) has no place in this "
+                raise ValueError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
                                  f"model (config: {config.model_type}, {config.num_layers} layers, "
                                  f"head {head!r}); config.json and weights disagree")
             if transpose:
