@@ -261,9 +261,16 @@ def test_config_validation_errors():
         ModelConfig.from_hf_config({"model_type": "bert", "vocab_size": 10})
     with pytest.raises(ValueError, match="family"):
         ModelConfig.tiny("t5")
+    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
+        ModelConfig.tiny("gemma2", layer_types=("sliding_attention",))
+    with pytest.raises(ValueError, match="sliding_window is None"):
+        ModelConfig.tiny("gemma3_text", sliding_window=None)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.tiny("gpt_neox", partial_rotary_factor=0.0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+                                    "gpt_neox"])
 def test_config_hf_round_trip(family):
     extra = {} if family == "gpt2" else {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
