@@ -11,7 +11,6 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig, rope_attention_factor
 
-
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
