@@ -19,10 +19,10 @@ MESHES = [(4, 1), (2, 2), (1, 4)]
 def test_make_mesh_shapes_and_errors():
     assert jax.device_count() >= 4
     mesh = make_mesh(fsdp=2)
-    assert mesh.axis_names == ("data", "fsdp")
-    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 2}
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 2, "tensor": 1}
     single = make_mesh(data=1, fsdp=1)
-    assert single.devices.shape == (1, 1)
+    assert single.devices.shape == (1, 1, 1)
     with pytest.raises(ValueError, match="needs 8 devices"):
         make_mesh(data=4, fsdp=2)
     with pytest.raises(ValueError, match="`fsdp`"):

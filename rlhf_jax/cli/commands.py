@@ -86,30 +86,48 @@ def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None
     return tok
 
 
-def load_model(model_cfg, *, head: str, seed: int = 0):
-    """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
+def load_model(model_cfg, *, head: str, seed: int = 0, param_dtype=None, mesh=None, fsdp=None):
+    """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict).
+
+    The compute dtype and remat policy are `model.dtype` / `model.remat`; the weights are stored
+    in `param_dtype` (default `model.param_dtype`: the master weights of a trained network;
+    pass `model.frozen_dtype` for a frozen one). With `mesh`, a checkpoint is read straight into
+    its shards (`param_shardings` of the mesh; FSDP when `fsdp`, default when the mesh's fsdp
+    axis is > 1).
+    """
     from rlhf_jax.models import ModelConfig, from_config
 
-    kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype),
-              "remat": model_cfg.remat}
+    kwargs = {"dtype": _dtype(model_cfg.dtype),
+              "param_dtype": _dtype(param_dtype or model_cfg.param_dtype),
+              "remat": getattr(model_cfg, "remat", "none")}
     if model_cfg.random_init is not None:
         try:
             config = ModelConfig.from_hf_config(dict(model_cfg.random_init))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"`model.random_init`: not a usable model config ({e})") from None
         return from_config(config, head=head, seed=seed, **kwargs)
-    return load_pretrained(model_cfg.path, head=head, seed=seed, **kwargs)
+    return load_pretrained(model_cfg.path, head=head, seed=seed, mesh=mesh, fsdp=fsdp, **kwargs)
 
 
-def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None, remat: str = "none"):
-    """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it)."""
+def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None, remat="none",
+                    mesh=None, fsdp=None):
+    """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it).
+
+    With `mesh`, every device reads only its own slices of the safetensors (see `from_pretrained`).
+    """
     import jax.numpy as jnp
 
     from rlhf_jax.models import from_pretrained
 
     _check_exists(path, "model folder")
+    shardings = None
+    if mesh is not None:
+        from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings
+
+        fsdp = mesh.shape[FSDP_AXIS] > 1 if fsdp is None else fsdp
+        shardings = lambda abstract: param_shardings(abstract, mesh, fsdp=fsdp)  # noqa: E731
     return from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
-                           param_dtype=param_dtype or jnp.float32, remat=remat)
+                           param_dtype=param_dtype or jnp.float32, remat=remat, shardings=shardings)
 
 
 def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str:
@@ -162,17 +180,19 @@ def _mesh(mesh_cfg):
 
     from rlhf_jax.train.sharding import make_mesh
 
-    if jax.device_count() == 1 and mesh_cfg.fsdp == 1 and mesh_cfg.data in (-1, 1):
+    tensor = getattr(mesh_cfg, "tensor", 1)
+    if jax.device_count() == 1 and mesh_cfg.fsdp == 1 and tensor == 1 and mesh_cfg.data in (-1, 1):
         return None
-    return make_mesh(data=None if mesh_cfg.data == -1 else mesh_cfg.data, fsdp=mesh_cfg.fsdp)
+    return make_mesh(data=None if mesh_cfg.data == -1 else mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=tensor)
 
 
 def _report(message: str):
     print(f"[rlhf-jax] {message}", flush=True)
 
 
-def _driver_kwargs(cfg) -> dict:
-    return {"output_dir": cfg.output_dir, "mesh": _mesh(cfg.mesh), "checkpoint_every": cfg.checkpoint_every,
+def _driver_kwargs(cfg, mesh=None) -> dict:
+    return {"output_dir": cfg.output_dir, "mesh": mesh if mesh is not None else _mesh(cfg.mesh),
+            "checkpoint_every": cfg.checkpoint_every,
             "keep": cfg.keep, "log_every": cfg.log_every, "resume": True}
 
 
@@ -193,9 +213,10 @@ def run_sft(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("sft", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    lm, params = load_model(cfg.model, head="lm", seed=cfg.train.seed)
+    mesh = _mesh(cfg.mesh)
+    lm, params = load_model(cfg.model, head="lm", seed=cfg.train.seed, mesh=mesh)
     check_vocab(tok, lm)
-    params, _ = fit_sft(lm, params, train.arrays, cfg.train, **_driver_kwargs(cfg))
+    params, _ = fit_sft(lm, params, train.arrays, cfg.train, **_driver_kwargs(cfg, mesh))
     return export_model(lm, params, tok, os.path.join(cfg.output_dir, "hf"))
 
 
@@ -213,10 +234,11 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("reward", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    rm, params = load_model(cfg.model, head="scalar", seed=cfg.train.seed)
+    mesh = _mesh(cfg.mesh)
+    rm, params = load_model(cfg.model, head="scalar", seed=cfg.train.seed, mesh=mesh)
     check_vocab(tok, rm)
     params, _ = fit_reward(rm, params, train.arrays, cfg.train,
-                           eval_data=held_out.arrays if held_out else None, **_driver_kwargs(cfg))
+                           eval_data=held_out.arrays if held_out else None, **_driver_kwargs(cfg, mesh))
     if cfg.normalize:
         # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
         # centre on reference samples; PPO then sees scores around 0.
@@ -232,8 +254,17 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
     return export_model(rm, params, tok, os.path.join(cfg.output_dir, "hf"))
 
 
-def _build_ppo(cfg, tok, prompts):
-    """The PPO trainer, its models and params, from a PPORunConfig."""
+def _build_ppo(cfg, tok, prompts, mesh=None):
+    """The PPO trainer, its models and params, from a PPORunConfig.
+
+    Dtypes: the policy and a separate value network train with `model.param_dtype` master
+    weights; the frozen reference and reward model are stored in `model.frozen_dtype`; every
+    network computes in `model.dtype`. With `mesh`, checkpoints load straight into their shards
+    (the frozen networks FSDP-sharded like the trained ones).
+    """
+    import jax
+    import jax.numpy as jnp
+
     from rlhf_jax.rewards.functions import host_reward_fn, load_function, load_reward_model
     from rlhf_jax.train.rl.ppo import PPOTrainer
     from rlhf_jax.train.state import check_vocab, optimizer_from_config
@@ -244,22 +275,26 @@ def _build_ppo(cfg, tok, prompts):
         eos_token_id=eos_id if cfg.train.eos_token_id is None else cfg.train.eos_token_id)
     shared = cfg.value_model is None
     head = "lm+value" if shared else "lm"
-    policy, policy_params = load_model(cfg.model, head=head, seed=ppo_cfg.seed)
+    model_cfg = cfg.model
+    compute, frozen = _dtype(model_cfg.dtype), _dtype(getattr(model_cfg, "frozen_dtype", model_cfg.param_dtype))
+    policy, policy_params = load_model(model_cfg, head=head, seed=ppo_cfg.seed, mesh=mesh)
     check_vocab(tok, policy)
     if cfg.reference is None:
-        ref_params = policy_params
+        # a copy in the frozen dtype (never the policy's own buffers: the update replaces those)
+        ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=frozen), policy_params)
     else:
-        _, ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
-                                        param_dtype=policy.param_dtype)
+        _, ref_params = load_pretrained(cfg.reference, head=head, dtype=compute, param_dtype=frozen,
+                                        mesh=mesh)
     value_model = value_params = value_tx = None
     if not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
-        value_model, value_params = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1,
-                                                    remat=policy.remat)
+        value_model, value_params = load_pretrained(
+            value_path, head="scalar", seed=ppo_cfg.seed + 1, dtype=compute,
+            param_dtype=_dtype(model_cfg.param_dtype), remat=getattr(model_cfg, "remat", "none"), mesh=mesh)
         value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
     reward_model = reward_params = reward_fn = None
     if cfg.reward.model_path is not None:
-        reward_model, reward_params = load_reward_model(cfg.reward.model_path)
+        reward_model, reward_params = load_reward_model(cfg.reward.model_path, dtype=compute, param_dtype=frozen)
         check_vocab(tok, reward_model)
     else:
         reward_fn = host_reward_fn(load_function(cfg.reward.function), tok, prompts=prompts.prompts,
@@ -289,10 +324,11 @@ def run_ppo(cfg, *, overwrite: bool = False) -> str:
     resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
     if resumed:
         _report(f"resuming the run in {cfg.output_dir}")
-    trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts)
+    mesh = _mesh(cfg.mesh)
+    trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts, mesh)
     params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, value_params=value_params,
                         reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
-                        **_driver_kwargs(cfg))
+                        **_driver_kwargs(cfg, mesh))
     return export_model(policy, params, tok, os.path.join(cfg.output_dir, "hf"))
 
 

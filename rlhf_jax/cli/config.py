@@ -79,9 +79,10 @@ class ModelSection:
         "model (tests, experiments)", None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("compute dtype", "float32")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter (master weight) dtype", "float32")
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "storage dtype of the frozen networks' weights (PPO reference and reward model)", "bfloat16")
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention"] = _help(
-        "activation checkpointing per layer in every training step (SFT, reward, PPO policy and value): "
-        "'full' keeps only each layer's input and recomputes the rest in the backward pass", "none")
+        "activation checkpointing per layer in the training steps", "none")
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,11 @@ class RewardSection:
 
 @dataclass(frozen=True)
 class MeshSection:
-    """The device mesh (data parallel x FSDP)."""
+    """The device mesh (data parallel x FSDP x tensor parallel)."""
 
-    data: int = _help("devices along the data axis (-1: all that fsdp leaves)", -1)
+    data: int = _help("devices along the data axis (-1: all that fsdp x tensor leaves)", -1)
     fsdp: int = _help("devices along the FSDP (parameter sharding) axis", 1)
+    tensor: int = _help("devices along the tensor-parallel axis", 1)
 
 
 _FALLBACK_HELP = {

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,plan,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete an existing run in output_dir whose config differs (default: refuse)")
         p.add_argument("--dry_run", action="store_true",
                        help="validate the config, print it resolved, and stop before touching data or models")
+    from rlhf_jax.cli.plan import add_plan_parser
+
+    add_plan_parser(sub)
     p = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
     p.add_argument("--output_dir", default="demo_output", help="where the report goes (default: demo_output)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything in the demo (default: 0)")
@@ -101,10 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run `rlhf-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "plan":
+            from rlhf_jax.cli.plan import run_plan
+
+            return run_plan(args, argv[argv.index("plan") + 1:])
         cfg = load_config(args.config, args.overrides, COMMAND_CONFIGS[args.command])
         print(f"# rlhf-jax {args.command}: resolved config (hash {config_hash(cfg)})")
         print(dump_config(cfg), end="", flush=True)

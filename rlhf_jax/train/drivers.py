@@ -28,9 +28,11 @@ covers, and continues. A fresh run (no checkpoint) empties an old
 new `output_dir` or delete the old one.
 
 Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
-placed with `param_shardings` (FSDP when the mesh's "fsdp" axis is larger
-than 1), batches with `shard_batch`, and the step is jitted with the state's
-shardings as `out_shardings`. Without a mesh everything runs on the default
+created under `jit` with `param_shardings` as its output shardings (FSDP when
+the mesh's "fsdp" axis is larger than 1, tensor-parallel rules when its
+"tensor" axis is), frozen params are placed the same way, batches with
+`shard_batch`, and the step is jitted with the state's shardings as
+`out_shardings`. Without a mesh everything runs on the default
 device.
 
 Metrics. Each logged step fetches its metrics with one `jax.device_get`;
@@ -50,10 +52,11 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from rlhf_jax.errors import TrainingStalledError
 from rlhf_jax.io.checkpoint import Checkpointer
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
-from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
+from rlhf_jax.train.sharding import FSDP_AXIS, mesh_batch_size, param_shardings, place, replicated, shard_batch
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
 
@@ -191,12 +194,15 @@ class _Run:
         return param_shardings(tree, self.mesh, fsdp=fsdp)
 
     def place(self, tree, *, copy: bool = False):
-        """`tree` on the mesh (FSDP or replicated), or committed to the default device.
+        """`tree` on the mesh (its `param_shardings`), or committed to the default device.
 
         Committing the fresh state too makes it look exactly like a restored one (orbax
         returns committed arrays), so an uninterrupted and a resumed run compile the same
         executable. `copy=True` never aliases the caller's buffers: the supervised steps
-        donate their state, which must not delete the params the user passed in.
+        donate their state, which must not delete the params the user passed in. A leaf
+        already laid out as wanted (e.g. loaded straight into its shards) is not moved; a
+        host or single-device leaf is spread with `place`, each process copying only its
+        own devices' slices.
         """
         if tree is None:
             return tree
@@ -207,7 +213,31 @@ class _Run:
         if self.mesh is None:
             device = jax.config.jax_default_device or jax.local_devices()[0]
             return jax.device_put(tree, device)
-        return jax.device_put(tree, self.shardings(tree))
+
+        def move(x, sharding):
+            if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+                x = np.asarray(x)
+            return place(x, sharding)
+
+        return jax.tree.map(move, tree, self.shardings(tree))
+
+    def init_state(self, init_fn, *args):
+        """`init_fn(*args)` (a fresh train state) computed under `jit` with the state's shardings
+        as `out_shardings`: optimizer moments are born in their shards, never whole on one device.
+
+        `args` (the params pytrees) are placed first (see `place`); the output shares no
+        buffer with them, so the caller's params survive a step that donates its state.
+        """
+        args = tuple(self.place(a) for a in args)
+        abstract = jax.eval_shape(init_fn, *args)
+        if self.mesh is None:
+            device = jax.config.jax_default_device or jax.local_devices()[0]
+            out = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+        else:
+            out = self.shardings(abstract)
+        return jax.jit(init_fn, out_shardings=out)(*args)
 
     def restore_or_start(self, state) -> tuple[Any, int]:
         """The restored state and its step (or `state` and 0); opens the logger."""
@@ -303,9 +333,10 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
         raise ValueError(f"the data has {n} rows, fewer than `batch_size` ({batch_size}): "
                          "no full batch can be formed")
     if mesh is not None:
-        n_dev = mesh.devices.size
+        n_dev = mesh_batch_size(mesh)
         if batch_size % n_dev:
-            raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} devices")
+            raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} "
+                             "batch shards (data x fsdp)")
     order = _Order(n, batch_size, cfg.seed)
     total = _num_steps(order.per_epoch, cfg.num_epochs, max_steps)
     if tx is None:
@@ -325,7 +356,7 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
                total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
                async_checkpoint=async_checkpoint)
     try:
-        state = run.place(init_fn(model, params, tx, seed=cfg.seed), copy=True)
+        state = run.init_state(lambda p: init_fn(model, p, tx, seed=cfg.seed), params)
         state, start = run.restore_or_start(state)
         step_fn = _jit_step(make_step(model, tx, cfg), run, state)
         for step in range(start, total):
@@ -505,9 +536,9 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     batch_size = int(cfg.batch_size)
     if n < batch_size:
         raise ValueError(f"`prompts` has {n} rows, fewer than `batch_size` ({batch_size})")
-    if mesh is not None and batch_size % mesh.devices.size:
+    if mesh is not None and batch_size % mesh_batch_size(mesh):
         raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's "
-                         f"{mesh.devices.size} devices")
+                         f"{mesh_batch_size(mesh)} batch shards (data x fsdp)")
     _check_model_inputs(trainer.policy, [(arrays["prompt_ids"], arrays["prompt_mask"])])
     trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
     order = _Order(n, batch_size, cfg.seed)
@@ -519,8 +550,12 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
                async_checkpoint=async_checkpoint)
     monitor = KLSignMonitor(window=kl_warn_window, key="kl_k1")
+    rl_cfg = getattr(trainer, "rl_cfg", None)
+    stall_limit = rl_cfg.rewards.max_stalled_iterations if rl_cfg is not None else None
+    dynamic = rl_cfg is not None and rl_cfg.rewards.dynamic_sampling
+    stalled = 0
     try:
-        state = run.place(trainer.init(policy_params, value_params, seed=cfg.seed))
+        state = run.init_state(lambda p, v: trainer.init(p, v, seed=cfg.seed), policy_params, value_params)
         state_sh = run.shardings(state)
         ref_params = run.place(ref_params)
         reward_params = run.place(reward_params)
@@ -531,9 +566,31 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
             ids, mask = arrays["prompt_ids"][rows], arrays["prompt_mask"][rows]
             if mesh is not None:
                 ids, mask = shard_batch((ids, mask), mesh)
+            extra = {}
+            if dynamic:
+                def more_prompts(attempt, _step=step):
+                    # Fresh prompts for DAPO's refill: a seeded draw per (seed, step, try), so a
+                    # resumed run refills exactly as the uninterrupted one.
+                    fresh = np.random.default_rng([cfg.seed, _step, attempt]).choice(n, batch_size, replace=False)
+                    return arrays["prompt_ids"][fresh], arrays["prompt_mask"][fresh], fresh
+
+                extra["more_prompts"] = more_prompts
             state, metrics, rollout = trainer.iteration(
                 state, ids, mask, ref_params=ref_params, reward_params=reward_params,
-                prompt_index=rows)
+                prompt_index=rows, **extra)
+            if stall_limit is not None:
+                # Nothing to learn from: every score non-finite, or every minibatch skipped
+                # for non-finite gradients. N in a row stops the run (`max_stalled_iterations`).
+                no_scores = float(metrics["skipped_nonfinite"]) == 1.0
+                no_grads = float(metrics["skipped_minibatch"]) == 1.0
+                stalled = stalled + 1 if (no_scores or no_grads) else 0
+                if stalled >= stall_limit:
+                    why = ("every score was non-finite (NaN or inf)" if no_scores
+                           else "every update was skipped for non-finite gradients")
+                    raise TrainingStalledError(
+                        f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with nothing "
+                        f"to learn from ({why}); check the reward source {trainer.reward_source} "
+                        f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
             if state_sh is not None:
                 state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
             done = step + 1

@@ -76,6 +76,7 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     end_learning_rate_ratio: float = 0.0,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up, then cosine / linear decay (or constant), and clipping.
 
@@ -96,6 +97,8 @@ def make_optimizer(
       max_grad_norm: global-norm clip; None or <= 0 disables it.
       b1, b2, eps: Adam moments and epsilon.
       end_learning_rate_ratio: final learning rate as a fraction of the peak.
+      mu_dtype: storage dtype of Adam's first moment (e.g. ``"bfloat16"`` halves it);
+        None = the parameters' dtype. The second moment stays in the parameters' dtype.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -133,8 +136,9 @@ def make_optimizer(
     def decay_mask(params):
         return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
-    adam = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
+    adam = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
+        learning_rate=lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
+        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
     )
     if max_grad_norm is None or max_grad_norm <= 0:
         return adam
@@ -145,7 +149,7 @@ def optimizer_from_config(cfg, *, prefix: str = "") -> optax.GradientTransformat
     """`make_optimizer` from the optimizer fields of a config dataclass.
 
     Reads `{prefix}learning_rate`, `warmup_steps`, `total_steps`, `schedule`,
-    `weight_decay`, `max_grad_norm`, `b1`, `b2` (the fields every step config has;
+    `weight_decay`, `max_grad_norm`, `b1`, `b2` and, when present, `mu_dtype` (the fields every step config has;
     `prefix="value_"` reads the value network's learning rate from a `PPOConfig`,
     falling back to `learning_rate` when it is None).
     """
@@ -161,6 +165,7 @@ def optimizer_from_config(cfg, *, prefix: str = "") -> optax.GradientTransformat
         max_grad_norm=cfg.max_grad_norm,
         b1=cfg.b1,
         b2=cfg.b2,
+        mu_dtype=getattr(cfg, "mu_dtype", None),
     )
 
 

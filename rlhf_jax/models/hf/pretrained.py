@@ -12,6 +12,7 @@ torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -196,7 +197,7 @@ def _architecture_kind(hf_config: dict) -> str:
 
 
 def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jnp.float32,
-                    seed: int = 0, remat: str = "none") -> tuple[LM, dict]:
+                    seed: int = 0, remat: str = "none", shardings=None) -> tuple[LM, dict]:
     """Load an HF checkpoint folder (or hub repo id): ``(lm, params)``.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
@@ -214,6 +215,14 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
       dtype: compute dtype; param_dtype: storage dtype of the loaded weights.
       seed: PRNG seed for freshly initialised heads.
       remat: activation-checkpointing policy per layer (see :class:`LM`).
+      shardings: None (every tensor whole on the default device), or the target
+        ``jax.sharding.Sharding`` of every parameter: a pytree with the structure of the
+        params, or a function of the abstract params (``lm.abstract_params()``) that
+        returns one (e.g. ``lambda a: param_shardings(a, mesh, fsdp=True)``). Each tensor
+        is then built with ``jax.make_array_from_callback`` from the memory-mapped file:
+        every device reads only its own slice (of each layer, for the stacked per-layer
+        parameters), so no process ever holds a whole checkpoint, and no device more than
+        its shards.
 
     Returns:
       ``(lm, params)``: the static :class:`LM` and the loaded parameter pytree.
@@ -238,8 +247,8 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
 
     lm = LM(config, head, dtype=dtype, param_dtype=param_dtype, remat=remat)
     expected = _flatten(lm.abstract_params())
-    loaded: dict = {}
-    stacks: dict = {}  # our stacked path -> (host buffer [L, ...], layers filled)
+    whole: dict = {}  # our path -> memory-mapped array (after transpose, a view)
+    stacks: dict = {}  # our stacked path -> {layer: memory-mapped array}
     rows = _table(config.family)
     for source, named_arrays in sources:
         for name, array in named_arrays:
@@ -266,23 +275,31 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                 raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)} "
                                  f"(after transpose: {transpose}) but the config needs {want}")
             if layer is None:
-                loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
+                whole[ours] = array
                 continue
-            if ours not in stacks:
-                stacks[ours] = (np.empty(full, jnp.dtype(param_dtype)), set())
-            buffer, filled = stacks[ours]
-            buffer[layer] = array
-            filled.add(layer)
+            stacks.setdefault(ours, {})[layer] = array
     missing = []
-    for ours, (buffer, filled) in stacks.items():
-        if len(filled) == config.num_layers:
-            loaded[ours] = jax.device_put(buffer)
-        else:
-            missing += [_to_hf(rows, ours, i)[0] for i in range(config.num_layers) if i not in filled]
+    for ours, views in stacks.items():
+        if len(views) != config.num_layers:
+            missing += [_to_hf(rows, ours, i)[0] for i in range(config.num_layers) if i not in views]
+    if shardings is not None and callable(shardings):
+        shardings = shardings(lm.abstract_params())
+    targets = None if shardings is None else _flatten(shardings)
+    store = jnp.dtype(param_dtype)
+    loaded: dict = {}
+    if not missing:
+        for ours, array in whole.items():
+            loaded[ours] = _place(expected[ours].shape, store, targets and targets[ours],
+                                  functools.partial(_read_slice, array, store))
+        for ours, views in stacks.items():
+            loaded[ours] = _place(expected[ours].shape, store, targets and targets[ours],
+                                  functools.partial(_read_stacked, views, store))
     fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
-    loaded.update(fresh)
+    for ours, value in fresh.items():
+        host = np.asarray(value)
+        loaded[ours] = _place(host.shape, host.dtype, targets and targets[ours], lambda index, h=host: h[index])
     for p in expected:
-        if p not in loaded and p not in stacks:
+        if p not in loaded and p not in whole and p not in stacks:
             name, _, stacked = _to_hf(rows, p)
             missing += [_to_hf(rows, p, i)[0] for i in range(config.num_layers)] if stacked else [name or p]
     if missing:
@@ -290,8 +307,33 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     bias_file = folder / SCORE_BIAS_FILE
     if head == "scalar" and bias_file.is_file():
         bias = float(json.loads(bias_file.read_text())["bias"])
-        loaded["score/bias"] = jnp.full((1,), bias, jnp.dtype(param_dtype))
+        host = np.full((1,), bias, store)
+        loaded["score/bias"] = _place((1,), store, targets and targets["score/bias"], lambda index: host[index])
     return lm, _unflatten(loaded)
+
+
+def _read_slice(array, dtype, index):
+    """``array[index]`` as a contiguous host array of ``dtype`` (reads only that slice)."""
+    return np.ascontiguousarray(np.asarray(array[index]), dtype=dtype)
+
+
+def _read_stacked(views, dtype, index):
+    """Slice ``index`` of the ``[L, ...]`` stack of per-layer arrays ``views`` (a dict by layer)."""
+    layers = range(len(views))[index[0]] if index else range(len(views))
+    rest = tuple(index[1:])
+    return np.stack([np.asarray(views[i][rest], dtype=dtype) for i in layers])
+
+
+def _place(shape, dtype, sharding, read):
+    """A ``jax.Array`` of ``shape``: ``read(index)`` gives the host data of slice ``index``.
+
+    Without a sharding the whole array goes to the default device (uncommitted, as
+    ``jax.device_put`` does); with one, each addressable device gets only its slice.
+    """
+    shape = tuple(shape)
+    if sharding is None:
+        return jax.device_put(read(tuple(slice(None) for _ in shape)))
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def _match(rows, name):
