@@ -83,6 +83,9 @@ CPU = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=64, promp
            response_length=32, ppo_epochs=4, num_minibatches=4)
 GPU = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch_size=64, prompt_length=512,
            response_length=53, ppo_epochs=4, num_minibatches=4)
+# --smoke: the smallest shape that runs every code path (a check of the script, not a benchmark)
+SMOKE = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, batch_size=8, prompt_length=4,
+             response_length=4, ppo_epochs=1, num_minibatches=2)
 N_POSITIONS = 1024  # TRL's anchor builds GPT2Config(n_positions=max(1024, P + N))
 # Dense peak FLOP/s by device kind (public spec sheets): (bf16 tensor core, float32 non-tensor).
 PEAK_FLOPS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12)}
@@ -159,6 +162,34 @@ def update_flops(shape: dict, *, with_pre_forwards: bool = True) -> float:
 
 
 # ------------------------------------------------------------------------------- ours
+
+
+def matmul_throughput(shape: dict, dtype, *, repeats: int = 5) -> float:
+    """XLA's FLOP/s on the update's own matmuls: one minibatch's [M, K] x [K, N] projections
+    (M = minibatch rows x (P + N) tokens: attention qkv and output, MLP in and out) and the LM
+    head on its response tokens, each jitted alone, timed as a median; total FLOPs / total time."""
+    import jax
+    import jax.numpy as jnp
+
+    mb = shape["batch_size"] // shape["num_minibatches"]
+    d, v = shape["n_embd"], shape["vocab_size"]
+    rows = mb * (shape["prompt_length"] + shape["response_length"])
+    dims = [(rows, d, 3 * d), (rows, d, d), (rows, d, 4 * d), (rows, 4 * d, d),
+            (mb * shape["response_length"], d, v)]
+    total_flops = total_s = 0.0
+    for m, k, n in dims:
+        a = jnp.ones((m, k), dtype)
+        b = jnp.ones((k, n), dtype)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        f(a, b).block_until_ready()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            samples.append(time.perf_counter() - t0)
+        total_s += sorted(samples)[len(samples) // 2]
+        total_flops += 2.0 * m * k * n
+    return total_flops / total_s
 
 
 def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool, seed: int) -> dict:
@@ -248,6 +279,7 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     out = _summarise(times, warmup)
+    out["matmul_flops_per_s"] = matmul_throughput(shape, dtype)
     out["first_iteration_s"] = times["iteration"][0]
     out["compile_s"] = max(times["iteration"][0] - out["iteration"], 0.0)
     out["compile_counts"] = {phase: compiles.get(f"jit(_{phase})", 0) for phase in ("rollout", "score", "update")}
@@ -307,6 +339,8 @@ def _run_half(half: str, args, torch_threads: int | None = None) -> dict:
            str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.bf16:
         cmd.append("--bf16")
+    if args.smoke:
+        cmd.append("--smoke")
     if torch_threads:
         cmd += ["--torch-threads", str(torch_threads)]
     t0 = time.perf_counter()
@@ -337,10 +371,14 @@ def main() -> None:
                         help="torch.set_num_threads for TRL (default: torch's own, one per core)")
     parser.add_argument("--no-trl-1thread", action="store_true",
                         help="CPU: skip the extra TRL run with one torch thread")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny shape that runs every code path in seconds (implies --no-write)")
     parser.add_argument("--half", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "gpu"
-    shape = GPU if gpu else CPU
+    shape = SMOKE if args.smoke else (GPU if gpu else CPU)
+    if args.smoke:
+        args.no_write = True
     if args.iterations is None:
         args.iterations = 5 if gpu else 3
 
@@ -386,6 +424,7 @@ def main() -> None:
         cells += [f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['update']:.3f}",
                   f"{r['score'] + r['update']:.3f}", f"{B * N / r['iteration']:.0f}",
                   f"{flops[key] / r['update'] / (1e12 if gpu else 1e9):.1f}",
+                  f"{100 * flops[key] / r['update'] / ours['matmul_flops_per_s']:.0f}%",
                   _fmt_mem(r["peak_memory_bytes"])]
         if gpu:
             cells.append(f"{100 * mfu[key]:.1f}%" if key in mfu else "n/a")
@@ -393,7 +432,8 @@ def main() -> None:
 
     headers = ["trainer", "s / iteration"] + ([] if gpu else ["CPU s / iteration"]) + [
         "generate s", "score s", "update s", "score + update s", "response tokens/s",
-        "update TFLOP/s" if gpu else "update GFLOP/s", "peak memory"] + (["update MFU"] if gpu else [])
+        "update TFLOP/s" if gpu else "update GFLOP/s", "update / XLA matmul", "peak memory"] + (
+        ["update MFU"] if gpu else [])
     rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
                         row(f"TRL {_trl_version()} PPOTrainer, 1 torch thread", trl1, "trl"),
                         row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]
@@ -403,7 +443,7 @@ def main() -> None:
         ratio = lambda k: f"{t[k] / ours[k]:.1f}x"  # noqa: E731
         both = (t["score"] + t["update"]) / (ours["score"] + ours["update"])
         return ([name, ratio("iteration")] + ([] if gpu else [ratio("iteration_cpu")])
-                + [ratio("generate"), "", "", f"{both:.1f}x", "", "", ""] + ([""] if gpu else []))
+                + [ratio("generate"), "", "", f"{both:.1f}x", "", "", "", ""] + ([""] if gpu else []))
 
     if trl is not None:
         rows.append(speedup_row("speed-up (TRL / ours)", trl))
@@ -435,6 +475,8 @@ def main() -> None:
         "ours_compile_s": ours["compile_s"],
         "ours_compile_counts": ours["compile_counts"],
         "ours_update_gflops": flops["ours"] / ours["update"] / 1e9,
+        "matmul_gflops": ours["matmul_flops_per_s"] / 1e9,
+        "ours_update_matmul_fraction": flops["ours"] / ours["update"] / ours["matmul_flops_per_s"],
         "trl_update_gflops": flops["trl"] / trl["update"] / 1e9 if trl else None,
         "ours_peak_memory_bytes": ours["peak_memory_bytes"],
         "trl_peak_memory_bytes": trl["peak_memory_bytes"] if trl else None,
@@ -465,7 +507,10 @@ def main() -> None:
                "the default run several times. " if trl1 is not None else "")
             + "Response tokens/s = batch x response length / (s / iteration). "
             "Update FLOP/s: model FLOPs of each side's update phase (formula in the script's "
-            "docstring) / its time. "
+            "docstring) / its time. Update / XLA matmul: that FLOP/s as a fraction of the FLOP/s XLA "
+            "reaches in the same run on the update's own matmul shapes alone (one minibatch's "
+            "projections and LM head, `matmul_throughput`): how close the update runs to the "
+            "matmul roofline of this machine. "
             + ("CPU s: process CPU time (all threads) per iteration. " if not gpu else "")
             + ("Peak memory: device peak bytes in use. " if gpu else
                "Peak memory: peak RSS (sampled every 10 ms; ours: during the timed iterations, TRL: "

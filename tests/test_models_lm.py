@@ -50,7 +50,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
         return lm.lm_head(params, hidden), cache
 
     cache = lm.init_cache(3, prompt_len + new)
-    assert cache[0]["k"].shape == (3, prompt_len + new, lm.config.num_kv_heads, lm.config.head_dim)
+    assert cache["k"].shape == (lm.config.num_layers, 3, prompt_len + new, lm.config.num_kv_heads,
+                                lm.config.head_dim)
     out, cache = step(params, ids[:, :prompt_len], mask, cache, jnp.int32(0))
     pieces = [np.asarray(out)]
     for i in range(prompt_len, prompt_len + new):
@@ -73,6 +74,27 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
     incremental = np.concatenate(pieces, axis=1)
     assert np.abs(incremental - full)[mask > 0].max() < 1e-5
     assert len(traces) == 2
+
+
+def test_sliding_window_kv_cache_equals_full_forward():
+    """Mistral's window (3 here) in the explicit (cache) mask form equals the packed form."""
+    lm, params = from_config(_cfg("mistral", sliding_window=3), seed=0)
+    rs = np.random.RandomState(3)
+    prompt_len, new = 6, 4
+    ids, mask = _left_padded(rs, 3, prompt_len + new, pads=[0, 2, 5])
+    full = np.asarray(jax.jit(lm.logits)(params, ids, mask))
+
+    @jax.jit
+    def step(params, tokens, mask, cache, index):
+        hidden, cache = lm.hidden_states(params, tokens, mask, cache=cache, cache_index=index)
+        return lm.lm_head(params, hidden), cache
+
+    out, cache = step(params, ids[:, :prompt_len], mask, lm.init_cache(3, prompt_len + new), jnp.int32(0))
+    pieces = [np.asarray(out)]
+    for i in range(prompt_len, prompt_len + new):
+        out, cache = step(params, ids[:, i:i + 1], mask, cache, jnp.int32(i))
+        pieces.append(np.asarray(out))
+    assert np.abs(np.concatenate(pieces, axis=1) - full)[mask > 0].max() < 1e-5
 
 
 def test_left_padding_equals_unpadded_rows(model):
@@ -177,13 +199,15 @@ def test_bfloat16_params_and_compute_give_float32_logits():
     ids = np.arange(8, dtype=np.int32).reshape(2, 4)
     out = jax.jit(lm.logits)(params, ids, np.ones((2, 4), np.int32))
     assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
-    assert lm.init_cache(2, 4)[0]["k"].dtype == jnp.bfloat16
+    assert lm.init_cache(2, 4)["k"].dtype == jnp.bfloat16
 
 
 def test_params_are_plain_nested_dicts_with_string_keys():
     lm, params = from_config(_cfg("llama"))
     assert isinstance(params, dict)
-    assert set(params["trunk"]["layers"]) == {"0", "1"}
+    # the layers are one stacked block: a leading layer axis on every per-layer tensor
+    assert set(params["trunk"]["layers"]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    assert params["trunk"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 128)
     assert lm.num_params(params) == sum(x.size for x in jax.tree_util.tree_leaves(params))
     _, same = from_config(_cfg("llama"))
     _, other = from_config(_cfg("llama"), seed=1)
@@ -237,9 +261,16 @@ def test_config_validation_errors():
         ModelConfig.from_hf_config({"model_type": "bert", "vocab_size": 10})
     with pytest.raises(ValueError, match="family"):
         ModelConfig.tiny("t5")
+    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
+        ModelConfig.tiny("gemma2", layer_types=("sliding_attention",))
+    with pytest.raises(ValueError, match="sliding_window is None"):
+        ModelConfig.tiny("gemma3_text", sliding_window=None)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.tiny("gpt_neox", partial_rotary_factor=0.0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+                                    "gpt_neox"])
 def test_config_hf_round_trip(family):
     extra = {} if family == "gpt2" else {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -268,7 +299,9 @@ def test_lm_is_a_static_value_and_equal_models_share_one_compilation(count_compi
     b, b_params = from_config(_cfg("gpt2"), seed=1)
     assert isinstance(a, LM) and "gpt2" in repr(a)
     assert a is not b and a == b and hash(a) == hash(b)
-    assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype"}
+    assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype", "remat",
+                                                       "logits_chunk_size", "lora"}
+    assert dataclasses.replace(a, remat="full") != a  # how the program is built: part of the value
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.head = "scalar"
     assert a.graphdef == b.graphdef  # derived from the fields, equal by value

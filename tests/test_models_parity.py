@@ -56,10 +56,13 @@ def _hf_causal(kind):
         return tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2,
                                                       rope_scaling={"rope_type": "linear", "factor": 2.0},
                                                       **small))
+    if kind == "mistral-window":
+        # a window of 4 over 12-token rows: most queries see only part of their past
+        return tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, sliding_window=4, **small))
     raise AssertionError(kind)
 
 
-KINDS = ["gpt2", "llama-gqa-llama3-bias", "qwen2-tied", "qwen3-yarn", "mistral-linear"]
+KINDS = ["gpt2", "llama-gqa-llama3-bias", "qwen2-tied", "qwen3-yarn", "mistral-linear", "mistral-window"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,20 @@ def test_causal_lm_logits_match_hf(kind, checkpoints, batch):
     err = np.abs(ours - ref)[mask > 0].max()
     assert err < TOL, (kind, err)
     assert np.abs(ref).max() > 1.0  # the comparison is not trivially small
+
+
+def test_sliding_window_is_applied(checkpoints, batch):
+    """Without the window the Mistral logits differ from HF's (so the parity above is not luck)."""
+    import dataclasses
+
+    folder, model = checkpoints["mistral-window"]
+    ids, mask, positions = batch
+    lm, params = from_pretrained(folder)
+    assert lm.config.sliding_window == 4
+    full = dataclasses.replace(lm, config=dataclasses.replace(lm.config, sliding_window=None))
+    ours = np.asarray(jax.jit(full.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    ref = _hf_logits(model, ids, mask, positions)
+    assert np.abs(ours - ref)[mask > 0].max() > 100 * TOL
 
 
 def test_rope_scaling_is_applied(checkpoints, batch):

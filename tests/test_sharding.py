@@ -19,10 +19,10 @@ MESHES = [(4, 1), (2, 2), (1, 4)]
 def test_make_mesh_shapes_and_errors():
     assert jax.device_count() >= 4
     mesh = make_mesh(fsdp=2)
-    assert mesh.axis_names == ("data", "fsdp")
-    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 2}
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 2, "tensor": 1}
     single = make_mesh(data=1, fsdp=1)
-    assert single.devices.shape == (1, 1)
+    assert single.devices.shape == (1, 1, 1)
     with pytest.raises(ValueError, match="needs 8 devices"):
         make_mesh(data=4, fsdp=2)
     with pytest.raises(ValueError, match="`fsdp`"):
@@ -186,10 +186,10 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
     params, history, state = fit_sft(lm, lm_params, data, cfg, _quiet(tmp_path, log_every=2, seed=2), mesh=mesh,
                                      return_state=True)
     assert [r["step"] for r in history] == [2, 4]  # 16 rows / 8 = 2 steps per epoch, 2 epochs
-    kernel = state.params["trunk"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
+    kernel = state.params["trunk"]["h"]["mlp"]["c_fc"]["kernel"]  # [layers 1, 32, 128]
     if fsdp_size > 1:
-        assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
-        assert kernel.addressable_shards[0].data.shape == (32, 128 // fsdp_size)
+        assert kernel.sharding.spec == PartitionSpec(None, None, "fsdp")
+        assert kernel.addressable_shards[0].data.shape == (1, 32, 128 // fsdp_size)
     else:
         assert kernel.sharding.is_fully_replicated
     _assert_close_runs((params, history), want)

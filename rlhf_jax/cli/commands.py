@@ -48,6 +48,7 @@ from rlhf_jax.data.datasets import (
     special_token_ids,
 )
 from rlhf_jax.errors import LoadError
+from rlhf_jax.train.drivers import mesh_from_options
 
 __all__ = [
     "RunError",
@@ -120,29 +121,48 @@ def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None
     return tok
 
 
-def load_model(model_cfg, *, head: str, seed: int = 0):
-    """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict)."""
+def load_model(model_cfg, *, head: str, seed: int = 0, param_dtype=None, mesh=None, fsdp=None):
+    """`(lm, params)` from `model.path` (HF folder) or `model.random_init` (a config.json dict).
+
+    The compute dtype and remat policy are `model.dtype` / `model.remat`; the weights are stored
+    in `param_dtype` (default `model.param_dtype`: the master weights of a trained network;
+    pass `model.frozen_dtype` for a frozen one). With `mesh`, a checkpoint is read straight into
+    its shards (`param_shardings` of the mesh; FSDP when `fsdp`, default when the mesh's fsdp
+    axis is > 1).
+    """
     from rlhf_jax.models import ModelConfig, from_config
 
-    kwargs = {"dtype": _dtype(model_cfg.dtype), "param_dtype": _dtype(model_cfg.param_dtype)}
+    kwargs = {"dtype": _dtype(model_cfg.dtype),
+              "param_dtype": _dtype(param_dtype or model_cfg.param_dtype),
+              "remat": getattr(model_cfg, "remat", "none")}
     if model_cfg.random_init is not None:
         try:
             config = ModelConfig.from_hf_config(dict(model_cfg.random_init))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"`model.random_init`: not a usable model config ({e})") from None
         return from_config(config, head=head, seed=seed, **kwargs)
-    return load_pretrained(model_cfg.path, head=head, seed=seed, **kwargs)
+    return load_pretrained(model_cfg.path, head=head, seed=seed, mesh=mesh, fsdp=fsdp, **kwargs)
 
 
-def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None):
-    """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it)."""
+def load_pretrained(path: str, *, head: str, seed: int = 0, dtype=None, param_dtype=None, remat="none",
+                    mesh=None, fsdp=None):
+    """`from_pretrained` of a local folder, `(lm, params)` (a missing folder is a RunError naming it).
+
+    With `mesh`, every device reads only its own slices of the safetensors (see `from_pretrained`).
+    """
     import jax.numpy as jnp
 
     from rlhf_jax.models import from_pretrained
 
     _check_exists(path, "model folder")
+    shardings = None
+    if mesh is not None:
+        from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings
+
+        fsdp = mesh.shape[FSDP_AXIS] > 1 if fsdp is None else fsdp
+        shardings = lambda abstract: param_shardings(abstract, mesh, fsdp=fsdp)  # noqa: E731
     return from_pretrained(path, head=head, seed=seed, dtype=dtype or jnp.float32,
-                           param_dtype=param_dtype or jnp.float32)
+                           param_dtype=param_dtype or jnp.float32, remat=remat, shardings=shardings)
 
 
 def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str:
@@ -434,9 +454,11 @@ def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
     _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
             + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
     with _claim(plan, overwrite=overwrite) as folder:
-        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed)
+        mesh = mesh_from_options(cfg.run)
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
         _check_model_vocab(tok, lm)
-        params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, on_checkpoint=folder.commit_overwrite)
+        params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
+                            on_checkpoint=folder.commit_overwrite)
         out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
@@ -449,10 +471,11 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
     cfg, tok, train, held_out = plan.cfg, plan.tokenizer, plan.train, plan.held_out
     _report(f"reward: {len(train)} training pairs, {len(held_out) if held_out else 0} held-out pairs")
     with _claim(plan, overwrite=overwrite) as folder:
-        rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed)
+        mesh = mesh_from_options(cfg.run)
+        rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed, mesh=mesh)
         _check_model_vocab(tok, rm)
         params, _ = fit_reward(rm, params, train.arrays, cfg.train, cfg.run,
-                               eval_data=held_out.arrays if held_out else None,
+                               eval_data=held_out.arrays if held_out else None, mesh=mesh,
                                on_checkpoint=folder.commit_overwrite)
         if cfg.normalize:
             # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
@@ -471,8 +494,17 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
     return out
 
 
-def _build_ppo(cfg, tok, prompts, reward_fn=None):
-    """The PPO trainer, its models and params, from a resolved PPORunConfig."""
+def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
+    """The PPO trainer, its models and params, from a resolved PPORunConfig.
+
+    Dtypes: the policy and a separate value network train with `model.param_dtype` master
+    weights; the frozen reference and reward model are stored in `model.frozen_dtype`; every
+    network computes in `model.dtype`. With `mesh`, checkpoints load straight into their shards
+    (the frozen networks FSDP-sharded like the trained ones).
+    """
+    import jax
+    import jax.numpy as jnp
+
     from rlhf_jax.rewards.functions import host_reward_fn, load_reward_model
     from rlhf_jax.train.rl.ppo import PPOTrainer
     from rlhf_jax.train.state import optimizer_from_config
@@ -480,27 +512,34 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None):
     ppo_cfg = cfg.train
     shared = cfg.value_model is None
     head = "lm+value" if shared else "lm"
-    policy, policy_params = load_model(cfg.model, head=head, seed=cfg.run.seed)
+    model_cfg = cfg.model
+    compute, frozen = _dtype(model_cfg.dtype), _dtype(getattr(model_cfg, "frozen_dtype", model_cfg.param_dtype))
+    policy, policy_params = load_model(model_cfg, head=head, seed=cfg.run.seed, mesh=mesh)
     _check_model_vocab(tok, policy)
     if cfg.reference is None:
-        ref_params = policy_params
+        # a copy in the frozen dtype (never the policy's own buffers: the update replaces those)
+        ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=frozen), policy_params)
     else:
-        _, ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
-                                        param_dtype=policy.param_dtype)
+        _, ref_params = load_pretrained(cfg.reference, head=head, dtype=compute, param_dtype=frozen,
+                                        mesh=mesh)
     value_model = value_params = value_tx = None
     if not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
-        value_model, value_params = load_pretrained(value_path, head="scalar", seed=cfg.run.seed + 1)
+        value_model, value_params = load_pretrained(
+            value_path, head="scalar", seed=cfg.run.seed + 1, dtype=compute,
+            param_dtype=_dtype(model_cfg.param_dtype), remat=getattr(model_cfg, "remat", "none"), mesh=mesh)
         value_tx = optimizer_from_config(ppo_cfg.value_optimizer_config)
     reward_model = reward_params = host_fn = None
     if cfg.reward.model_path is not None:
-        reward_model, reward_params = load_reward_model(cfg.reward.model_path)
+        reward_model, reward_params = load_reward_model(cfg.reward.model_path, dtype=compute, param_dtype=frozen)
         _check_model_vocab(tok, reward_model)
     else:
         host_fn = host_reward_fn(reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
                                  prompts=prompts.prompts, answers=prompts.answers, name=cfg.reward.function)
+    source = f"reward.model_path={cfg.reward.model_path}" if cfg.reward.model_path else \
+        f"reward.function={cfg.reward.function}"
     trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model,
-                         value_tx=value_tx, reward_model=reward_model, reward_fn=host_fn)
+                         value_tx=value_tx, reward_model=reward_model, reward_fn=host_fn, reward_source=source)
     return trainer, policy, policy_params, ref_params, value_params, reward_params
 
 
@@ -510,10 +549,11 @@ def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
     cfg, tok, prompts = plan.cfg, plan.tokenizer, plan.train
     _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
     with _claim(plan, overwrite=overwrite) as folder:
+        mesh = mesh_from_options(cfg.run)
         trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(
-            cfg, tok, prompts, plan.reward_fn)
+            cfg, tok, prompts, plan.reward_fn, mesh)
         params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, cfg.run, value_params=value_params,
-                            reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
+                            reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations, mesh=mesh,
                             on_checkpoint=folder.commit_overwrite)
         out = export_model(policy, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()

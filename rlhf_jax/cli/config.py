@@ -81,6 +81,10 @@ class ModelSection:
         "model (tests, experiments)", None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("compute dtype", "float32")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter (master weight) dtype", "float32")
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "storage dtype of the frozen networks' weights (PPO reference and reward model)", "bfloat16")
+    remat: Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention"] = _help(
+        "activation checkpointing per layer in the training steps", "none")
 
 
 @dataclass(frozen=True)

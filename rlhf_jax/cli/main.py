@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,plan,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry_run", action="store_true",
                        help="validate the config, the tokenizer, the data and the model folders, print the "
                             "resolved config, and stop before any folder is written or model built")
+    from rlhf_jax.cli.plan import add_plan_parser
+
+    add_plan_parser(sub)
     p = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
     p.add_argument("--output_dir", default="demo_output", help="where the report goes (default: demo_output)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything in the demo (default: 0)")
@@ -110,11 +113,16 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
     """Run `rlhf-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     debug = bool(os.environ.get("RLHF_JAX_DEBUG"))
     try:
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "plan":
+            from rlhf_jax.cli.plan import run_plan
+
+            return run_plan(args, argv[argv.index("plan") + 1:])
         cfg = load_config(args.config, args.overrides, COMMAND_CONFIGS[args.command])
         from rlhf_jax.cli import commands
 

@@ -7,7 +7,8 @@ never returns NaN for a fully masked input.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ __all__ = [
     "token_entropy",
     "last_valid_index",
     "sequence_logprobs",
+    "chunked_token_stats",
 ]
 
 
@@ -280,3 +282,62 @@ def token_entropy(logits, *, temperature: float = 1.0):
     lse = jnp.log(jnp.sum(jnp.exp((z - peak) * inv_t), axis=-1, keepdims=True))
     logp = z * inv_t - (peak * inv_t + lse)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def chunked_token_stats(hidden, tokens, logits_fn: Callable, *, chunk_size: int = 1024,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        with_accuracy: bool = False):
+    """Per-token log-probs (and entropies, argmax hits) with the LM head applied in chunks.
+
+    Equation: per position, `z = logits_fn(h) / temperature`, `log p(y) = z_y - logsumexp(z)`
+    (as `token_logprobs`), `H = -sum_v p_v log p_v` (as `token_entropy`), and
+    `correct = [argmax_v z_v == y]`. The `B * T` positions are flattened and cut into chunks
+    of `chunk_size` tokens; a `lax.scan` runs the head on one chunk at a time under
+    `jax.checkpoint`, so at most one chunk's `[chunk_size, V]` float32 logits exist, in the
+    forward pass and in the backward pass (which recomputes them). The result equals the
+    unchunked computation up to float rounding.
+
+    Args:
+      hidden: `[B, T, D]` hidden states (any float dtype).
+      tokens: `[B, T]` integer targets in `[0, V)`.
+      logits_fn: `[N, D] -> [N, V]` logits (e.g. the tied or untied LM head, closing over
+        its parameters: they are differentiated as usual).
+      chunk_size: tokens per chunk (>= 1); the last chunk is padded.
+      temperature: > 0; logits are divided by it.
+      with_entropy: also return `"entropy"`.
+      with_accuracy: also return `"correct"` (float32 0/1).
+
+    Returns:
+      A dict of `[B, T]` float32 arrays: `"logprobs"`, and `"entropy"` / `"correct"` when
+      asked for.
+    """
+    check_rank(hidden, 3, "hidden")
+    check_rank(tokens, 2, "tokens")
+    b, t, d = jnp.shape(hidden)
+    if jnp.shape(tokens) != (b, t):
+        raise ValueError(f"`tokens` must have shape {(b, t)} (hidden without D), got {jnp.shape(tokens)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    n = b * t
+    size = min(chunk_size, n)
+    num_chunks = math.ceil(n / size)
+    pad = num_chunks * size - n
+    flat_h = jnp.reshape(hidden, (n, d))
+    flat_y = jnp.reshape(jnp.asarray(tokens, jnp.int32), (n,))
+    if pad:
+        flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
+        flat_y = jnp.pad(flat_y, (0, pad))
+
+    @jax.checkpoint
+    def stats(h, y):
+        logits = logits_fn(h)
+        out = {"logprobs": token_logprobs(logits, y, temperature=temperature)}
+        if with_entropy:
+            out["entropy"] = token_entropy(logits, temperature=temperature)
+        if with_accuracy:
+            out["correct"] = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+        return out
+
+    _, out = jax.lax.scan(lambda carry, xs: (carry, stats(*xs)), None,
+                          (flat_h.reshape(num_chunks, size, d), flat_y.reshape(num_chunks, size)))
+    return {k: v.reshape(num_chunks * size)[:n].reshape(b, t) for k, v in out.items()}

@@ -1,6 +1,6 @@
-"""Building blocks shared by the GPT-2 and Llama modules: dense, norms, rotary
-embeddings, the attention mask over (left-padded) slots, and grouped-query attention
-with an optional preallocated KV cache.
+"""Building blocks shared by the family modules: activations, dense, embeddings, norms and
+rotary embeddings (attention and the KV cache: :mod:`rlhf_jax.models.attention`; the layer
+stack: :mod:`rlhf_jax.models.stack`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig, rope_attention_factor
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 def init_normal(rng, shape, std, dtype):
@@ -32,6 +42,9 @@ def _lead(v, x):
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel`` ``[in, out]`` (HF Conv1D layout).
 
+    With a LoRA adapter (``lora_a`` ``[in, r]``, ``lora_b`` ``[r, out]`` and ``lora_scale``,
+    attached by :func:`rlhf_jax.models.lora.attach`): ``y = x @ kernel + scale * (x @ A) @ B + bias``.
+
     ``rngs`` is a ``numpy.random.Generator`` (or None for an abstract model); the
     kernel is drawn N(0, std^2) (``std=0``: zeros), the bias is zero.
     """
@@ -43,7 +56,14 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        # A LoRA adapter (attached by rlhf_jax.models.lora): + scale * (x @ A) @ B, never
+        # merged into the kernel here, so the frozen kernel gets no gradient and no copy.
+        lora_a = getattr(self, "lora_a", None)
+        if lora_a is not None:
+            low = jnp.einsum("...i,ir->...r", x, lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + _lead(self.bias[...].astype(self.dtype), y)
         return y
@@ -92,18 +112,34 @@ class RMSNorm(nnx.Module):
         return _lead(self.scale[...].astype(self.dtype), y) * y.astype(self.dtype)
 
 
+class OffsetRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)`` all in float32, then cast; ``scale``
+    starts at zero (the identity)."""
+
+    def __init__(self, dim, *, eps, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + _lead(self.scale[...].astype(jnp.float32), y))).astype(self.dtype)
+
+
 # ------------------------------------------------------------------ rotary
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[head_dim // 2]`` (float64 NumPy), with rope scaling applied.
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies ``[rotary_dim // 2]`` (float64 NumPy), with rope scaling applied.
 
     Types: ``default``; ``linear`` (divide by ``factor``); ``llama3`` (Llama 3.1:
     low frequencies divided by ``factor``, a smooth blend between
     ``low_freq_factor`` and ``high_freq_factor``); ``yarn`` (arXiv 2309.00071).
+    ``local``: the sliding layers' rope (Gemma 3): base ``rope_local_theta``, no scaling.
     """
-    dim = config.head_dim
-    base = config.rope_theta
+    dim = config.rotary_dim
+    base = config.rope_local_theta if local else config.rope_theta
     inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    rope = config.rope_scaling_dict
+    rope = {} if local else config.rope_scaling_dict
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return inv
@@ -139,74 +175,29 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     raise ValueError(f"rope_type {kind!r} is not supported")
 
 
-def rope_cos_sin(config: ModelConfig, positions):
-    """cos and sin ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
-    inv = jnp.asarray(rope_inv_freq(config), jnp.float32)
+def rope_cos_sin(config: ModelConfig, positions, *, local: bool = False):
+    """cos and sin ``[B, T, rotary_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
+    inv = jnp.asarray(rope_inv_freq(config, local=local), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    scale = rope_attention_factor(config)
+    scale = 1.0 if local else rope_attention_factor(config)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x, cos, sin):
-    """Rotate ``x`` ``[B, T, H, Dh]`` (HF "rotate_half" layout), in float32."""
+    """Rotate ``x`` ``[B, T, H, Dh]`` (HF "rotate_half" layout), in float32.
+
+    With ``cos``/``sin`` narrower than ``Dh`` (partial rotary, GPT-NeoX), only the first
+    ``cos.shape[-1]`` dimensions of each head rotate; the rest pass through.
+    """
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    rot = cos.shape[-1]
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
     return out.astype(x.dtype)
 
 
-# --------------------------------------------------------- mask and positions
-def slot_positions(attention_mask, cache_index, length):
-    """Position ids ``[B, T]`` of the ``T`` tokens written at ``cache_index``.
-
-    Positions count real tokens: ``cumsum(mask) - 1`` over all slots, so left
-    padding does not shift them; padding slots get 0.
-    """
-    mask = attention_mask.astype(jnp.int32)
-    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    if cache_index is None:
-        return pos
-    return jax.lax.dynamic_slice_in_dim(pos, cache_index, length, axis=1)
-
-
-def attention_allowed(attention_mask, cache_index, length):
-    """Boolean ``[B, T, S]``: query slot ``i`` may see key slot ``j`` iff ``j <= i`` and ``mask[b, j]``."""
-    num_slots = attention_mask.shape[1]
-    start = 0 if cache_index is None else cache_index
-    query_slot = start + jnp.arange(length, dtype=jnp.int32)
-    key_slot = jnp.arange(num_slots, dtype=jnp.int32)
-    causal = key_slot[None, :] <= query_slot[:, None]
-    return causal[None, :, :] & (attention_mask[:, None, :] > 0)
-
-
-def attend(q, k, v, allowed, *, scale):
-    """Grouped-query attention without repeating the KV heads.
-
-    Args:
-      q: ``[B, T, Hq, Dh]``; k, v: ``[B, S, Hkv, Dh]`` with ``Hq % Hkv == 0``;
-      allowed: ``[B, T, S]`` bool.
-      scale: multiplier of the scores (usually ``Dh ** -0.5``).
-
-    Returns:
-      ``[B, T, Hq * Dh]`` in q's dtype. Scores and softmax are float32; a query
-      row with no allowed key gets a uniform average (finite, never NaN).
-    """
-    b, t, hq, dh = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, hq // hkv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq * dh)
-
-
-def update_cache(layer_cache, k, v, cache_index):
-    """Write ``k``, ``v`` ``[B, T, Hkv, Dh]`` into slots ``cache_index..`` of the layer cache."""
-    k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                cache_index, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                cache_index, axis=1)
-    return {"k": k_all, "v": v_all}

@@ -37,12 +37,17 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.core import ops
+from rlhf_jax.models.attention import AttentionMask, cache_allowed, init_kv_cache, pack_order, slot_positions
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.gpt2 import GPT2Model
-from rlhf_jax.models.layers import Dense, attention_allowed, slot_positions
-from rlhf_jax.models.llama import LlamaModel
+from rlhf_jax.models.families import get_family
+from rlhf_jax.models.layers import Dense
+from rlhf_jax.models.lora import LoRAConfig, attach
+from rlhf_jax.models.stack import check_remat
 
 HEADS = ("lm", "scalar", "lm+value")
+# Tokens per chunk of the LM head in token_stats: [1024, V] float32 logits at a time
+# (0.6 GB at Qwen's 151936 vocabulary).
+LOGITS_CHUNK_SIZE = 1024
 
 
 class Network(nnx.Module):
@@ -55,8 +60,7 @@ class Network(nnx.Module):
     def __init__(self, cfg: ModelConfig, head: str, *, rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        trunk_cls = GPT2Model if cfg.family == "gpt2" else LlamaModel
-        self.trunk = trunk_cls(cfg, rngs=rngs, **kw)
+        self.trunk = get_family(cfg.family).trunk(cfg, rngs=rngs, **kw)
         d = cfg.hidden_size
         # Each attribute is assigned once (NNX fixes an attribute's data/static status
         # at its first assignment).
@@ -107,41 +111,66 @@ class LM:
       config: the frozen :class:`ModelConfig`.
       head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
       dtype: compute dtype; param_dtype: storage dtype of freshly made params.
+      remat: activation checkpointing per layer, a key of
+        ``rlhf_jax.models.stack.REMAT_POLICIES`` (``"none"``, ``"full"``, ``"save_dots"``,
+        ``"save_dots_no_batch"``, ``"save_attention"``). It acts only where a forward is
+        differentiated, so every training step (SFT, reward, PPO update) uses it and
+        frozen-model forwards are unchanged.
+      logits_chunk_size: tokens per chunk of the LM head in :meth:`token_stats` (log-probs,
+        entropies, SFT cross-entropy): the most ``[chunk, V]`` float32 logits held at once.
+      lora: a :class:`~rlhf_jax.models.lora.LoRAConfig` or None. With one, the graph holds
+        ``lora_a`` / ``lora_b`` in the matching projections and ``params`` must hold them
+        too (``lora.combine(base, adapters)``); :attr:`base` is the same LM without them.
     """
 
     config: ModelConfig
     head: str = "lm"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"
+    logits_chunk_size: int = LOGITS_CHUNK_SIZE
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(self.config).__name__}")
         _check_head(self.head)
+        check_remat(self.remat)
+        if self.lora is not None and not isinstance(self.lora, LoRAConfig):
+            raise TypeError(f"lora must be a LoRAConfig or None, got {type(self.lora).__name__}")
+        if not isinstance(self.logits_chunk_size, int) or self.logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size must be a positive int, got {self.logits_chunk_size!r}")
         # Normalised so that jnp.bfloat16, "bfloat16" and jnp.dtype("bfloat16") give equal LMs.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
 
     def __repr__(self):
         return (f"LM({self.config.model_type}, head={self.head!r}, layers={self.config.num_layers}, "
-                f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name})")
+                f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name}"
+                + ("" if self.lora is None else f", lora=r{self.lora.rank}") + ")")
+
+    @property
+    def base(self) -> "LM":
+        """This LM without LoRA adapters (itself when it has none)."""
+        return self if self.lora is None else dataclasses.replace(self, lora=None)
 
     @functools.cached_property
     def graphdef(self):
         """The NNX ``GraphDef`` of the network (shapes only; no weights are made)."""
         graphdef, _ = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
-                            abstract=True)
+                            abstract=True, lora=self.lora)
         return graphdef
 
     def init(self, seed: int = 0):
         """Freshly initialised params (HF-style N(0, 0.02); norms 1, biases 0; see :func:`build`)."""
-        _, params = build(self.config, self.head, seed=seed, dtype=self.dtype, param_dtype=self.param_dtype)
+        _, params = build(self.config, self.head, seed=seed, dtype=self.dtype, param_dtype=self.param_dtype,
+                          lora=self.lora)
         return params
 
     def abstract_params(self):
         """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no memory allocated)."""
         _, params = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
-                          abstract=True)
+                          abstract=True, lora=self.lora)
         return params
 
     def _net(self, params) -> Network:
@@ -149,7 +178,7 @@ class LM:
 
     # ------------------------------------------------------------------ trunk
     def hidden_states(self, params, input_ids, attention_mask, *, positions=None, cache=None,
-                      cache_index=None):
+                      cache_index=None, remat=None):
         """Final hidden states (after the last norm) and the updated KV cache.
 
         Without a cache, ``attention_mask`` is ``[B, T]`` like ``input_ids``; with a
@@ -159,6 +188,11 @@ class LM:
         ``j <= i`` whose mask is 1. Positions default to ``cumsum(mask) - 1``, so
         left padding is handled.
 
+        Without a cache, any 0/1 mask works: each row's real tokens are moved to the
+        front (in order) before the trunk and the hidden states moved back after it, so
+        attention runs in its packed, fusable form (see :mod:`rlhf_jax.models.attention`).
+        Hidden states at padding positions are finite junk.
+
         Args:
           params: the parameter pytree.
           input_ids: ``[B, T]`` int token ids (``< vocab_size``; not checked in jit,
@@ -167,6 +201,8 @@ class LM:
           positions: optional ``[B, T]`` int position ids.
           cache: from :meth:`init_cache` (or a previous call), or None.
           cache_index: int (may be traced): the first slot written; needed with a cache.
+          remat: activation-checkpointing policy per layer (a key of
+            ``rlhf_jax.models.stack.REMAT_POLICIES``); default the model's ``remat``.
 
         Returns:
           ``(hidden [B, T, D] in the compute dtype, cache)`` (cache is None without one).
@@ -186,7 +222,7 @@ class LM:
         else:
             if cache_index is None:
                 raise ValueError("cache_index is required when cache is given")
-            num_slots = cache[0]["k"].shape[1]
+            num_slots = cache["k"].shape[2]
             if attention_mask.shape != (b, num_slots):
                 raise ValueError(f"with a cache, attention_mask must be [B, S] = {(b, num_slots)} "
                                  f"over the cache slots, got {attention_mask.shape}")
@@ -194,12 +230,26 @@ class LM:
                 raise ValueError(f"{t} input tokens do not fit in a cache of {num_slots} slots")
         if positions is None:
             positions = slot_positions(attention_mask, cache_index, t)
-        allowed = attention_allowed(attention_mask, cache_index, t)
-        net = self._net(params)
-        return net.trunk(input_ids, positions, allowed, cache, cache_index)
+        remat = self.remat if remat is None else remat
+        trunk = self._net(params).trunk
+        if cache is not None:
+            sliding = self.config.sliding_layers
+            if all(sliding) or not any(sliding):  # one mask for all layers
+                allowed = cache_allowed(attention_mask, cache_index, t, window=self.config.sliding_window)
+                mask = AttentionMask(allowed=allowed)
+            else:  # sliding and global layers: both masks, each layer picks one
+                mask = AttentionMask(allowed=cache_allowed(attention_mask, cache_index, t),
+                                     local=cache_allowed(attention_mask, cache_index, t,
+                                                         window=self.config.sliding_window))
+            return trunk(input_ids, positions, mask, cache, cache_index, remat=remat)
+        order, inverse, lengths = pack_order(attention_mask)
+        hidden, _ = trunk(jnp.take_along_axis(input_ids, order, axis=1),
+                          jnp.take_along_axis(positions, order, axis=1),
+                          AttentionMask(lengths=lengths), None, None, remat=remat)
+        return jnp.take_along_axis(hidden, inverse[:, :, None], axis=1), None
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
-        """A zero KV cache: a list (one per layer) of ``{"k", "v"}`` ``[B, S, Hkv, Dh]``.
+        """A zero KV cache ``{"k", "v"}``, each ``[L, B, S, Hkv, Dh]`` (layers stacked).
 
         Args:
           batch_size: B. max_length: S, the number of slots (prompt + new tokens).
@@ -209,22 +259,24 @@ class LM:
         if max_length > cfg.max_position_embeddings:
             raise ValueError(f"cache max_length {max_length} exceeds the model context "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         dt = self.dtype if dtype is None else dtype
-        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-                for _ in range(cfg.num_layers)]
+        return init_kv_cache(cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim, dt)
 
     # ------------------------------------------------------------------ heads
     def lm_head(self, params, hidden):
-        """Logits ``[..., V]`` (float32) from hidden states ``[..., D]``."""
+        """Logits ``[..., V]`` (float32) from hidden states ``[..., D]`` (soft-capped
+        ``cap * tanh(logits / cap)`` where the config has ``final_logit_softcap``)."""
         if self.head == "scalar":
             raise ValueError("this LM has head='scalar' and no LM head; use with_head('lm')")
         h = hidden.astype(self.dtype)
         if self.config.tie_word_embeddings:
             table = _embedding(self.config, params).astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
-        kernel = params["lm_head"]["kernel"].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = params["lm_head"]["kernel"].astype(self.dtype)
+            logits = jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def value_head(self, params, hidden):
         """Per-position scalars ``[...]`` (float32) from hidden states ``[..., D]``.
@@ -281,12 +333,33 @@ class LM:
         if not 1 <= n < t:
             raise ValueError(f"num_response must be in [1, {t - 1}] for sequences of length {t}, got {n}")
         hidden, _ = self.hidden_states(params, input_ids, attention_mask)
-        logits = self.lm_head(params, hidden[:, t - n - 1:t - 1])
-        targets = input_ids[:, t - n:]
-        logprobs = ops.token_logprobs(logits, targets, temperature=temperature)
+        stats = self.token_stats(params, hidden[:, t - n - 1:t - 1], input_ids[:, t - n:],
+                                 temperature=temperature, with_entropy=with_entropy)
         if with_entropy:
-            return logprobs, ops.token_entropy(logits, temperature=temperature)
-        return logprobs
+            return stats["logprobs"], stats["entropy"]
+        return stats["logprobs"]
+
+    def token_stats(self, params, hidden, targets, *, temperature: float = 1.0,
+                    with_entropy: bool = False, with_accuracy: bool = False, chunk_size=None):
+        """Log-probs of ``targets`` (and entropies, argmax hits) from hidden states, the LM
+        head applied over chunks of tokens so no ``[B, T, V]`` float32 array exists.
+
+        See :func:`rlhf_jax.core.ops.chunked_token_stats`.
+
+        Args:
+          params: parameters. hidden: ``[B, T, D]``. targets: ``[B, T]`` token ids, the
+            token each position predicts.
+          temperature: logits are divided by it.
+          with_entropy, with_accuracy: also return ``"entropy"`` / ``"correct"``.
+          chunk_size: tokens per chunk; default the model's ``logits_chunk_size``.
+
+        Returns:
+          dict of ``[B, T]`` float32: ``"logprobs"`` (+ ``"entropy"``, ``"correct"``).
+        """
+        return ops.chunked_token_stats(
+            hidden, targets, lambda h: self.lm_head(params, h),
+            chunk_size=self.logits_chunk_size if chunk_size is None else chunk_size,
+            temperature=temperature, with_entropy=with_entropy, with_accuracy=with_accuracy)
 
     # ------------------------------------------------------------------ misc
     def check_inputs(self, input_ids, attention_mask=None):
@@ -341,13 +414,17 @@ class LM:
 
 
 def _embedding(cfg: ModelConfig, params):
-    trunk = params["trunk"]
-    return trunk["wte"]["embedding"] if cfg.family == "gpt2" else trunk["embed_tokens"]["embedding"]
+    node = params["trunk"]
+    for key in get_family(cfg.family).embed_path.split("/"):
+        node = node[key]
+    return node
 
 
 def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
-          param_dtype=jnp.float32, abstract: bool = False):
+          param_dtype=jnp.float32, abstract: bool = False, lora: LoRAConfig | None = None):
     """(graphdef, params) of a fresh :class:`Network`; ``abstract`` gives ShapeDtypeStructs.
+
+    With ``lora``, the matching projections carry adapters (see :mod:`rlhf_jax.models.lora`).
 
     Random tensors are drawn from ``numpy.random.default_rng(seed)`` (fast and
     reproducible; no per-shape compilation).
@@ -356,7 +433,10 @@ def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
 
     def make(rng):
-        return Network(config, head, rngs=rng, dtype=dtype, param_dtype=param_dtype)
+        net = Network(config, head, rngs=rng, dtype=dtype, param_dtype=param_dtype)
+        if lora is not None:
+            attach(net, lora, rng)
+        return net
 
     if abstract:
         graphdef, state = nnx.split(nnx.eval_shape(lambda: make(None)), nnx.Param)
@@ -366,7 +446,7 @@ def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
 
 
 def from_config(config: ModelConfig, *, head: str = "lm", seed: int = 0, dtype=jnp.float32,
-                param_dtype=jnp.float32) -> tuple[LM, Any]:
+                param_dtype=jnp.float32, remat: str = "none") -> tuple[LM, Any]:
     """A randomly initialised model: ``(lm, params)`` (HF-style N(0, 0.02) init; norms 1, biases 0).
 
     Args:
@@ -374,6 +454,7 @@ def from_config(config: ModelConfig, *, head: str = "lm", seed: int = 0, dtype=j
       head: ``"lm"``, ``"scalar"`` or ``"lm+value"``.
       seed: PRNG seed of the initialisation.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype.
+      remat: activation-checkpointing policy per layer (see :class:`LM`).
 
     Returns:
       ``(lm, params)``: the static :class:`LM` and its parameter pytree.
@@ -383,5 +464,5 @@ def from_config(config: ModelConfig, *, head: str = "lm", seed: int = 0, dtype=j
       >>> lm.logits(params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3))).shape
       (1, 3, 64)
     """
-    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype)
+    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype, remat=remat)
     return lm, lm.init(seed)

@@ -42,9 +42,11 @@ finish, save a checkpoint of it, and raise `RunInterrupted` (exit status
 signal stops at once (KeyboardInterrupt).
 
 Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
-placed with `param_shardings` (FSDP when the mesh's "fsdp" axis is larger
-than 1), batches with `shard_batch`, and the step is jitted with the state's
-shardings as `out_shardings`. Without a mesh everything runs on the default
+created under `jit` with `param_shardings` as its output shardings (FSDP when
+the mesh's "fsdp" axis is larger than 1, tensor-parallel rules when its
+"tensor" axis is), frozen params are placed the same way, batches with
+`shard_batch`, and the step is jitted with the state's shardings as
+`out_shardings`. Without a mesh everything runs on the default
 device.
 
 Metrics. Each logged step fetches its metrics with one `jax.device_get`;
@@ -71,8 +73,17 @@ from rlhf_jax.errors import LoadError, RunInterrupted, TrainingStalledError
 from rlhf_jax.io.checkpoint import Checkpointer, CorruptCheckpointError
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import RunOptions
-from rlhf_jax.train.sharding import FSDP_AXIS, make_mesh, param_shardings, replicated, shard_batch
+from rlhf_jax.train.sharding import (
+    FSDP_AXIS,
+    make_mesh,
+    mesh_batch_size,
+    param_shardings,
+    place,
+    replicated,
+    shard_batch,
+)
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
 
@@ -179,7 +190,8 @@ def mesh_from_options(run: RunOptions):
     """The `make_mesh` mesh of `run.mesh`, or None for one device without sharding."""
     if run.mesh.single_device:
         return None
-    return make_mesh(data=None if run.mesh.data == -1 else run.mesh.data, fsdp=run.mesh.fsdp)
+    return make_mesh(data=None if run.mesh.data == -1 else run.mesh.data, fsdp=run.mesh.fsdp,
+                     tensor=run.mesh.tensor)
 
 
 class _StopSignals:
@@ -250,12 +262,15 @@ class _Run:
         return param_shardings(tree, self.mesh, fsdp=fsdp)
 
     def place(self, tree, *, copy: bool = False):
-        """`tree` on the mesh (FSDP or replicated), or committed to the default device.
+        """`tree` on the mesh (its `param_shardings`), or committed to the default device.
 
         Committing the fresh state too makes it look exactly like a restored one (orbax
         returns committed arrays), so an uninterrupted and a resumed run compile the same
         executable. `copy=True` never aliases the caller's buffers: the supervised steps
-        donate their state, which must not delete the params the user passed in.
+        donate their state, which must not delete the params the user passed in. A leaf
+        already laid out as wanted (e.g. loaded straight into its shards) is not moved; a
+        host or single-device leaf is spread with `place`, each process copying only its
+        own devices' slices.
         """
         if tree is None:
             return tree
@@ -266,7 +281,31 @@ class _Run:
         if self.mesh is None:
             device = jax.config.jax_default_device or jax.local_devices()[0]
             return jax.device_put(tree, device)
-        return jax.device_put(tree, self.shardings(tree))
+
+        def move(x, sharding):
+            if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+                x = np.asarray(x)
+            return place(x, sharding)
+
+        return jax.tree.map(move, tree, self.shardings(tree))
+
+    def init_state(self, init_fn, *args):
+        """`init_fn(*args)` (a fresh train state) computed under `jit` with the state's shardings
+        as `out_shardings`: optimizer moments are born in their shards, never whole on one device.
+
+        `args` (the params pytrees) are placed first (see `place`); the output shares no
+        buffer with them, so the caller's params survive a step that donates its state.
+        """
+        args = tuple(self.place(a) for a in args)
+        abstract = jax.eval_shape(init_fn, *args)
+        if self.mesh is None:
+            device = jax.config.jax_default_device or jax.local_devices()[0]
+            out = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+        else:
+            out = self.shardings(abstract)
+        return jax.jit(init_fn, out_shardings=out)(*args)
 
     def restore_or_start(self, state) -> tuple[Any, int]:
         """The restored state and its step (or `state` and 0); opens the logger."""
@@ -385,7 +424,7 @@ def _jit_step(step_fn, run: _Run, state):
 
 def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
                     on_step, on_checkpoint, allow_config_mismatch, eval_fn=None, eval_every=None,
-                    return_state=False):
+                    return_state=False, frozen=None):
     from rlhf_jax.train.state import optimizer_from_config
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
@@ -396,9 +435,10 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
     if mesh is None:
         mesh = mesh_from_options(run)
     if mesh is not None:
-        n_dev = mesh.devices.size
+        n_dev = mesh_batch_size(mesh)
         if batch_size % n_dev:
-            raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} devices")
+            raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} "
+                             "batch shards (data x fsdp)")
     order = _Order(n, batch_size, run.seed)
     total = _num_steps(order.per_epoch, cfg.num_epochs, max_steps)
     if tx is None:
@@ -415,16 +455,17 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
     driver = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
                   allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     try:
-        state = driver.place(init_fn(model, params, tx, seed=run.seed), copy=True)
+        state = driver.init_state(lambda p: init_fn(model, p, tx, seed=run.seed), params)
         state, start = driver.restore_or_start(state)
         step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
+        frozen = driver.place(frozen)  # LoRA's base weights: an argument of every step, never trained
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
                 batch = {k: v[rows] for k, v in arrays.items()}
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, frozen)
                 done = step + 1
                 if driver.should_log(done):
                     host = driver.fetch(metrics)
@@ -432,7 +473,7 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
                     if "tokens" in host:
                         host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
                     if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
-                        host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
+                        host.update({f"eval/{k}": v for k, v in eval_fn(combine(frozen, state.params)).items()})
                     driver.warn_if_skipped(done, host)
                     driver.log(done, host, on_step)
                 driver.maybe_save(done, state, _position(done, order.per_epoch))
@@ -471,12 +512,14 @@ _COMMON_DOC = """
 def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, tx=None, mesh=None,
             max_steps: int | None = None, on_step: Callable | None = None,
             on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
-            return_state: bool = False):
+            return_state: bool = False, frozen=None):
     """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
 
     Args:
       lm: the `LM` (closed over by the step).
-      params: its initial parameters.
+      params: its initial trained parameters (with LoRA: the adapters only).
+      frozen: with LoRA, the frozen base weights (`lora.partition`), passed to every step
+        as an argument; the returned params are the trained part only. None otherwise.
       data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
         (right-padded; `loss_mask` is 1 on completion tokens).
       cfg: `SFTConfig` (batch_size, num_epochs, optimizer, ...).
@@ -490,19 +533,22 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *,
     return _fit_supervised(
         kind="sft", model=lm, params=params, data=data, cfg=cfg, run=run, keys=_SFT_KEYS, init_fn=sft_init,
         make_step=make_sft_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
-        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state)
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
+        frozen=frozen)
 
 
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
                eval_every: int | None = None, eval_batch_size: int | None = None, tx=None, mesh=None,
                max_steps: int | None = None, on_step: Callable | None = None,
                on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
-               return_state: bool = False):
+               return_state: bool = False, frozen=None):
     """Bradley-Terry reward-model training on preference pairs.
 
     Args:
       rm: a scalar-head `LM`.
-      params: its initial parameters (e.g. the SFT trunk with a fresh head).
+      params: its initial trained parameters (e.g. the SFT trunk with a fresh head; with
+        LoRA: the adapters and the score head, `lora.partition(p, heads=("score",))`).
+      frozen: with LoRA, the frozen base weights; None otherwise.
       train_data: {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
         `[N, L]` arrays (+ optional "margin" `[N]`).
       cfg: `RewardConfig`.
@@ -533,7 +579,7 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOp
         kind="reward", model=rm, params=params, data=train_data, cfg=cfg, run=run, keys=_PAIR_KEYS,
         init_fn=reward_init, make_step=make_reward_step, tx=tx, mesh=mesh, max_steps=max_steps,
         on_step=on_step, on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch,
-        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state)
+        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, frozen=frozen)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,
@@ -579,9 +625,9 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
         raise ValueError(f"`prompts` has {n} rows, fewer than `batch_size` ({batch_size})")
     if mesh is None:
         mesh = mesh_from_options(run)
-    if mesh is not None and batch_size % mesh.devices.size:
+    if mesh is not None and batch_size % mesh_batch_size(mesh):
         raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's "
-                         f"{mesh.devices.size} devices")
+                         f"{mesh_batch_size(mesh)} batch shards (data x fsdp)")
     _check_model_inputs(trainer.policy, [(arrays["prompt_ids"], arrays["prompt_mask"])])
     trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
     order = _Order(n, batch_size, run.seed)
@@ -595,7 +641,7 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     dynamic = rl_cfg is not None and rl_cfg.rewards.dynamic_sampling
     stalled = 0
     try:
-        state = driver.place(trainer.init(policy_params, value_params, seed=run.seed))
+        state = driver.init_state(lambda p, v: trainer.init(p, v, seed=run.seed), policy_params, value_params)
         state_sh = driver.shardings(state)
         ref_params = driver.place(ref_params)
         reward_params = driver.place(reward_params)

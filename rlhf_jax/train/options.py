@@ -117,13 +117,15 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshOptions:
-    """The device mesh (data parallel x FSDP)."""
+    """The device mesh (data parallel x FSDP x tensor parallel)."""
 
-    data: int = hyper(1, "devices along the data axis (-1: all that fsdp leaves; the CLI's default)")
+    data: int = hyper(1, "devices along the data axis (-1: all that fsdp x tensor leave; the CLI's default)")
     fsdp: int = hyper(1, "devices along the FSDP (parameter sharding) axis")
+    tensor: int = hyper(1, "devices along the tensor-parallel axis")
 
     def __post_init__(self):
         check(_is_int(self.fsdp) and self.fsdp >= 1, f"`fsdp` must be an int >= 1, got {self.fsdp!r}")
+        check(_is_int(self.tensor) and self.tensor >= 1, f"`tensor` must be an int >= 1, got {self.tensor!r}")
         check(_is_int(self.data) and (self.data == -1 or self.data >= 1),
               f"`data` must be an int >= 1 or -1, got {self.data!r}")
 
@@ -132,7 +134,8 @@ class MeshOptions:
         """One device, no sharding (`data=-1` too when only one device is visible)."""
         import jax
 
-        return self.fsdp == 1 and (self.data == 1 or (self.data == -1 and jax.device_count() == 1))
+        return self.fsdp == 1 and self.tensor == 1 and (
+            self.data == 1 or (self.data == -1 and jax.device_count() == 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.losses import aggregation_weight, sft_loss
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
@@ -88,23 +89,29 @@ def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=Non
     loss_mask = batch["loss_mask"]
     ops.check_rank(ids, 2, "input_ids")
     ops.check_same_shape(ids, "input_ids", attention_mask=attn, loss_mask=loss_mask)
-    logits = lm.logits(params, ids, attn)[:, :-1]
-    targets = ids[:, 1:]
+    hidden, _ = lm.hidden_states(params, ids, attn)
     mask = (jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(attn, jnp.float32))[:, 1:]
-    logprobs = ops.token_logprobs(logits, targets)
-    loss, loss_aux = sft_loss(logprobs, mask, agg=agg, norm_constant=norm_constant)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # The LM head runs in chunks of tokens (log-prob and argmax hit in one pass): no
+    # [B, L, V] float32 logits exist.
+    stats = lm.token_stats(params, hidden[:, :-1], ids[:, 1:], with_accuracy=True)
+    loss, loss_aux = sft_loss(stats["logprobs"], mask, agg=agg, norm_constant=norm_constant)
+    correct = stats["correct"]
     aux = {"nll": loss_aux["nll"], "token_accuracy": ops.masked_mean(correct, mask)}
     return loss, (aux, _loss_weight(mask, agg))
 
 
 def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
-    """Build the pure SFT step `(state, batch) -> (state, metrics)`.
+    """Build the pure SFT step `(state, batch, frozen=None) -> (state, metrics)`.
 
     One call is one optimizer update over `batch` (`[B, L]` arrays, B divisible by
     `cfg.grad_accum_steps`), its gradient accumulated over micro-batches in a `lax.scan`.
     A non-finite gradient skips the update (params and optimizer state unchanged,
     `metrics["skipped_nonfinite"] = 1`).
+
+    LoRA: `state.params` holds only the trained part (the adapters) and `frozen` the
+    rest (the base weights, an argument: no optimizer state, never differentiated); the
+    model runs on `rlhf_jax.models.lora.combine(frozen, state.params)`. Without LoRA,
+    `frozen` is None and `state.params` is the whole model.
 
     Args:
       lm: the `LM` (closed over, static).
@@ -112,15 +119,16 @@ def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
       cfg: `SFTConfig`.
 
     Returns:
-      `step(state, batch)`; jit it (`jax.jit(step, donate_argnums=0)`). `metrics` are
+      `step(state, batch, frozen=None)`; jit it (`jax.jit(step, donate_argnums=0)`). `metrics` are
       float32 scalars: loss, nll, token_accuracy, grad_norm, tokens, learning_rate,
       skipped_nonfinite.
     """
 
-    def loss_fn(params, micro):
-        return sft_loss_fn(lm, params, micro, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
+    def step(state: TrainState, batch, frozen=None):
+        def loss_fn(params, micro):
+            return sft_loss_fn(lm, combine(frozen, params), micro, agg=cfg.loss_agg,
+                               norm_constant=cfg.norm_constant)
 
-    def step(state: TrainState, batch):
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
         micro = split_micro_batches(batch, cfg.grad_accum_steps)
         loss, grads, aux, _ = accumulate_gradients(

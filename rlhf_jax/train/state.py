@@ -100,7 +100,8 @@ def make_optimizer(
       max_grad_norm: global-norm clip; None or <= 0 disables it.
       b1, b2, eps: Adam moments and epsilon.
       end_learning_rate_ratio: final learning rate as a fraction of the peak.
-      mu_dtype: dtype of Adam's first moment (optax's `mu_dtype`; None: the params').
+      mu_dtype: storage dtype of Adam's first moment (e.g. ``"bfloat16"`` halves it);
+        None = the parameters' dtype. The second moment stays in the parameters' dtype.
 
     Returns:
       An `optax.GradientTransformation`.

@@ -2,14 +2,17 @@
 sharded) and ``save_pretrained`` (a checkpoint that transformers loads).
 
 Weights are mapped through one table per family of (HF name pattern, our parameter
-path, transpose?) rows; ``{i}`` stands for a layer index. The same table serves both
-directions. Every tensor's shape is checked; an unknown or missing tensor is an error
+path, transpose?) rows; ``{i}`` stands for a layer index: HF's per-layer tensors
+``layers.<i>.*`` are slice ``i`` of one stacked parameter ``[L, ...]`` of ours (the layers
+are one scanned block), so loading stacks them and export unstacks. The same table serves
+both directions. Every tensor's shape is checked; an unknown or missing tensor is an error
 that names it. safetensors files are read and written here directly (the format is
 a JSON header plus raw little-endian buffers), so bfloat16 checkpoints load without
 torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,65 +28,42 @@ import numpy as np
 
 from rlhf_jax.errors import LoadError
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.families import get_family
 from rlhf_jax.models.lm import HEADS, LM
+from rlhf_jax.models.lora import merge_adapters
 
 # HF's *ForSequenceClassification has no score bias; a reward head's bias (set by the
 # normalisation to mean 0) travels in this file next to the weights and is restored on load.
 SCORE_BIAS_FILE = "rlhf_jax_score_bias.json"
 
 # ------------------------------------------------------------- weight tables
-# (HF name without the trunk prefix, our path below "trunk" joined by "/", transpose)
-_GPT2_TRUNK = [
-    ("wte.weight", "wte/embedding", False),
-    ("wpe.weight", "wpe/embedding", False),
-    ("h.{i}.ln_1.weight", "h/{i}/ln_1/scale", False),
-    ("h.{i}.ln_1.bias", "h/{i}/ln_1/bias", False),
-    ("h.{i}.attn.c_attn.weight", "h/{i}/attn/c_attn/kernel", False),  # Conv1D: [in, out]
-    ("h.{i}.attn.c_attn.bias", "h/{i}/attn/c_attn/bias", False),
-    ("h.{i}.attn.c_proj.weight", "h/{i}/attn/c_proj/kernel", False),
-    ("h.{i}.attn.c_proj.bias", "h/{i}/attn/c_proj/bias", False),
-    ("h.{i}.ln_2.weight", "h/{i}/ln_2/scale", False),
-    ("h.{i}.ln_2.bias", "h/{i}/ln_2/bias", False),
-    ("h.{i}.mlp.c_fc.weight", "h/{i}/mlp/c_fc/kernel", False),
-    ("h.{i}.mlp.c_fc.bias", "h/{i}/mlp/c_fc/bias", False),
-    ("h.{i}.mlp.c_proj.weight", "h/{i}/mlp/c_proj/kernel", False),
-    ("h.{i}.mlp.c_proj.bias", "h/{i}/mlp/c_proj/bias", False),
-    ("ln_f.weight", "ln_f/scale", False),
-    ("ln_f.bias", "ln_f/bias", False),
-]
-_LLAMA_TRUNK = [("embed_tokens.weight", "embed_tokens/embedding", False),
-                ("norm.weight", "norm/scale", False)]
-for _proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    _LLAMA_TRUNK += [(f"layers.{{i}}.self_attn.{_proj}.weight", f"layers/{{i}}/self_attn/{_proj}/kernel", True),
-                     (f"layers.{{i}}.self_attn.{_proj}.bias", f"layers/{{i}}/self_attn/{_proj}/bias", False)]
-for _proj in ("gate_proj", "up_proj", "down_proj"):
-    _LLAMA_TRUNK += [(f"layers.{{i}}.mlp.{_proj}.weight", f"layers/{{i}}/mlp/{_proj}/kernel", True),
-                     (f"layers.{{i}}.mlp.{_proj}.bias", f"layers/{{i}}/mlp/{_proj}/bias", False)]
-for _norm in ("q_norm", "k_norm"):
-    _LLAMA_TRUNK.append((f"layers.{{i}}.self_attn.{_norm}.weight", f"layers/{{i}}/self_attn/{_norm}/scale", False))
-for _norm in ("input_layernorm", "post_attention_layernorm"):
-    _LLAMA_TRUNK.append((f"layers.{{i}}.{_norm}.weight", f"layers/{{i}}/{_norm}/scale", False))
-
+# Each family's trunk table lives in its module (``Family.hf_table``, see
+# rlhf_jax.models.registry); the heads are shared:
 _HEADS_TABLE = [("lm_head.weight", "lm_head/kernel", True),
                 ("score.weight", "score/kernel", True),
                 ("score.bias", "score/bias", False)]
-_TRUNK_PREFIX = {"gpt2": "transformer.", "llama": "model."}
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = [re.compile(r"^(transformer\.)?h\.\d+\.attn\.(masked_)?bias$"),
-            re.compile(r"rotary_emb\.inv_freq$")]
+            re.compile(r"rotary_emb\.inv_freq$"),
+            re.compile(r"^(gpt_neox\.)?layers\.\d+\.attention\.(masked_)?bias$")]
 
 
 def _table(family: str):
-    """Rows of (compiled HF regex, HF format string, our path format string, transpose)."""
-    trunk = _GPT2_TRUNK if family == "gpt2" else _LLAMA_TRUNK
-    prefix = _TRUNK_PREFIX[family]
+    """Rows of (compiled HF regex, HF format string, our path, transpose, stacked).
+
+    ``stacked`` rows hold a per-layer tensor: the regex captures the layer index and our
+    path (``{i}`` removed) names the stacked parameter.
+    """
+    fam = get_family(family)
+    trunk, prefix = fam.hf_table, fam.hf_prefix
     rows = []
     for hf, ours, transpose in trunk:
         # The trunk prefix is optional on load (base-model checkpoints lack it).
         regex = "^(?:" + re.escape(prefix) + ")?" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
-        rows.append((re.compile(regex), prefix + hf, "trunk/" + ours, transpose))
-    for hf, ours, transpose in _HEADS_TABLE:
-        rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose))
+        rows.append((re.compile(regex), prefix + hf, "trunk/" + ours.replace("/{i}", ""), transpose,
+                     "{i}" in hf))
+    for hf, ours, transpose in tuple(fam.hf_head_rows) + tuple(_HEADS_TABLE):
+        rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose, False))
     return rows
 
 
@@ -284,7 +264,7 @@ def _architecture_kind(hf_config: dict) -> str:
 
 
 def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jnp.float32,
-                    seed: int = 0) -> tuple[LM, dict]:
+                    seed: int = 0, remat: str = "none", shardings=None) -> tuple[LM, dict]:
     """Load an HF checkpoint folder (or hub repo id): ``(lm, params)``.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
@@ -301,6 +281,15 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
         ``"lm+value"``: causal LM plus a zero value head.
       dtype: compute dtype; param_dtype: storage dtype of the loaded weights.
       seed: PRNG seed for freshly initialised heads.
+      remat: activation-checkpointing policy per layer (see :class:`LM`).
+      shardings: None (every tensor whole on the default device), or the target
+        ``jax.sharding.Sharding`` of every parameter: a pytree with the structure of the
+        params, or a function of the abstract params (``lm.abstract_params()``) that
+        returns one (e.g. ``lambda a: param_shardings(a, mesh, fsdp=True)``). Each tensor
+        is then built with ``jax.make_array_from_callback`` from the memory-mapped file:
+        every device reads only its own slice (of each layer, for the stacked per-layer
+        parameters), so no process ever holds a whole checkpoint, and no device more than
+        its shards.
 
     Returns:
       ``(lm, params)``: the static :class:`LM` and the loaded parameter pytree.
@@ -326,15 +315,16 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
             raise ValueError(f"{folder} holds a {hf_config['architectures'][0]} (a scalar head); "
                              "load it with head='scalar'")
 
-    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype)
+    lm = LM(config, head, dtype=dtype, param_dtype=param_dtype, remat=remat)
     expected = _flatten(lm.abstract_params())
-    loaded: dict = {}
+    whole: dict = {}  # our path -> memory-mapped array (after transpose, a view)
+    stacks: dict = {}  # our stacked path -> {layer: memory-mapped array}
     rows = _table(config.family)
     for source, named_arrays in sources:
         for name, array in named_arrays:
             if any(p.search(name) for p in _IGNORED):
                 continue
-            ours, transpose = _match(rows, name)
+            ours, layer, transpose = _match(rows, name)
             if ours is None:
                 raise LoadError(f"{source}: unknown tensor {name!r} for model_type "
                                  f"{config.model_type!r} with head {head!r}")
@@ -343,49 +333,106 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
             if ours.startswith("score/") and head != "scalar":
                 raise ValueError(f"tensor {name!r} is a sequence-classification head; "
                                  "load with head='scalar'")
-            if ours not in expected:
+            if ours not in expected or (layer is not None and layer >= config.num_layers):
                 raise LoadError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
-                                 f"model (config: {config.model_type}, head {head!r}); "
-                                 "config.json and weights disagree")
+                                f"model (config: {config.model_type}, {config.num_layers} layers, "
+                                f"head {head!r}); config.json and weights disagree")
             if transpose:
                 array = array.T
-            want = tuple(expected[ours].shape)
+            full = tuple(expected[ours].shape)
+            want = full if layer is None else full[1:]
             if tuple(array.shape) != want:
                 raise LoadError(f"{source}: tensor {name!r}: shape {tuple(array.shape)} "
                                 f"(after transpose: {transpose}) but the model's config needs {want}")
-            loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
+            if layer is None:
+                whole[ours] = array
+                continue
+            stacks.setdefault(ours, {})[layer] = array
+    missing = []
+    for ours, views in stacks.items():
+        if len(views) != config.num_layers:
+            missing += [_to_hf(rows, ours, i)[0] for i in range(config.num_layers) if i not in views]
+    if shardings is not None and callable(shardings):
+        shardings = shardings(lm.abstract_params())
+    targets = None if shardings is None else _flatten(shardings)
+    store = jnp.dtype(param_dtype)
+    loaded: dict = {}
+    if not missing:
+        for ours, array in whole.items():
+            loaded[ours] = _place(expected[ours].shape, store, targets and targets[ours],
+                                  functools.partial(_read_slice, array, store))
+        for ours, views in stacks.items():
+            loaded[ours] = _place(expected[ours].shape, store, targets and targets[ours],
+                                  functools.partial(_read_stacked, views, store))
     fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
-    loaded.update(fresh)
-    missing = [p for p in expected if p not in loaded]
+    for ours, value in fresh.items():
+        host = np.asarray(value)
+        loaded[ours] = _place(host.shape, host.dtype, targets and targets[ours], lambda index, h=host: h[index])
+    for p in expected:
+        if p not in loaded and p not in whole and p not in stacks:
+            name, _, stacked = _to_hf(rows, p)
+            missing += [_to_hf(rows, p, i)[0] for i in range(config.num_layers)] if stacked else [name or p]
     if missing:
-        names = [_to_hf(rows, p)[0] or p for p in missing]
-        raise LoadError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
+        raise LoadError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     bias_file = folder / SCORE_BIAS_FILE
     if head == "scalar" and bias_file.is_file():
         try:
             bias = float(_read_json(bias_file)["bias"])
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{bias_file}: no number `bias` ({e})") from None
-        loaded["score/bias"] = jnp.full((1,), bias, jnp.dtype(param_dtype))
+        host = np.full((1,), bias, store)
+        loaded["score/bias"] = _place((1,), store, targets and targets["score/bias"], lambda index: host[index])
     return lm, _unflatten(loaded)
 
 
+def _read_slice(array, dtype, index):
+    """``array[index]`` as a contiguous host array of ``dtype`` (reads only that slice)."""
+    return np.ascontiguousarray(np.asarray(array[index]), dtype=dtype)
+
+
+def _read_stacked(views, dtype, index):
+    """Slice ``index`` of the ``[L, ...]`` stack of per-layer arrays ``views`` (a dict by layer)."""
+    layers = range(len(views))[index[0]] if index else range(len(views))
+    rest = tuple(index[1:])
+    return np.stack([np.asarray(views[i][rest], dtype=dtype) for i in layers])
+
+
+def _place(shape, dtype, sharding, read):
+    """A ``jax.Array`` of ``shape``: ``read(index)`` gives the host data of slice ``index``.
+
+    Without a sharding the whole array goes to the default device (uncommitted, as
+    ``jax.device_put`` does); with one, each addressable device gets only its slice.
+    """
+    shape = tuple(shape)
+    if sharding is None:
+        return jax.device_put(read(tuple(slice(None) for _ in shape)))
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
 def _match(rows, name):
-    for regex, _, ours, transpose in rows:
+    """(our path, layer index or None, transpose) of an HF tensor name, or (None, None, False)."""
+    for regex, _, ours, transpose, stacked in rows:
         m = regex.match(name)
         if m:
-            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transpose
-    return None, False
+            return ours, (int(m.group(1)) if stacked else None), transpose
+    return None, None, False
 
 
-def _to_hf(rows, ours_path):
-    """(HF tensor name, transpose) of one of our parameter paths, or (None, False)."""
-    for _, hf, ours, transpose in rows:
-        regex = "^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"
-        m = re.match(regex, ours_path)
-        if m:
-            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transpose
-    return None, False
+def _to_hf(rows, ours_path, layer=None):
+    """(HF tensor name, transpose, stacked) of one of our parameter paths.
+
+    A stacked path names layer ``layer`` (the name keeps ``{i}`` when ``layer`` is None);
+    an unknown path gives ``(None, False, False)``.
+    """
+    for _, hf, ours, transpose, stacked in rows:
+        if ours == ours_path:
+            return (hf.replace("{i}", str(layer)) if stacked and layer is not None else hf), transpose, stacked
+    return None, False, False
+
+
+def _unstack(name, array):
+    """``(HF name of layer i, array[i])`` for each layer of a stacked parameter."""
+    return [(name.replace("{i}", str(i)), array[i]) for i in range(array.shape[0])]
 
 
 def _fresh_heads(expected, loaded, config, head, seed, param_dtype):
@@ -412,16 +459,21 @@ def save_pretrained(lm: LM, params, out_dir, *, tokenizer=None, save_dtype=None)
     bias: a nonzero bias is dropped with a warning; HF reads the score at the last
     token that is not ``pad_token_id``, so ``pad_token_id`` is written, falling back
     to ``eos_token_id``); ``"lm+value"`` writes the causal LM without the value head
-    (warning).
+    (warning). A LoRA model is saved merged (``W + scale * A @ B``, see
+    :func:`rlhf_jax.models.lora.merge_adapters`); for an adapter folder instead, see
+    :func:`rlhf_jax.models.hf.peft.save_peft_adapter`.
 
     Args:
-      lm: the model. params: its parameters. out_dir: created if needed.
+      lm: the model. params: its parameters (LoRA: ``combine(base, adapters)``).
+      out_dir: created if needed.
       tokenizer: optional; saved with ``tokenizer.save_pretrained(out_dir)``.
       save_dtype: storage dtype (default: the params' own dtype).
 
     Returns:
       the output folder.
     """
+    if lm.lora is not None:
+        lm, params = merge_adapters(lm, params)
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     cfg = lm.config
@@ -435,15 +487,14 @@ def save_pretrained(lm: LM, params, out_dir, *, tokenizer=None, save_dtype=None)
         if path == "score/bias":
             score_bias = float(np.asarray(value, np.float32)[0])
             continue
-        name, transpose = _to_hf(rows, path)
+        name, transpose, stacked = _to_hf(rows, path)
         if name is None:
             raise ValueError(f"parameter {path!r} has no HF name")
         array = np.asarray(jax.device_get(value))
         if save_dtype is not None:
             array = array.astype(jnp.dtype(save_dtype))
-        if transpose:
-            array = array.T
-        tensors[name] = np.ascontiguousarray(array)
+        for hf_name, piece in (_unstack(name, array) if stacked else [(name, array)]):
+            tensors[hf_name] = np.ascontiguousarray(piece.T if transpose else piece)
     if lm.head == "lm+value":
         warnings.warn("head 'lm+value': the value head is not part of an HF causal-LM "
                       "checkpoint and is not saved", stacklevel=2)

@@ -1,0 +1,140 @@
+"""Sharded from the first byte: tensor-parallel rules, checkpoints read into their shards,
+dtype policy, and training on 2 x 2 x 2 meshes (one process of 8 host devices, and two
+processes of 4 joined by `jax.distributed` over loopback) equal to one device.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from rlhf_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
+from rlhf_jax.train.sharding import make_mesh, param_shardings, param_spec
+from rlhf_jax.train.state import make_optimizer
+
+ENTRY = os.path.join(os.path.dirname(__file__), "scale_entry.py")
+
+
+def test_tensor_parallel_rules_by_path_with_the_stacked_layer_axis():
+    spec = lambda path, shape, **kw: param_spec(path, shape, **kw)  # noqa: E731
+    tp = dict(tensor_size=2, fsdp_size=2)
+    # column-parallel: the output axis over "tensor"; FSDP takes the other (never the layer axis)
+    assert spec("trunk/layers/self_attn/q_proj/kernel", (24, 896, 896), **tp) == PartitionSpec(None, "fsdp", "tensor")
+    assert spec("trunk/layers/mlp/up_proj/kernel", (24, 896, 4864), **tp) == PartitionSpec(None, "fsdp", "tensor")
+    # row-parallel: the input axis
+    assert spec("trunk/layers/mlp/down_proj/kernel", (24, 4864, 896), **tp) == PartitionSpec(None, "tensor", "fsdp")
+    assert spec("trunk/layers/self_attn/o_proj/kernel", (24, 896, 896), **tp) == PartitionSpec(None, "tensor", "fsdp")
+    assert spec("trunk/embed_tokens/embedding", (151936, 896), **tp) == PartitionSpec("tensor", "fsdp")
+    assert spec("lm_head/kernel", (896, 151936), **tp) == PartitionSpec("fsdp", "tensor")
+    # optimizer moments end with the same path
+    assert spec("opt_state/1/0/mu/lm_head/kernel", (896, 151936), **tp) == PartitionSpec("fsdp", "tensor")
+    # the layer axis (24, the largest divisible one for a norm scale of width 6) is never split
+    assert spec("trunk/layers/input_layernorm/scale", (24, 6), fsdp_size=4) == PartitionSpec()
+    # an axis that "tensor" does not divide stays whole; FSDP alone as before
+    assert spec("trunk/layers/self_attn/k_proj/kernel", (2, 8, 6), tensor_size=4) == PartitionSpec()
+    assert spec("trunk/wpe/embedding", (64, 32), fsdp_size=2) == PartitionSpec("fsdp", None)
+    mesh = make_mesh(data=1, fsdp=2, tensor=2)
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    tree = {"step": jnp.int32(0), "trunk": {"layers": {"mlp": {"down_proj": {"kernel": jnp.zeros((2, 8, 4))}}}}}
+    sh = param_shardings(tree, mesh, fsdp=True)
+    assert sh["step"].spec == PartitionSpec()
+    assert sh["trunk"]["layers"]["mlp"]["down_proj"]["kernel"].spec == PartitionSpec(None, "tensor", "fsdp")
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        make_mesh(data=2, fsdp=2, tensor=2)
+
+
+def test_checkpoint_loads_straight_into_its_shards(tmp_path):
+    cfg = ModelConfig.tiny("llama", 64, num_layers=2)
+    lm, params = from_config(cfg, head="lm", seed=0)
+    save_pretrained(lm, params, tmp_path)
+    mesh = make_mesh(data=1, fsdp=2, tensor=2)
+    reads = []
+    import rlhf_jax.models.hf.pretrained as pretrained
+
+    real = pretrained._read_stacked
+    def spy(views, dtype, index):
+        reads.append(index)
+        return real(views, dtype, index)
+    pretrained._read_stacked = spy
+    try:
+        lm2, sharded = from_pretrained(tmp_path, param_dtype=jnp.bfloat16,
+                                       shardings=lambda a: param_shardings(a, mesh, fsdp=True))
+    finally:
+        pretrained._read_stacked = real
+    _, whole = from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+    up = sharded["trunk"]["layers"]["mlp"]["up_proj"]["kernel"]  # [L, D, F]
+    assert up.dtype == jnp.bfloat16
+    assert up.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in up.addressable_shards} == {(2, cfg.hidden_size // 2, cfg.intermediate_size // 2)}
+    # each device's callback read a quarter of the matrix, never the whole of it
+    full = (slice(None),) * 3
+    assert reads and all(idx != full for idx in reads if len(idx) == 3)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    np.testing.assert_allclose(jax.jit(lambda p: lm2.logits(p, ids, mask))(sharded), lm2.logits(whole, ids, mask),
+                               atol=1e-2)
+
+
+def test_mu_dtype_stores_the_first_moment_in_bfloat16():
+    params = {"w": jnp.ones((4, 4), jnp.float32)}
+    tx = make_optimizer(1e-3, schedule="constant", mu_dtype="bfloat16")
+    state = tx.init(params)
+    mus = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (4, 4)]
+    assert sorted(str(x.dtype) for x in mus) == ["bfloat16", "float32"]  # mu bf16, nu f32
+    updates, _ = tx.update({"w": jnp.ones((4, 4))}, state, params)
+    assert updates["w"].dtype == jnp.float32
+
+
+def test_frozen_bfloat16_weights_run_under_a_float32_description():
+    # the reference and reward model store bf16 weights; the LM computes in its own dtype
+    lm, params = from_config(ModelConfig.tiny("llama", 64), head="lm", seed=0)
+    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ids = jnp.ones((2, 5), jnp.int32)
+    mask = jnp.ones_like(ids)
+    out = lm.response_logprobs(frozen, ids, mask, 2)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, lm.response_logprobs(params, ids, mask, 2), atol=0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, ENTRY, str(tmp_path), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs):
+    for p in procs:
+        out, _ = p.communicate(timeout=420)
+        assert p.returncode == 0, out[-3000:]
+
+
+def test_meshes_and_two_processes_equal_one_device(tmp_path):
+    """SFT (2 steps) and PPO (2 iterations: rollout, reward model, separate value network) on a
+    2 x 2 x 2 (data x fsdp x tensor) mesh: one process with 8 host devices, then two processes
+    with 4 each joined over 127.0.0.1 (gloo), against one device."""
+    _wait([_run(["single"], tmp_path), _run(["mesh", "--devices", "8"], tmp_path)])
+    port = _free_port()
+    _wait([_run(["multi", "--process_id", str(i), "--port", str(port)], tmp_path) for i in (0, 1)])
+    want = np.load(tmp_path / "single.npz")
+    for mode in ("mesh", "multi"):
+        got = np.load(tmp_path / f"{mode}.npz")
+        assert sorted(got.files) == sorted(want.files)
+        assert len(want["sft_loss"]) == 2 and len(want["ppo_loss"]) == 2
+        for key in want.files:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=2e-4, err_msg=f"{mode}: {key}")
