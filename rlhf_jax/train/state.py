@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax.train.options import OptimizerConfig
+
 __all__ = [
     "TrainState",
+    "OptimizerConfig",
     "make_optimizer",
     "optimizer_from_config",
     "learning_rate_from_state",
@@ -145,27 +148,28 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam)
 
 
-def optimizer_from_config(cfg, *, prefix: str = "") -> optax.GradientTransformation:
-    """`make_optimizer` from the optimizer fields of a config dataclass.
+def optimizer_from_config(opt: OptimizerConfig, *, total_steps: int | None = None) -> optax.GradientTransformation:
+    """`make_optimizer` from an `OptimizerConfig`.
 
-    Reads `{prefix}learning_rate`, `warmup_steps`, `total_steps`, `schedule`,
-    `weight_decay`, `max_grad_norm`, `b1`, `b2` and, when present, `mu_dtype` (the fields every step config has;
-    `prefix="value_"` reads the value network's learning rate from a `PPOConfig`,
-    falling back to `learning_rate` when it is None).
+    Args:
+      opt: the optimizer settings.
+      total_steps: the schedule length to use when `opt.total_steps` is None (the run
+        length, which a driver knows); ignored for a constant schedule.
     """
-    lr = getattr(cfg, f"{prefix}learning_rate", None)
-    if lr is None:
-        lr = cfg.learning_rate
+    if not isinstance(opt, OptimizerConfig):
+        raise TypeError(f"`opt` must be an OptimizerConfig, got {type(opt).__name__}")
     return make_optimizer(
-        lr,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.total_steps,
-        schedule=cfg.schedule,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        b1=cfg.b1,
-        b2=cfg.b2,
-        mu_dtype=getattr(cfg, "mu_dtype", None),
+        opt.learning_rate,
+        warmup_steps=opt.warmup_steps,
+        total_steps=opt.total_steps if opt.total_steps is not None else total_steps,
+        schedule=opt.schedule,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        end_learning_rate_ratio=opt.end_learning_rate_ratio,
+        mu_dtype=opt.mu_dtype,
     )
 
 

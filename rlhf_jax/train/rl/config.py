@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.train.options import check, hyper
 
 __all__ = [
     "RLConfig",
@@ -40,19 +40,6 @@ ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_ba
 CRITIC_ESTIMATORS = ("gae",)
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-
-
-def hyper(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):  # noqa: A002
-    """A dataclass field with its help text in `metadata["help"]`."""
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def check(condition: bool, message: str) -> None:
-    """Raise `ConfigError(message)` unless `condition`."""
-    if not condition:
-        raise ConfigError(message)
 
 
 def _is_int(x) -> bool:
