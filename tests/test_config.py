@@ -306,3 +306,21 @@ def test_a_partial_section_keeps_the_commands_own_defaults():
     assert load_config(None, base[:2] + ["train.optimizer.warmup_steps=2"], RewardRunConfig).train.optimizer \
         .learning_rate == 5e-5
     assert RunOptions().mesh.single_device
+
+
+def test_model_remat_choices_are_the_model_policies_and_reach_the_lm(tmp_path):
+    import typing
+
+    from rlhf_jax.cli.commands import load_model
+    from rlhf_jax.cli.config import ModelSection
+    from rlhf_jax.models.stack import REMAT_POLICIES
+
+    assert set(typing.get_args(typing.get_type_hints(ModelSection)["remat"])) == set(REMAT_POLICIES)
+    path = write(tmp_path, MINIMAL_SFT)
+    assert load_config(path, [], SFTRunConfig).model.remat == "none"
+    assert load_config(path, ["model.remat=full"], SFTRunConfig).model.remat == "full"
+    with pytest.raises(ConfigError, match="remat"):
+        load_config(path, ["model.remat=sometimes"], SFTRunConfig)
+    tiny = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 16}
+    lm, _ = load_model(ModelSection(random_init=tiny, remat="save_dots_no_batch"), head="lm")
+    assert lm.remat == "save_dots_no_batch"

@@ -261,9 +261,16 @@ def test_config_validation_errors():
         ModelConfig.from_hf_config({"model_type": "bert", "vocab_size": 10})
     with pytest.raises(ValueError, match="family"):
         ModelConfig.tiny("t5")
+    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
+        ModelConfig.tiny("gemma2", layer_types=("sliding_attention",))
+    with pytest.raises(ValueError, match="sliding_window is None"):
+        ModelConfig.tiny("gemma3_text", sliding_window=None)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.tiny("gpt_neox", partial_rotary_factor=0.0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+                                    "gpt_neox"])
 def test_config_hf_round_trip(family):
     extra = {} if family == "gpt2" else {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -294,6 +301,7 @@ def test_lm_is_a_static_value_and_equal_models_share_one_compilation(count_compi
     assert a is not b and a == b and hash(a) == hash(b)
     assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype", "remat",
                                                        "logits_chunk_size"}
+    assert dataclasses.replace(a, remat="full") != a  # how the program is built: part of the value
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.head = "scalar"
     assert a.graphdef == b.graphdef  # derived from the fields, equal by value

@@ -1,4 +1,4 @@
-"""Decoder LMs (GPT-2, Llama family) in Flax NNX with scalar heads, HF loading and export.
+"""Decoder LMs (GPT-2, Llama family, Gemma 2/3, GPT-NeoX) in Flax NNX with scalar heads, HF loading and export.
 
 Public API: :class:`ModelConfig`, :class:`LM`, :func:`from_config`,
 :func:`from_pretrained`, :func:`save_pretrained`. An ``LM`` is a static, hashable

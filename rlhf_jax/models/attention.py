@@ -28,9 +28,16 @@ forward is traced: ``auto`` (default: cuDNN for the packed form on a GPU with bf
 inputs, falling back to XLA when cuDNN rejects the shapes at trace time), ``xla``, or
 ``cudnn`` (no fallback: errors surface).
 
-Sliding-window attention (Mistral): a query at position ``p`` sees keys at positions
+Sliding-window attention (Mistral, Gemma): a query at position ``p`` sees keys at positions
 ``p - window + 1 .. p`` (HF's convention: ``q - k < window``), over positions in the packed
 form and over cache slots in the explicit form (the same thing for left-padded prompts).
+Where only some layers slide (Gemma's sliding/global alternation), the layer scan passes a
+traced per-layer flag ``sliding``: the packed form picks one of the two attentions with
+``lax.cond``, the explicit form one of two precomputed masks (``allowed`` / ``local``).
+
+Soft-capped scores (Gemma 2, ``softcap * tanh(s / softcap)`` before the mask) are not in
+``jax.nn.dot_product_attention``'s API: they run an XLA implementation of ours over an
+explicit mask (scores materialised, recomputed in the backward pass).
 """
 from __future__ import annotations
 
@@ -54,10 +61,13 @@ class AttentionMask(NamedTuple):
       lengths: ``[B]`` int32, packed form: slots ``0 .. lengths[b] - 1`` hold real tokens;
         query slot ``i`` sees key slots ``j <= i`` with ``j < lengths[b]``.
       allowed: ``[B, T, S]`` bool, explicit form: query ``i`` sees key slot ``j`` iff True.
+      local: ``[B, T, S]`` bool, explicit form only, optional: the sliding-window mask of the
+        layers that slide when others do not (``allowed`` is then the full causal one).
     """
 
     lengths: jax.Array | None = None
     allowed: jax.Array | None = None
+    local: jax.Array | None = None
 
 
 # --------------------------------------------------------------- positions and masks
@@ -143,19 +153,46 @@ def _packed(q, k, v, lengths, *, scale, window):
     return xla(q, k, v, lengths)
 
 
-def attention(q, k, v, mask: AttentionMask, *, scale: float, window: int | None = None):
+def _softcapped(q, k, v, allowed, *, scale, softcap):
+    """``softmax(mask(softcap * tanh(scale * q k^T / softcap))) v`` with an explicit
+    ``allowed`` ``[B, T, S]``; grouped-query; scores in float32."""
+    b, t, hq, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, dh)
+
+
+def _packed_allowed(lengths, t, window):
+    """The explicit ``[B, T, T]`` mask of the packed form (causal, real keys, window)."""
+    i = jnp.arange(t, dtype=jnp.int32)
+    seen = i[None, :] <= i[:, None]
+    if window is not None:
+        seen = seen & (i[:, None] - i[None, :] < window)
+    return seen[None] & (i[None, None, :] < jnp.maximum(lengths, 1)[:, None, None])
+
+
+def attention(q, k, v, mask: AttentionMask, *, scale: float, window: int | None = None,
+              sliding=None, softcap: float | None = None):
     """Scaled dot-product attention, grouped-query, with the mask in one of two forms.
 
-    Equation: ``softmax(scale * q k^T + mask) v`` per head; query head ``h`` uses KV head
-    ``h // (Hq / Hkv)``. Scores and softmax in float32.
+    Equation: ``softmax(scale * q k^T + mask) v`` per head (with ``softcap``: the scores
+    become ``softcap * tanh(scores / softcap)`` before the mask); query head ``h`` uses KV
+    head ``h // (Hq / Hkv)``. Scores and softmax in float32.
 
     Args:
       q: ``[B, T, Hq, Dh]``; k, v: ``[B, S, Hkv, Dh]`` with ``Hq % Hkv == 0`` (cast to q's
         dtype: a cache may be stored in another one).
       mask: :class:`AttentionMask` (packed ``lengths`` or explicit ``allowed``).
       scale: multiplier of the scores (usually ``Dh ** -0.5``).
-      window: sliding-window size, or None; applied here in the packed form only (the
-        explicit mask already holds it, see :func:`cache_allowed`).
+      window: sliding-window size, or None. Packed form: applied here. Explicit form: the
+        mask already holds it (in ``allowed``, or in ``local`` when ``sliding`` is given).
+      sliding: None (the window, if any, applies), or a traced bool scalar: does this
+        layer use the window (per-layer data of the layer scan)?
+      softcap: soft cap of the scores (Gemma 2), or None.
 
     Returns:
       ``[B, T, Hq * Dh]`` in q's dtype, named ``"attention_out"`` for remat policies.
@@ -164,10 +201,31 @@ def attention(q, k, v, mask: AttentionMask, *, scale: float, window: int | None 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if (mask.lengths is None) == (mask.allowed is None):
         raise ValueError("AttentionMask needs exactly one of `lengths` and `allowed`")
+    if sliding is not None and window is None:
+        raise ValueError("attention: `sliding` needs a `window`")
     if mask.allowed is not None:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask.allowed[:, None], scale=scale)
+        allowed = mask.allowed
+        if sliding is not None:
+            if mask.local is None:
+                raise ValueError("attention: a per-layer `sliding` flag needs the mask's `local` form")
+            allowed = jnp.where(sliding, mask.local, mask.allowed)
+        if softcap is not None:
+            out = _softcapped(q, k, v, allowed, scale=scale, softcap=softcap)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
     else:
-        out = _packed(q, k, v, mask.lengths, scale=scale, window=window)
+        def packed(w):
+            if softcap is None:
+                return _packed(q, k, v, mask.lengths, scale=scale, window=w)
+            body = functools.partial(jax.checkpoint, prevent_cse=False)(
+                lambda q, k, v, lengths: _softcapped(q, k, v, _packed_allowed(lengths, t, w),
+                                                     scale=scale, softcap=softcap))
+            return body(q, k, v, mask.lengths)
+
+        if sliding is None:
+            out = packed(window)
+        else:
+            out = jax.lax.cond(sliding, lambda: packed(window), lambda: packed(None))
     return checkpoint_name(out.reshape(b, t, hq * dh), "attention_out")
 
 

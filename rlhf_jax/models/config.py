@@ -1,9 +1,9 @@
 """ModelConfig: one frozen description of a decoder LM, parsed from and written to HF config.json.
 
-Two families share it: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP, Conv1D
-projections) and ``"llama"`` (rotary positions, RMSNorm, SwiGLU, grouped-query
-attention), the latter covering the HF ``model_type`` values ``llama``, ``mistral``,
-``qwen2`` (q/k/v bias) and ``qwen3`` (per-head q/k RMSNorm).
+The fields are shared by every family; what a family reads from and writes to
+``config.json``, and what it can build, are its hooks in the registry
+(:mod:`rlhf_jax.models.registry`): ``"gpt2"`` (GPT-2), ``"llama"`` (Llama, Mistral, Qwen2,
+Qwen3), ``"gpt_neox"`` (GPT-NeoX/Pythia), ``"gemma"`` (Gemma 2, Gemma 3 text).
 """
 from __future__ import annotations
 
@@ -11,29 +11,15 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-# HF model_type -> our family.
-_FAMILY_OF_MODEL_TYPE = {
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-}
-# HF architecture class prefix per model_type.
-_ARCH_PREFIX = {
-    "gpt2": "GPT2",
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-}
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
+import rlhf_jax.models.registry as registry
+
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def supported_model_types() -> tuple[str, ...]:
     """The HF ``model_type`` values this package can build."""
-    return tuple(_FAMILY_OF_MODEL_TYPE)
+    return registry.supported_model_types()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +33,15 @@ class ModelConfig:
     ``rope_scaling`` is stored as a tuple of ``(key, value)`` pairs so the config
     stays hashable; read it as a dict with :attr:`rope_scaling_dict`. Supported
     ``rope_type`` values: ``default``, ``linear``, ``llama3``, ``yarn``.
-    ``sliding_window`` is recorded for export but not applied (full attention).
+
+    Attention windows: ``sliding_window`` applies to every layer when ``layer_types`` is
+    empty (Mistral), else to the layers marked ``"sliding_attention"`` (Gemma), which use
+    the rope base ``rope_local_theta`` when it is set (Gemma 3; no rope scaling there).
+
+    Family-specific fields: ``parallel_residual`` and ``partial_rotary_factor`` (GPT-NeoX),
+    ``query_pre_attn_scalar`` (scores scaled by its ``-1/2`` power instead of
+    ``head_dim``'s), ``attn_logit_softcap`` and ``final_logit_softcap`` (``cap *
+    tanh(x / cap)`` on the attention scores and the LM logits, Gemma 2).
     """
 
     family: str = "llama"
@@ -68,25 +62,30 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool = False  # bias on the output projection
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k
     initializer_range: float = 0.02
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     sliding_window: int | None = None
+    layer_types: tuple = ()  # per layer "full_attention" / "sliding_attention"; () = uniform
+    rope_local_theta: float | None = None
+    partial_rotary_factor: float = 1.0
+    parallel_residual: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self):
-        if self.family not in ("gpt2", "llama"):
-            raise ValueError(f"ModelConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
-        if self.model_type not in _FAMILY_OF_MODEL_TYPE:
-            raise ValueError(
-                f"ModelConfig.model_type {self.model_type!r} is not supported; "
-                f"supported: {sorted(_FAMILY_OF_MODEL_TYPE)}")
-        if _FAMILY_OF_MODEL_TYPE[self.model_type] != self.family:
+        family = registry.get_family(self.family)
+        owner = registry.family_of_model_type(self.model_type)
+        if owner.name != self.family:
             raise ValueError(f"model_type {self.model_type!r} belongs to family "
-                             f"{_FAMILY_OF_MODEL_TYPE[self.model_type]!r}, not {self.family!r}")
+                             f"{owner.name!r}, not {self.family!r}")
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if not isinstance(self.layer_types, tuple):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -103,24 +102,22 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
-        if self.family == "gpt2":
-            if self.hidden_act not in _GPT2_ACTIVATIONS:
-                raise ValueError(f"GPT-2 activation {self.hidden_act!r} is not supported; "
-                                 f"supported: {_GPT2_ACTIVATIONS}")
-            if self.head_dim * self.num_heads != self.hidden_size:
-                raise ValueError("GPT-2 needs head_dim * num_heads == hidden_size")
-            if self.num_kv_heads != self.num_heads:
-                raise ValueError("GPT-2 has no grouped-query attention: num_kv_heads must equal num_heads")
-        else:
-            if self.hidden_act not in ("silu", "swish"):
-                raise ValueError(f"Llama-family activation {self.hidden_act!r} is not supported "
-                                 "(only 'silu')")
-            if self.head_dim % 2:
-                raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
-            rope_type = self.rope_scaling_dict.get("rope_type", "default")
-            if rope_type not in _ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
-                                 f"supported: {_ROPE_TYPES}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_layers} layers")
+            bad = sorted(set(self.layer_types) - set(_LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types {bad} are not supported; supported: {_LAYER_TYPES}")
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        rope_type = self.rope_scaling_dict.get("rope_type", "default")
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
+                             f"supported: {_ROPE_TYPES}")
+        family.validate(self)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -129,17 +126,39 @@ class ModelConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.rope_scaling}
 
     @property
-    def architecture_prefix(self) -> str:
-        """The HF class-name prefix, e.g. ``"Qwen2"`` for ``Qwen2ForCausalLM``."""
-        return _ARCH_PREFIX[self.model_type]
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head are rotated (``head_dim`` unless partial)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window?"""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if not self.layer_types:
+            return (True,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        """The multiplier of the attention scores."""
+        if self.query_pre_attn_scalar is not None:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return self.head_dim ** -0.5
+
+    @property
+    def architectures(self) -> tuple[str, str]:
+        """HF class names ``(causal LM, sequence classification)`` for this model type."""
+        return registry.get_family(self.family).model_types[self.model_type]
 
     @classmethod
     def tiny(cls, family: str = "llama", vocab_size: int = 128, **overrides) -> "ModelConfig":
         """A small random-init config for tests and demos (2 layers, width 64).
 
         Args:
-          family: ``"gpt2"`` or ``"llama"``; any supported ``model_type`` works too
-            (``"qwen2"`` turns on q/k/v bias, ``"qwen3"`` q/k norm).
+          family: any supported ``model_type`` (``"gpt2"``, ``"llama"``, ``"qwen2"`` turns
+            on q/k/v bias, ``"qwen3"`` q/k norm, ``"gpt_neox"``, ``"gemma2"``,
+            ``"gemma3_text"``...).
           vocab_size: vocabulary size.
           **overrides: any other field.
 
@@ -147,24 +166,14 @@ class ModelConfig:
           >>> ModelConfig.tiny("gpt2", 64, num_layers=1).hidden_size
           64
         """
-        model_type = family
-        if family not in _FAMILY_OF_MODEL_TYPE:
-            raise ValueError(f"tiny(): family must be one of {sorted(_FAMILY_OF_MODEL_TYPE)}, "
+        if family not in registry.supported_model_types():
+            raise ValueError(f"tiny(): family must be one of {sorted(registry.supported_model_types())}, "
                              f"got {family!r}")
-        fam = _FAMILY_OF_MODEL_TYPE[family]
-        base: dict[str, Any] = dict(family=fam, model_type=model_type, vocab_size=vocab_size,
+        fam = registry.family_of_model_type(family)
+        base: dict[str, Any] = dict(family=fam.name, model_type=family, vocab_size=vocab_size,
                                     hidden_size=64, num_layers=2, num_heads=4,
                                     max_position_embeddings=512)
-        if fam == "gpt2":
-            base.update(norm_eps=1e-5, hidden_act="gelu_new", tie_word_embeddings=True,
-                        attention_bias=True, attention_out_bias=True, mlp_bias=True)
-        else:
-            base.update(num_kv_heads=2, intermediate_size=128, norm_eps=1e-6, hidden_act="silu",
-                        tie_word_embeddings=True)
-            if model_type == "qwen2":
-                base.update(attention_bias=True)
-            if model_type == "qwen3":
-                base.update(qk_norm=True)
+        base.update(fam.tiny(family))
         base.update(overrides)
         return cls(**base)
 
@@ -179,62 +188,15 @@ class ModelConfig:
         """
         hf = dict(hf)
         model_type = hf.get("model_type")
-        if model_type not in _FAMILY_OF_MODEL_TYPE:
-            raise ValueError(f"config.json model_type {model_type!r} is not supported; "
-                             f"supported: {sorted(_FAMILY_OF_MODEL_TYPE)} "
-                             f"(architectures={hf.get('architectures')})")
+        try:
+            fam = registry.family_of_model_type(model_type)
+        except ValueError as err:
+            raise ValueError(f"config.json {err} (architectures={hf.get('architectures')})") from None
         common = dict(vocab_size=hf["vocab_size"], pad_token_id=_first(hf.get("pad_token_id")),
                       bos_token_id=_first(hf.get("bos_token_id")),
                       eos_token_id=_first(hf.get("eos_token_id")),
                       initializer_range=hf.get("initializer_range", 0.02))
-        if model_type == "gpt2":
-            if hf.get("scale_attn_by_inverse_layer_idx"):
-                raise ValueError("GPT-2 config key scale_attn_by_inverse_layer_idx=True is not supported")
-            if hf.get("scale_attn_weights", True) is False:
-                raise ValueError("GPT-2 config key scale_attn_weights=False is not supported")
-            n_embd = hf["n_embd"]
-            return cls(family="gpt2", model_type="gpt2", hidden_size=n_embd,
-                       num_layers=hf["n_layer"], num_heads=hf["n_head"],
-                       intermediate_size=hf.get("n_inner") or 4 * n_embd,
-                       max_position_embeddings=hf["n_positions"],
-                       norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       hidden_act=hf.get("activation_function", "gelu_new"),
-                       tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                       attention_bias=True, attention_out_bias=True, mlp_bias=True, **common)
-        # Llama family. transformers 5 stores rope settings in "rope_parameters";
-        # 4.x in "rope_theta" + "rope_scaling".
-        rope = dict(hf.get("rope_parameters") or {})
-        legacy = hf.get("rope_scaling") or {}
-        for k, v in legacy.items():
-            rope.setdefault(k, v)
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope.pop("type")
-        rope.pop("type", None)
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        if rope.get("rope_type", "default") == "default":
-            rope = {}
-        if hf.get("partial_rotary_factor", 1.0) != 1.0 or rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
-        num_heads = hf["num_attention_heads"]
-        attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
-            family="llama", model_type=model_type, hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=hf.get("hidden_act", "silu"),
-            rope_theta=float(theta), rope_scaling=_freeze(rope),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2/2.5 always have q/k/v bias (no config key); Llama's attention_bias
-            # covers q/k/v/o; Qwen3's covers q/k/v/o too.
-            attention_bias=True if model_type == "qwen2" else attention_bias,
-            attention_out_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None,
-            **common)
+        return cls(family=fam.name, model_type=model_type, **common, **fam.from_hf(hf, model_type))
 
     def to_hf_config(self, *, head: str = "lm", dtype: str = "float32") -> dict:
         """The HF ``config.json`` dict for this model.
@@ -244,52 +206,39 @@ class ModelConfig:
             ``*ForSequenceClassification`` with one label.
           dtype: the stored weight dtype name (``"float32"``, ``"bfloat16"``...).
         """
-        if head == "scalar":
-            arch = self.architecture_prefix + "ForSequenceClassification"
-        elif self.family == "gpt2":
-            arch = "GPT2LMHeadModel"
-        else:
-            arch = self.architecture_prefix + "ForCausalLM"
-        out: dict[str, Any] = {"architectures": [arch], "model_type": self.model_type,
+        causal, classifier = self.architectures
+        out: dict[str, Any] = {"architectures": [classifier if head == "scalar" else causal],
+                               "model_type": self.model_type,
                                "vocab_size": self.vocab_size, "dtype": dtype,
                                "initializer_range": self.initializer_range,
                                "tie_word_embeddings": self.tie_word_embeddings,
                                "pad_token_id": self.pad_token_id,
                                "bos_token_id": self.bos_token_id,
                                "eos_token_id": self.eos_token_id}
-        if self.family == "gpt2":
-            out.update(n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
-                       n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
-                       layer_norm_epsilon=self.norm_eps, activation_function=self.hidden_act,
-                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        else:
-            if self.model_type == "qwen2" and not (self.attention_bias and not self.attention_out_bias):
-                raise ValueError("qwen2 export needs attention_bias=True, attention_out_bias=False")
-            if self.model_type != "qwen2" and self.attention_bias != self.attention_out_bias:
-                raise ValueError(f"{self.model_type} export needs attention_bias == attention_out_bias")
-            if self.qk_norm != (self.model_type == "qwen3"):
-                raise ValueError("qk_norm must be True exactly for model_type 'qwen3'")
-            rope = {"rope_type": "default", **self.rope_scaling_dict, "rope_theta": self.rope_theta}
-            out.update(hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                       num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                       head_dim=self.head_dim, intermediate_size=self.intermediate_size,
-                       max_position_embeddings=self.max_position_embeddings,
-                       rms_norm_eps=self.norm_eps, hidden_act=self.hidden_act,
-                       rope_parameters=rope, attention_dropout=0.0,
-                       # transformers 4.x / vLLM read these legacy keys; 5.x reads rope_parameters
-                       rope_theta=self.rope_theta,
-                       rope_scaling=self.rope_scaling_dict or None)
-            if self.model_type != "qwen2":
-                out["attention_bias"] = self.attention_bias
-            if self.model_type in ("llama",):
-                out["mlp_bias"] = self.mlp_bias
-            if self.model_type in ("qwen2", "qwen3", "mistral"):
-                out["sliding_window"] = self.sliding_window
-                if self.model_type != "mistral":
-                    out["use_sliding_window"] = self.sliding_window is not None
+        out.update(registry.get_family(self.family).to_hf(self))
         if head == "scalar":
             out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return out
+
+
+def hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict]:
+    """``(rope_theta, rope_scaling dict)`` from a config.json's rope keys.
+
+    transformers 5 stores them in ``"rope_parameters"``, 4.x in ``"rope_theta"`` +
+    ``"rope_scaling"``; plain RoPE gives an empty dict. ``partial_rotary_factor`` is left in
+    the dict for the caller.
+    """
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    for k, v in legacy.items():
+        rope.setdefault(k, v)
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.pop("type", None)
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") == "default":
+        rope = {k: v for k, v in rope.items() if k == "partial_rotary_factor"}
+    return float(theta), rope
 
 
 def _first(value):

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.attention import attention, write_kv
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Dense, Embedding, LayerNorm
+from rlhf_jax.models.layers import ACTIVATIONS, Dense, Embedding, LayerNorm
+from rlhf_jax.models.registry import Family, register
 from rlhf_jax.models.stack import scan_layers, stack_modules
-
-_ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 
 class GPT2Attention(nnx.Module):
@@ -63,7 +53,7 @@ class GPT2MLP(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.c_proj(_ACTIVATIONS[self.act](self.c_fc(x)))
+        return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
 
 
 class GPT2Block(nnx.Module):
@@ -103,3 +93,69 @@ class GPT2Model(nnx.Module):
         x, cache = scan_layers(self.h, lambda block, h, lc: block(h, mask, lc), x, cache,
                                cache_index, remat=remat)
         return self.ln_f(x), cache
+
+
+# ------------------------------------------------------------------ HF names and config.json
+# (HF name without "transformer.", our path below "trunk", transpose): Conv1D is [in, out].
+HF_TABLE = (
+    ("wte.weight", "wte/embedding", False),
+    ("wpe.weight", "wpe/embedding", False),
+    ("h.{i}.ln_1.weight", "h/{i}/ln_1/scale", False),
+    ("h.{i}.ln_1.bias", "h/{i}/ln_1/bias", False),
+    ("h.{i}.attn.c_attn.weight", "h/{i}/attn/c_attn/kernel", False),
+    ("h.{i}.attn.c_attn.bias", "h/{i}/attn/c_attn/bias", False),
+    ("h.{i}.attn.c_proj.weight", "h/{i}/attn/c_proj/kernel", False),
+    ("h.{i}.attn.c_proj.bias", "h/{i}/attn/c_proj/bias", False),
+    ("h.{i}.ln_2.weight", "h/{i}/ln_2/scale", False),
+    ("h.{i}.ln_2.bias", "h/{i}/ln_2/bias", False),
+    ("h.{i}.mlp.c_fc.weight", "h/{i}/mlp/c_fc/kernel", False),
+    ("h.{i}.mlp.c_fc.bias", "h/{i}/mlp/c_fc/bias", False),
+    ("h.{i}.mlp.c_proj.weight", "h/{i}/mlp/c_proj/kernel", False),
+    ("h.{i}.mlp.c_proj.bias", "h/{i}/mlp/c_proj/bias", False),
+    ("ln_f.weight", "ln_f/scale", False),
+    ("ln_f.bias", "ln_f/bias", False),
+)
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
+
+
+def _from_hf(hf: dict, model_type: str) -> dict:
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("GPT-2 config key scale_attn_by_inverse_layer_idx=True is not supported")
+    if hf.get("scale_attn_weights", True) is False:
+        raise ValueError("GPT-2 config key scale_attn_weights=False is not supported")
+    n_embd = hf["n_embd"]
+    return dict(hidden_size=n_embd, num_layers=hf["n_layer"], num_heads=hf["n_head"],
+                intermediate_size=hf.get("n_inner") or 4 * n_embd,
+                max_position_embeddings=hf["n_positions"],
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                hidden_act=hf.get("activation_function", "gelu_new"),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                attention_bias=True, attention_out_bias=True, mlp_bias=True)
+
+
+def _to_hf(cfg: ModelConfig) -> dict:
+    return dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings,
+                layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.hidden_act,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _validate(cfg: ModelConfig) -> None:
+    if cfg.hidden_act not in _GPT2_ACTIVATIONS:
+        raise ValueError(f"GPT-2 activation {cfg.hidden_act!r} is not supported; "
+                         f"supported: {_GPT2_ACTIVATIONS}")
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ValueError("GPT-2 needs head_dim * num_heads == hidden_size")
+    if cfg.num_kv_heads != cfg.num_heads:
+        raise ValueError("GPT-2 has no grouped-query attention: num_kv_heads must equal num_heads")
+
+
+def _tiny(model_type: str) -> dict:
+    return dict(norm_eps=1e-5, hidden_act="gelu_new", tie_word_embeddings=True,
+                attention_bias=True, attention_out_bias=True, mlp_bias=True)
+
+
+FAMILY = register(Family(
+    name="gpt2", model_types={"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification")},
+    trunk=GPT2Model, hf_table=HF_TABLE, hf_prefix="transformer.", embed_path="wte/embedding",
+    from_hf=_from_hf, to_hf=_to_hf, validate=_validate, tiny=_tiny))

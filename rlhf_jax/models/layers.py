@@ -1,6 +1,6 @@
-"""Building blocks shared by the GPT-2 and Llama modules: dense, norms, rotary
-embeddings, the attention mask over (left-padded) slots, and grouped-query attention
-with an optional preallocated KV cache.
+"""Building blocks shared by the family modules: activations, dense, embeddings, norms and
+rotary embeddings (attention and the KV cache: :mod:`rlhf_jax.models.attention`; the layer
+stack: :mod:`rlhf_jax.models.stack`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig, rope_attention_factor
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 def init_normal(rng, shape, std, dtype):
@@ -92,18 +102,34 @@ class RMSNorm(nnx.Module):
         return _lead(self.scale[...].astype(self.dtype), y) * y.astype(self.dtype)
 
 
+class OffsetRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)`` all in float32, then cast; ``scale``
+    starts at zero (the identity)."""
+
+    def __init__(self, dim, *, eps, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + _lead(self.scale[...].astype(jnp.float32), y))).astype(self.dtype)
+
+
 # ------------------------------------------------------------------ rotary
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[head_dim // 2]`` (float64 NumPy), with rope scaling applied.
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies ``[rotary_dim // 2]`` (float64 NumPy), with rope scaling applied.
 
     Types: ``default``; ``linear`` (divide by ``factor``); ``llama3`` (Llama 3.1:
     low frequencies divided by ``factor``, a smooth blend between
     ``low_freq_factor`` and ``high_freq_factor``); ``yarn`` (arXiv 2309.00071).
+    ``local``: the sliding layers' rope (Gemma 3): base ``rope_local_theta``, no scaling.
     """
-    dim = config.head_dim
-    base = config.rope_theta
+    dim = config.rotary_dim
+    base = config.rope_local_theta if local else config.rope_theta
     inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    rope = config.rope_scaling_dict
+    rope = {} if local else config.rope_scaling_dict
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return inv
@@ -139,21 +165,29 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     raise ValueError(f"rope_type {kind!r} is not supported")
 
 
-def rope_cos_sin(config: ModelConfig, positions):
-    """cos and sin ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
-    inv = jnp.asarray(rope_inv_freq(config), jnp.float32)
+def rope_cos_sin(config: ModelConfig, positions, *, local: bool = False):
+    """cos and sin ``[B, T, rotary_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
+    inv = jnp.asarray(rope_inv_freq(config, local=local), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    scale = rope_attention_factor(config)
+    scale = 1.0 if local else rope_attention_factor(config)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x, cos, sin):
-    """Rotate ``x`` ``[B, T, H, Dh]`` (HF "rotate_half" layout), in float32."""
+    """Rotate ``x`` ``[B, T, H, Dh]`` (HF "rotate_half" layout), in float32.
+
+    With ``cos``/``sin`` narrower than ``Dh`` (partial rotary, GPT-NeoX), only the first
+    ``cos.shape[-1]`` dimensions of each head rotate; the rest pass through.
+    """
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    rot = cos.shape[-1]
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
     return out.astype(x.dtype)
 
 

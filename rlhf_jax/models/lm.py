@@ -39,9 +39,8 @@ from flax import nnx
 from rlhf_jax.core import ops
 from rlhf_jax.models.attention import AttentionMask, cache_allowed, init_kv_cache, pack_order, slot_positions
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.gpt2 import GPT2Model
+from rlhf_jax.models.families import get_family
 from rlhf_jax.models.layers import Dense
-from rlhf_jax.models.llama import LlamaModel
 from rlhf_jax.models.stack import check_remat
 
 HEADS = ("lm", "scalar", "lm+value")
@@ -60,8 +59,7 @@ class Network(nnx.Module):
     def __init__(self, cfg: ModelConfig, head: str, *, rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        trunk_cls = GPT2Model if cfg.family == "gpt2" else LlamaModel
-        self.trunk = trunk_cls(cfg, rngs=rngs, **kw)
+        self.trunk = get_family(cfg.family).trunk(cfg, rngs=rngs, **kw)
         d = cfg.hidden_size
         # Each attribute is assigned once (NNX fixes an attribute's data/static status
         # at its first assignment).
@@ -221,9 +219,15 @@ class LM:
         remat = self.remat if remat is None else remat
         trunk = self._net(params).trunk
         if cache is not None:
-            allowed = cache_allowed(attention_mask, cache_index, t, window=self.config.sliding_window)
-            return trunk(input_ids, positions, AttentionMask(allowed=allowed), cache, cache_index,
-                         remat=remat)
+            sliding = self.config.sliding_layers
+            if all(sliding) or not any(sliding):  # one mask for all layers
+                allowed = cache_allowed(attention_mask, cache_index, t, window=self.config.sliding_window)
+                mask = AttentionMask(allowed=allowed)
+            else:  # sliding and global layers: both masks, each layer picks one
+                mask = AttentionMask(allowed=cache_allowed(attention_mask, cache_index, t),
+                                     local=cache_allowed(attention_mask, cache_index, t,
+                                                         window=self.config.sliding_window))
+            return trunk(input_ids, positions, mask, cache, cache_index, remat=remat)
         order, inverse, lengths = pack_order(attention_mask)
         hidden, _ = trunk(jnp.take_along_axis(input_ids, order, axis=1),
                           jnp.take_along_axis(positions, order, axis=1),
@@ -246,15 +250,19 @@ class LM:
 
     # ------------------------------------------------------------------ heads
     def lm_head(self, params, hidden):
-        """Logits ``[..., V]`` (float32) from hidden states ``[..., D]``."""
+        """Logits ``[..., V]`` (float32) from hidden states ``[..., D]`` (soft-capped
+        ``cap * tanh(logits / cap)`` where the config has ``final_logit_softcap``)."""
         if self.head == "scalar":
             raise ValueError("this LM has head='scalar' and no LM head; use with_head('lm')")
         h = hidden.astype(self.dtype)
         if self.config.tie_word_embeddings:
             table = _embedding(self.config, params).astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
-        kernel = params["lm_head"]["kernel"].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = params["lm_head"]["kernel"].astype(self.dtype)
+            logits = jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def value_head(self, params, hidden):
         """Per-position scalars ``[...]`` (float32) from hidden states ``[..., D]``.
@@ -392,8 +400,10 @@ class LM:
 
 
 def _embedding(cfg: ModelConfig, params):
-    trunk = params["trunk"]
-    return trunk["wte"]["embedding"] if cfg.family == "gpt2" else trunk["embed_tokens"]["embedding"]
+    node = params["trunk"]
+    for key in get_family(cfg.family).embed_path.split("/"):
+        node = node[key]
+    return node
 
 
 def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,

@@ -50,7 +50,8 @@ def stack_modules(modules):
     return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
 
-def scan_layers(layers, apply, x, cache=None, cache_index=None, *, remat: str = "none"):
+def scan_layers(layers, apply, x, cache=None, cache_index=None, *, remat: str = "none",
+                per_layer=None):
     """Run ``x`` through the stacked ``layers`` in one ``lax.scan``.
 
     Args:
@@ -61,6 +62,9 @@ def scan_layers(layers, apply, x, cache=None, cache_index=None, *, remat: str = 
       cache: the stacked KV cache ``{"k", "v"}`` ``[L, B, S, Hkv, Dh]``, or None.
       cache_index: first slot written (with a cache).
       remat: a key of :data:`REMAT_POLICIES`; applied per layer when there is no cache.
+      per_layer: optional pytree of ``[L, ...]`` arrays, data that differs between layers
+        (e.g. Gemma's sliding/global flag): layer ``i``'s slice is passed to ``apply`` as a
+        fourth argument, ``apply(block, x, layer_cache, layer_data)``.
 
     Returns:
       ``(x, cache)`` after the last layer (cache None without one).
@@ -72,12 +76,17 @@ def scan_layers(layers, apply, x, cache=None, cache_index=None, *, remat: str = 
 
     def body(carry, inputs):
         h, kv = carry
-        layer_state, layer = inputs
+        layer_state, layer, data = inputs
         block = nnx.merge(graphdef, layer_state)
-        h, kv = apply(block, h, None if kv is None else LayerCache(kv, layer, index))
+        layer_cache = None if kv is None else LayerCache(kv, layer, index)
+        if per_layer is None:
+            h, kv = apply(block, h, layer_cache)
+        else:
+            h, kv = apply(block, h, layer_cache, data)
         return (h, kv), None
 
     if cache is None and remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    xs = (state, jnp.arange(num_layers, dtype=jnp.int32), per_layer)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     return x, cache

@@ -28,6 +28,7 @@ import numpy as np
 
 from rlhf_jax.errors import LoadError
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.families import get_family
 from rlhf_jax.models.lm import HEADS, LM
 
 # HF's *ForSequenceClassification has no score bias; a reward head's bias (set by the
@@ -35,45 +36,15 @@ from rlhf_jax.models.lm import HEADS, LM
 SCORE_BIAS_FILE = "rlhf_jax_score_bias.json"
 
 # ------------------------------------------------------------- weight tables
-# (HF name without the trunk prefix, our path below "trunk" joined by "/", transpose)
-_GPT2_TRUNK = [
-    ("wte.weight", "wte/embedding", False),
-    ("wpe.weight", "wpe/embedding", False),
-    ("h.{i}.ln_1.weight", "h/{i}/ln_1/scale", False),
-    ("h.{i}.ln_1.bias", "h/{i}/ln_1/bias", False),
-    ("h.{i}.attn.c_attn.weight", "h/{i}/attn/c_attn/kernel", False),  # Conv1D: [in, out]
-    ("h.{i}.attn.c_attn.bias", "h/{i}/attn/c_attn/bias", False),
-    ("h.{i}.attn.c_proj.weight", "h/{i}/attn/c_proj/kernel", False),
-    ("h.{i}.attn.c_proj.bias", "h/{i}/attn/c_proj/bias", False),
-    ("h.{i}.ln_2.weight", "h/{i}/ln_2/scale", False),
-    ("h.{i}.ln_2.bias", "h/{i}/ln_2/bias", False),
-    ("h.{i}.mlp.c_fc.weight", "h/{i}/mlp/c_fc/kernel", False),
-    ("h.{i}.mlp.c_fc.bias", "h/{i}/mlp/c_fc/bias", False),
-    ("h.{i}.mlp.c_proj.weight", "h/{i}/mlp/c_proj/kernel", False),
-    ("h.{i}.mlp.c_proj.bias", "h/{i}/mlp/c_proj/bias", False),
-    ("ln_f.weight", "ln_f/scale", False),
-    ("ln_f.bias", "ln_f/bias", False),
-]
-_LLAMA_TRUNK = [("embed_tokens.weight", "embed_tokens/embedding", False),
-                ("norm.weight", "norm/scale", False)]
-for _proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    _LLAMA_TRUNK += [(f"layers.{{i}}.self_attn.{_proj}.weight", f"layers/{{i}}/self_attn/{_proj}/kernel", True),
-                     (f"layers.{{i}}.self_attn.{_proj}.bias", f"layers/{{i}}/self_attn/{_proj}/bias", False)]
-for _proj in ("gate_proj", "up_proj", "down_proj"):
-    _LLAMA_TRUNK += [(f"layers.{{i}}.mlp.{_proj}.weight", f"layers/{{i}}/mlp/{_proj}/kernel", True),
-                     (f"layers.{{i}}.mlp.{_proj}.bias", f"layers/{{i}}/mlp/{_proj}/bias", False)]
-for _norm in ("q_norm", "k_norm"):
-    _LLAMA_TRUNK.append((f"layers.{{i}}.self_attn.{_norm}.weight", f"layers/{{i}}/self_attn/{_norm}/scale", False))
-for _norm in ("input_layernorm", "post_attention_layernorm"):
-    _LLAMA_TRUNK.append((f"layers.{{i}}.{_norm}.weight", f"layers/{{i}}/{_norm}/scale", False))
-
+# Each family's trunk table lives in its module (``Family.hf_table``, see
+# rlhf_jax.models.registry); the heads are shared:
 _HEADS_TABLE = [("lm_head.weight", "lm_head/kernel", True),
                 ("score.weight", "score/kernel", True),
                 ("score.bias", "score/bias", False)]
-_TRUNK_PREFIX = {"gpt2": "transformer.", "llama": "model."}
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = [re.compile(r"^(transformer\.)?h\.\d+\.attn\.(masked_)?bias$"),
-            re.compile(r"rotary_emb\.inv_freq$")]
+            re.compile(r"rotary_emb\.inv_freq$"),
+            re.compile(r"^(gpt_neox\.)?layers\.\d+\.attention\.(masked_)?bias$")]
 
 
 def _table(family: str):
@@ -82,15 +53,15 @@ def _table(family: str):
     ``stacked`` rows hold a per-layer tensor: the regex captures the layer index and our
     path (``{i}`` removed) names the stacked parameter.
     """
-    trunk = _GPT2_TRUNK if family == "gpt2" else _LLAMA_TRUNK
-    prefix = _TRUNK_PREFIX[family]
+    fam = get_family(family)
+    trunk, prefix = fam.hf_table, fam.hf_prefix
     rows = []
     for hf, ours, transpose in trunk:
         # The trunk prefix is optional on load (base-model checkpoints lack it).
         regex = "^(?:" + re.escape(prefix) + ")?" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
         rows.append((re.compile(regex), prefix + hf, "trunk/" + ours.replace("/{i}", ""), transpose,
                      "{i}" in hf))
-    for hf, ours, transpose in _HEADS_TABLE:
+    for hf, ours, transpose in tuple(fam.hf_head_rows) + tuple(_HEADS_TABLE):
         rows.append((re.compile("^" + re.escape(hf) + "$"), hf, ours, transpose, False))
     return rows
 
