@@ -28,7 +28,7 @@ def model_dir(tmp_path):
 def test_plan_sft_json_schema_and_device_memory(capsys, model_dir):
     # no weights, no tokenizer, no data: only config.json (through --model-config)
     args = ["--config", "configs/tiny/sft.yaml", "--model-config", str(model_dir), "--devices", "2",
-            "model.random_init=null", "model.path=nowhere", "mesh.fsdp=2"]
+            "model.random_init=null", "model.path=nowhere", "run.mesh.fsdp=2"]
     got, text = _plan(capsys, *args)
     assert set(got) == {"devices", "device_memory_bytes", "fits", "phases"}
     assert got["devices"] == 2 and got["device_memory_bytes"] == 80 * 1024 ** 3 and got["fits"] is True
@@ -51,7 +51,7 @@ def test_plan_sft_json_schema_and_device_memory(capsys, model_dir):
 
 def test_plan_ppo_phases_with_a_reward_model(capsys, model_dir):
     got, text = _plan(capsys, "--config", "configs/tiny/ppo.yaml", "--model-config", str(model_dir),
-                      "train.ppo_epochs=1")
+                      "train.batch.ppo_epochs=1")
     assert list(got["phases"]) == ["rollout", "score", "update"]
     assert got["fits"] is True
     phases = got["phases"]

@@ -90,14 +90,12 @@ def _lm(hf_config, model_cfg, head, *, param_dtype=None):
               param_dtype=_dtype(param_dtype or model_cfg.param_dtype), remat=getattr(model_cfg, "remat", "none"))
 
 
-def _optimizer(train_cfg):
+def _optimizer(opt):
+    """The optax transformation of an `OptimizerConfig` (a schedule without a length gets one:
+    planning compiles, and the schedule's length changes no shape)."""
     from rlhf_jax.train.state import optimizer_from_config
 
-    total = getattr(train_cfg, "total_steps", None)
-    warm = getattr(train_cfg, "warmup_steps", 0) or 0
-    if total is None and hasattr(train_cfg, "total_steps"):
-        train_cfg = dataclasses.replace(train_cfg, total_steps=warm + 1000)
-    return optimizer_from_config(train_cfg)
+    return optimizer_from_config(opt, total_steps=(opt.warmup_steps or 0) + 1000)
 
 
 def _seq_len(data, key):
@@ -142,11 +140,11 @@ def run_plan(args, argv) -> int:
             f"(data x fsdp x tensor), {jax.devices()[0].platform}"
     if command == "sft":
         lm = _lm(policy_config, model_cfg, "lm")
-        result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train), seq_len=_seq_len(cfg.data, "max_length"),
+        result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train.optimizer), seq_len=_seq_len(cfg.data, "max_length"),
                                   mesh=mesh, device_memory_bytes=memory)
     elif command == "reward":
         rm = _lm(policy_config, model_cfg, "scalar")
-        result = planner.plan_reward(rm, cfg.train, _optimizer(cfg.train),
+        result = planner.plan_reward(rm, cfg.train, _optimizer(cfg.train.optimizer),
                                      seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory)
     else:
         result = _plan_ppo(cfg, policy_config, args, mesh, memory, planner)
@@ -170,30 +168,23 @@ def _plan_ppo(cfg, policy_config, args, mesh, memory, planner):
     if not shared:
         path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
         value_model = _lm(_hf_config(path, None, args.model_config, "value_model"), model_cfg, "scalar")
-        from rlhf_jax.train.state import optimizer_from_config
-
-        value_tx = optimizer_from_config(_with_total(cfg.train), prefix="value_")
+        value_tx = _optimizer(cfg.train.value_optimizer_config)
     reward_model = reward_fn = None
     if cfg.reward.model_path is not None:
         reward_model = _lm(_hf_config(cfg.reward.model_path, None, args.model_config, "reward.model_path"),
                            model_cfg, "scalar")
     else:
         reward_fn = _no_reward  # a host function: no compiled score phase
-    eos = cfg.train.eos_token_id
+    sampling = cfg.train.sampling
+    eos = sampling.eos_token_id
     if eos is None:
         eos = policy_config.get("eos_token_id") or 0
         eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-    train = dataclasses.replace(cfg.train, eos_token_id=eos)
-    trainer = PPOTrainer(policy, train, _optimizer(train), value_model=value_model, value_tx=value_tx,
+    train = dataclasses.replace(cfg.train, sampling=dataclasses.replace(sampling, eos_token_id=eos))
+    trainer = PPOTrainer(policy, train, _optimizer(train.optimizer), value_model=value_model, value_tx=value_tx,
                          reward_model=reward_model, reward_fn=reward_fn)
     return planner.plan_ppo(trainer, prompt_len=_seq_len(cfg.data, "max_prompt_length"), mesh=mesh,
                             device_memory_bytes=memory, frozen_dtype=frozen, reference=reference)
-
-
-def _with_total(train_cfg):
-    if getattr(train_cfg, "total_steps", 0) is None:
-        return dataclasses.replace(train_cfg, total_steps=(getattr(train_cfg, "warmup_steps", 0) or 0) + 1000)
-    return train_cfg
 
 
 def _no_reward(*_):  # pragma: no cover - never called: planning compiles, it does not run
