@@ -300,7 +300,7 @@ def test_lm_is_a_static_value_and_equal_models_share_one_compilation(count_compi
     assert isinstance(a, LM) and "gpt2" in repr(a)
     assert a is not b and a == b and hash(a) == hash(b)
     assert {f.name for f in dataclasses.fields(a)} == {"config", "head", "dtype", "param_dtype", "remat",
-                                                       "logits_chunk_size"}
+                                                       "logits_chunk_size", "lora"}
     assert dataclasses.replace(a, remat="full") != a  # how the program is built: part of the value
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.head = "scalar"

@@ -140,8 +140,8 @@ def run_plan(args, argv) -> int:
             f"(data x fsdp x tensor), {jax.devices()[0].platform}"
     if command == "sft":
         lm = _lm(policy_config, model_cfg, "lm")
-        result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train.optimizer), seq_len=_seq_len(cfg.data, "max_length"),
-                                  mesh=mesh, device_memory_bytes=memory)
+        result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train.optimizer),
+                                  seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory)
     elif command == "reward":
         rm = _lm(policy_config, model_cfg, "scalar")
         result = planner.plan_reward(rm, cfg.train, _optimizer(cfg.train.optimizer),

@@ -42,6 +42,9 @@ def _lead(v, x):
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel`` ``[in, out]`` (HF Conv1D layout).
 
+    With a LoRA adapter (``lora_a`` ``[in, r]``, ``lora_b`` ``[r, out]`` and ``lora_scale``,
+    attached by :func:`rlhf_jax.models.lora.attach`): ``y = x @ kernel + scale * (x @ A) @ B + bias``.
+
     ``rngs`` is a ``numpy.random.Generator`` (or None for an abstract model); the
     kernel is drawn N(0, std^2) (``std=0``: zeros), the bias is zero.
     """
@@ -53,7 +56,14 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        # A LoRA adapter (attached by rlhf_jax.models.lora): + scale * (x @ A) @ B, never
+        # merged into the kernel here, so the frozen kernel gets no gradient and no copy.
+        lora_a = getattr(self, "lora_a", None)
+        if lora_a is not None:
+            low = jnp.einsum("...i,ir->...r", x, lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + _lead(self.bias[...].astype(self.dtype), y)
         return y

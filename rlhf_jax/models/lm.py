@@ -41,6 +41,7 @@ from rlhf_jax.models.attention import AttentionMask, cache_allowed, init_kv_cach
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.families import get_family
 from rlhf_jax.models.layers import Dense
+from rlhf_jax.models.lora import LoRAConfig, attach
 from rlhf_jax.models.stack import check_remat
 
 HEADS = ("lm", "scalar", "lm+value")
@@ -117,6 +118,9 @@ class LM:
         frozen-model forwards are unchanged.
       logits_chunk_size: tokens per chunk of the LM head in :meth:`token_stats` (log-probs,
         entropies, SFT cross-entropy): the most ``[chunk, V]`` float32 logits held at once.
+      lora: a :class:`~rlhf_jax.models.lora.LoRAConfig` or None. With one, the graph holds
+        ``lora_a`` / ``lora_b`` in the matching projections and ``params`` must hold them
+        too (``lora.combine(base, adapters)``); :attr:`base` is the same LM without them.
     """
 
     config: ModelConfig
@@ -125,12 +129,15 @@ class LM:
     param_dtype: Any = jnp.float32
     remat: str = "none"
     logits_chunk_size: int = LOGITS_CHUNK_SIZE
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(self.config).__name__}")
         _check_head(self.head)
         check_remat(self.remat)
+        if self.lora is not None and not isinstance(self.lora, LoRAConfig):
+            raise TypeError(f"lora must be a LoRAConfig or None, got {type(self.lora).__name__}")
         if not isinstance(self.logits_chunk_size, int) or self.logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be a positive int, got {self.logits_chunk_size!r}")
         # Normalised so that jnp.bfloat16, "bfloat16" and jnp.dtype("bfloat16") give equal LMs.
@@ -139,24 +146,31 @@ class LM:
 
     def __repr__(self):
         return (f"LM({self.config.model_type}, head={self.head!r}, layers={self.config.num_layers}, "
-                f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name})")
+                f"d={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype.name}"
+                + ("" if self.lora is None else f", lora=r{self.lora.rank}") + ")")
+
+    @property
+    def base(self) -> "LM":
+        """This LM without LoRA adapters (itself when it has none)."""
+        return self if self.lora is None else dataclasses.replace(self, lora=None)
 
     @functools.cached_property
     def graphdef(self):
         """The NNX ``GraphDef`` of the network (shapes only; no weights are made)."""
         graphdef, _ = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
-                            abstract=True)
+                            abstract=True, lora=self.lora)
         return graphdef
 
     def init(self, seed: int = 0):
         """Freshly initialised params (HF-style N(0, 0.02); norms 1, biases 0; see :func:`build`)."""
-        _, params = build(self.config, self.head, seed=seed, dtype=self.dtype, param_dtype=self.param_dtype)
+        _, params = build(self.config, self.head, seed=seed, dtype=self.dtype, param_dtype=self.param_dtype,
+                          lora=self.lora)
         return params
 
     def abstract_params(self):
         """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no memory allocated)."""
         _, params = build(self.config, self.head, dtype=self.dtype, param_dtype=self.param_dtype,
-                          abstract=True)
+                          abstract=True, lora=self.lora)
         return params
 
     def _net(self, params) -> Network:
@@ -407,8 +421,10 @@ def _embedding(cfg: ModelConfig, params):
 
 
 def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
-          param_dtype=jnp.float32, abstract: bool = False):
+          param_dtype=jnp.float32, abstract: bool = False, lora: LoRAConfig | None = None):
     """(graphdef, params) of a fresh :class:`Network`; ``abstract`` gives ShapeDtypeStructs.
+
+    With ``lora``, the matching projections carry adapters (see :mod:`rlhf_jax.models.lora`).
 
     Random tensors are drawn from ``numpy.random.default_rng(seed)`` (fast and
     reproducible; no per-shape compilation).
@@ -417,7 +433,10 @@ def build(config: ModelConfig, head: str, *, seed: int = 0, dtype=jnp.float32,
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
 
     def make(rng):
-        return Network(config, head, rngs=rng, dtype=dtype, param_dtype=param_dtype)
+        net = Network(config, head, rngs=rng, dtype=dtype, param_dtype=param_dtype)
+        if lora is not None:
+            attach(net, lora, rng)
+        return net
 
     if abstract:
         graphdef, state = nnx.split(nnx.eval_shape(lambda: make(None)), nnx.Param)

@@ -73,6 +73,7 @@ from rlhf_jax.errors import LoadError, RunInterrupted, TrainingStalledError
 from rlhf_jax.io.checkpoint import Checkpointer, CorruptCheckpointError
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import RunOptions
 from rlhf_jax.train.sharding import (
     FSDP_AXIS,
@@ -423,7 +424,7 @@ def _jit_step(step_fn, run: _Run, state):
 
 def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
                     on_step, on_checkpoint, allow_config_mismatch, eval_fn=None, eval_every=None,
-                    return_state=False):
+                    return_state=False, frozen=None):
     from rlhf_jax.train.state import optimizer_from_config
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
@@ -457,13 +458,14 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
         state = driver.init_state(lambda p: init_fn(model, p, tx, seed=run.seed), params)
         state, start = driver.restore_or_start(state)
         step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
+        frozen = driver.place(frozen)  # LoRA's base weights: an argument of every step, never trained
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
                 batch = {k: v[rows] for k, v in arrays.items()}
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, frozen)
                 done = step + 1
                 if driver.should_log(done):
                     host = driver.fetch(metrics)
@@ -471,7 +473,7 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
                     if "tokens" in host:
                         host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
                     if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
-                        host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
+                        host.update({f"eval/{k}": v for k, v in eval_fn(combine(frozen, state.params)).items()})
                     driver.warn_if_skipped(done, host)
                     driver.log(done, host, on_step)
                 driver.maybe_save(done, state, _position(done, order.per_epoch))
@@ -510,12 +512,14 @@ _COMMON_DOC = """
 def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, tx=None, mesh=None,
             max_steps: int | None = None, on_step: Callable | None = None,
             on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
-            return_state: bool = False):
+            return_state: bool = False, frozen=None):
     """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
 
     Args:
       lm: the `LM` (closed over by the step).
-      params: its initial parameters.
+      params: its initial trained parameters (with LoRA: the adapters only).
+      frozen: with LoRA, the frozen base weights (`lora.partition`), passed to every step
+        as an argument; the returned params are the trained part only. None otherwise.
       data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
         (right-padded; `loss_mask` is 1 on completion tokens).
       cfg: `SFTConfig` (batch_size, num_epochs, optimizer, ...).
@@ -529,19 +533,22 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *,
     return _fit_supervised(
         kind="sft", model=lm, params=params, data=data, cfg=cfg, run=run, keys=_SFT_KEYS, init_fn=sft_init,
         make_step=make_sft_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
-        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state)
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
+        frozen=frozen)
 
 
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
                eval_every: int | None = None, eval_batch_size: int | None = None, tx=None, mesh=None,
                max_steps: int | None = None, on_step: Callable | None = None,
                on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
-               return_state: bool = False):
+               return_state: bool = False, frozen=None):
     """Bradley-Terry reward-model training on preference pairs.
 
     Args:
       rm: a scalar-head `LM`.
-      params: its initial parameters (e.g. the SFT trunk with a fresh head).
+      params: its initial trained parameters (e.g. the SFT trunk with a fresh head; with
+        LoRA: the adapters and the score head, `lora.partition(p, heads=("score",))`).
+      frozen: with LoRA, the frozen base weights; None otherwise.
       train_data: {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
         `[N, L]` arrays (+ optional "margin" `[N]`).
       cfg: `RewardConfig`.
@@ -572,7 +579,7 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOp
         kind="reward", model=rm, params=params, data=train_data, cfg=cfg, run=run, keys=_PAIR_KEYS,
         init_fn=reward_init, make_step=make_reward_step, tx=tx, mesh=mesh, max_steps=max_steps,
         on_step=on_step, on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch,
-        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state)
+        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, frozen=frozen)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,

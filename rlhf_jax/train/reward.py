@@ -19,6 +19,7 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.losses import bradley_terry_loss
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
@@ -110,11 +111,15 @@ def _bt(chosen, rejected, margin, center_coef):
 
 
 def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
-    """Build the pure reward-model step `(state, batch) -> (state, metrics)`.
+    """Build the pure reward-model step `(state, batch, frozen=None) -> (state, metrics)`.
 
     Loss: Bradley-Terry, `mean(-log_sigmoid(r_chosen - r_rejected - margin))` (+ the
     optional centering term), with `r = rm.scores(...)` read at each sequence's last
     valid token. A non-finite gradient skips the update (`skipped_nonfinite = 1`).
+
+    LoRA: `state.params` holds the adapters and the new `score` head
+    (`rlhf_jax.models.lora.partition(params, heads=("score",))`), `frozen` the base
+    weights (an argument, never trained); the model runs on `combine(frozen, state.params)`.
 
     Args:
       rm: a scalar-head `LM` (closed over).
@@ -122,7 +127,7 @@ def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
       cfg: `RewardConfig`.
 
     Returns:
-      `step(state, batch)` with batch = {"chosen_ids", "chosen_mask", "rejected_ids",
+      `step(state, batch, frozen=None)` with batch = {"chosen_ids", "chosen_mask", "rejected_ids",
       "rejected_mask"} `[B, L]` (+ optional "margin" `[B]`). Metrics: loss, accuracy,
       chosen_score, rejected_score, score_gap, grad_norm, learning_rate, skipped_nonfinite.
 
@@ -130,8 +135,8 @@ def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
       Bradley & Terry 1952; Ouyang et al. 2022, arXiv 2203.02155.
     """
 
-    def loss_fn(params, micro):
-        chosen, rejected = pair_scores(rm, params, micro)
+    def loss_fn(params, micro, frozen):
+        chosen, rejected = pair_scores(rm, combine(frozen, params), micro)
         margin = micro.get("margin") if cfg.use_margin else None
         loss, bt_aux = _bt(chosen, rejected, margin, cfg.center_rewards_coef)
         aux = {
@@ -143,13 +148,13 @@ def make_reward_step(rm, tx: optax.GradientTransformation, cfg: RewardConfig):
         del bt_aux
         return loss, (aux, jnp.asarray(jnp.shape(chosen)[0], jnp.float32))
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen=None):
         _check_pairs(batch)
         keys = _PAIR_KEYS + (("margin",) if (cfg.use_margin and "margin" in batch) else ())
         batch = {k: batch[k] for k in keys}
         micro = split_micro_batches(batch, cfg.grad_accum_steps)
         loss, grads, aux, _ = accumulate_gradients(
-            loss_fn, state.params, micro, num_micro=cfg.grad_accum_steps
+            lambda p, m: loss_fn(p, m, frozen), state.params, micro, num_micro=cfg.grad_accum_steps
         )
         params, opt_state, applied = guarded_apply(tx, grads, state.opt_state, state.params)
         metrics = {

@@ -15,6 +15,7 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.losses import aggregation_weight, sft_loss
+from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
@@ -100,12 +101,17 @@ def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=Non
 
 
 def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
-    """Build the pure SFT step `(state, batch) -> (state, metrics)`.
+    """Build the pure SFT step `(state, batch, frozen=None) -> (state, metrics)`.
 
     One call is one optimizer update over `batch` (`[B, L]` arrays, B divisible by
     `cfg.grad_accum_steps`), its gradient accumulated over micro-batches in a `lax.scan`.
     A non-finite gradient skips the update (params and optimizer state unchanged,
     `metrics["skipped_nonfinite"] = 1`).
+
+    LoRA: `state.params` holds only the trained part (the adapters) and `frozen` the
+    rest (the base weights, an argument: no optimizer state, never differentiated); the
+    model runs on `rlhf_jax.models.lora.combine(frozen, state.params)`. Without LoRA,
+    `frozen` is None and `state.params` is the whole model.
 
     Args:
       lm: the `LM` (closed over, static).
@@ -113,15 +119,16 @@ def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
       cfg: `SFTConfig`.
 
     Returns:
-      `step(state, batch)`; jit it (`jax.jit(step, donate_argnums=0)`). `metrics` are
+      `step(state, batch, frozen=None)`; jit it (`jax.jit(step, donate_argnums=0)`). `metrics` are
       float32 scalars: loss, nll, token_accuracy, grad_norm, tokens, learning_rate,
       skipped_nonfinite.
     """
 
-    def loss_fn(params, micro):
-        return sft_loss_fn(lm, params, micro, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
+    def step(state: TrainState, batch, frozen=None):
+        def loss_fn(params, micro):
+            return sft_loss_fn(lm, combine(frozen, params), micro, agg=cfg.loss_agg,
+                               norm_constant=cfg.norm_constant)
 
-    def step(state: TrainState, batch):
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
         micro = split_micro_batches(batch, cfg.grad_accum_steps)
         loss, grads, aux, _ = accumulate_gradients(

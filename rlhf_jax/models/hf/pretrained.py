@@ -30,6 +30,7 @@ from rlhf_jax.errors import LoadError
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.families import get_family
 from rlhf_jax.models.lm import HEADS, LM
+from rlhf_jax.models.lora import merge_adapters
 
 # HF's *ForSequenceClassification has no score bias; a reward head's bias (set by the
 # normalisation to mean 0) travels in this file next to the weights and is restored on load.
@@ -458,16 +459,21 @@ def save_pretrained(lm: LM, params, out_dir, *, tokenizer=None, save_dtype=None)
     bias: a nonzero bias is dropped with a warning; HF reads the score at the last
     token that is not ``pad_token_id``, so ``pad_token_id`` is written, falling back
     to ``eos_token_id``); ``"lm+value"`` writes the causal LM without the value head
-    (warning).
+    (warning). A LoRA model is saved merged (``W + scale * A @ B``, see
+    :func:`rlhf_jax.models.lora.merge_adapters`); for an adapter folder instead, see
+    :func:`rlhf_jax.models.hf.peft.save_peft_adapter`.
 
     Args:
-      lm: the model. params: its parameters. out_dir: created if needed.
+      lm: the model. params: its parameters (LoRA: ``combine(base, adapters)``).
+      out_dir: created if needed.
       tokenizer: optional; saved with ``tokenizer.save_pretrained(out_dir)``.
       save_dtype: storage dtype (default: the params' own dtype).
 
     Returns:
       the output folder.
     """
+    if lm.lora is not None:
+        lm, params = merge_adapters(lm, params)
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     cfg = lm.config

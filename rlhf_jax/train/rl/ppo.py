@@ -235,6 +235,12 @@ class PPOTrainer(RLTrainer):
       reward_fn: host function `(prompt_ids, prompt_mask, response_tokens, response_mask,
         prompt_index) -> np.ndarray [B]`, used instead of a reward model.
 
+    LoRA: with `policy.lora` set, `state.params` holds only the trained part (the
+    adapters, plus the `value_head` for "lm+value": `lora.partition(params,
+    heads=("value_head",))`), and `ref_params` is the frozen base (`frozen` of that
+    partition): the policy runs on `combine(ref_params, state.params)` and the reference
+    is the base without adapters (see `RLTrainer`).
+
     Rows with a non-finite score are masked out of the update (`reward/nonfinite_rows`);
     when no row is finite the update is skipped (params, optimizer states and the KL
     controller unchanged, the rng advanced as usual, `skipped_nonfinite` = 1).

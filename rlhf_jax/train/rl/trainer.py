@@ -41,6 +41,7 @@ from flax import struct
 from rlhf_jax.core import ops
 from rlhf_jax.core.importance import truncated_importance_weights
 from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
+from rlhf_jax.models.lora import combine, reference_lm
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
@@ -151,7 +152,14 @@ class RLTrainer:
             raise ValueError(
                 f"`advantages.estimator` {cfg.advantages.estimator!r} has no critic: do not pass a `value_model`"
             )
+        # LoRA: the trained params are the adapters (+ value head); `ref_params` is the frozen
+        # base they sit on and, without adapters, the reference policy (one copy of the weights).
+        self.lora = getattr(policy, "lora", None) is not None
+        if getattr(value_model, "lora", None) is not None:
+            raise ValueError("a LoRA `value_model` is not supported: use a full value model or a LoRA "
+                             "policy with head='lm+value'")
         self.policy = policy
+        self.reference = reference_lm(policy) if self.lora else policy
         self.rl_cfg = cfg
         self.tx = tx
         self.critic = critic
@@ -210,6 +218,10 @@ class RLTrainer:
 
     # -- phases -----------------------------------------------------------------------
 
+    def _policy_params(self, params, ref_params):
+        """The params the policy runs on: LoRA's trained part over the frozen base, or `params`."""
+        return combine(ref_params, params) if self.lora else params
+
     def _score(self, reward_params, prompt_ids, prompt_mask, tokens, response_mask):
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1)
@@ -260,16 +272,18 @@ class RLTrainer:
         else:
             truncated = jnp.zeros(jnp.shape(scores), bool)
 
+        policy_params = self._policy_params(state.params, ref_params)
         use_ref = cfg.kl.placement != "none"
         if use_ref:
             ref_logprobs = _chunked(
-                lambda i, m: self.policy.response_logprobs(ref_params, i, m, n, temperature=cfg.sampling.temperature),
+                lambda i, m: self.reference.response_logprobs(ref_params, i, m, n,
+                                                              temperature=cfg.sampling.temperature),
                 (input_ids, attention_mask), chunk)
             ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
         else:
             ref_logprobs = None
         old_logprobs, old_entropy, old_values = _chunked(
-            lambda i, m: self._forward(state.params, state.value_params, i, m, with_entropy=True,
+            lambda i, m: self._forward(policy_params, state.value_params, i, m, with_entropy=True,
                                        with_values=self.critic),
             (input_ids, attention_mask), chunk)
         old_logprobs = jax.lax.stop_gradient(old_logprobs)
@@ -302,14 +316,14 @@ class RLTrainer:
                     kl_coef=kl_coef, tis=tis)
         return data, info
 
-    def _loss_fn(self, kl_coef):
+    def _loss_fn(self, kl_coef, ref_params):
         cfg = self.rl_cfg
 
         def loss_fn(all_params, micro: RLBatch):
             params, value_params = all_params
             logprobs, entropy, values = self._forward(
-                params, value_params, micro.input_ids, micro.attention_mask, with_entropy=True,
-                with_values=self.critic,
+                self._policy_params(params, ref_params), value_params, micro.input_ids, micro.attention_mask,
+                with_entropy=True, with_values=self.critic,
             )
             loss, aux = policy_objective(logprobs, entropy, values, micro, cfg=cfg, kl_coef=kl_coef,
                                          critic=self.critic)
@@ -327,7 +341,7 @@ class RLTrainer:
         k = self.rl_cfg.batch.grad_accum_steps
         micro = jax.tree.map(lambda x: jnp.reshape(x, (k, x.shape[0] // k) + x.shape[1:]), data)
         loss, grads, aux, _ = accumulate_gradients(
-            self._loss_fn(info["kl_coef"]), (state.params, state.value_params), micro, num_micro=k)
+            self._loss_fn(info["kl_coef"], ref_params), (state.params, state.value_params), micro, num_micro=k)
         return loss, grads
 
     def _update(self, state: RLState, prompt_ids, prompt_mask, rollout, scores, ref_params, key):
@@ -337,7 +351,7 @@ class RLTrainer:
         data, info = self._prepare(state, prompt_ids, prompt_mask, rollout, scores, ref_params)
         finite, mask, valid = info["finite"], info["mask"], info["valid"]
         any_finite = jnp.any(finite)
-        loss_fn = self._loss_fn(info["kl_coef"])
+        loss_fn = self._loss_fn(info["kl_coef"], ref_params)
         separate = self.value_model is not None
 
         def minibatch(carry, idx):
@@ -464,7 +478,10 @@ class RLTrainer:
             self.policy.check_inputs(np.asarray(prompt_ids), np.asarray(prompt_mask))
 
     def rollout(self, params, prompt_ids, prompt_mask, key):
-        """The rollout phase alone: `group_size` samples per prompt (rows grouped per prompt)."""
+        """The rollout phase alone: `group_size` samples per prompt (rows grouped per prompt).
+
+        `params` are the policy's full params (with LoRA: `combine(ref_params, state.params)`).
+        """
         return _rollout_jit(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), key,
                             **self._sampling)
 
@@ -564,7 +581,9 @@ class RLTrainer:
           state: `RLState`.
           prompt_ids: `[batch_size, P]` int32, left-padded prompts.
           prompt_mask: `[batch_size, P]` 1 for real prompt tokens.
-          ref_params: frozen reference policy params (required unless `kl.placement` is "none").
+          ref_params: frozen reference policy params (required unless `kl.placement` is "none");
+            with a LoRA policy, the frozen base (always required): the policy runs on
+            `combine(ref_params, state.params)`, the reference is `lora.reference_lm(policy)`.
           reward_params: the reward model's params (when the trainer has a reward model).
           prompt_index: `[batch_size]` data-set row indices, passed (repeated) to `reward_fn`.
           more_prompts: with `rewards.dynamic_sampling`, `more_prompts(try_index) ->
@@ -581,22 +600,24 @@ class RLTrainer:
         cfg = self.rl_cfg
         if self.reward_model is not None and reward_params is None:
             raise ValueError("the trainer scores with a reward model: pass `reward_params`")
-        if ref_params is None and cfg.kl.placement != "none":
-            raise ValueError("`ref_params` (the frozen reference policy) is required")
+        if ref_params is None and (cfg.kl.placement != "none" or self.lora):
+            raise ValueError("`ref_params` (the frozen reference policy; with LoRA, the frozen base) "
+                             "is required")
         prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
         prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
         rng, rollout_key, update_key = jax.random.split(state.rng, 3)
         state = state.replace(rng=rng)
 
         t0 = time.perf_counter()
-        rollout = self.rollout(state.params, prompt_ids, prompt_mask, rollout_key)
+        policy_params = self._policy_params(state.params, ref_params)  # LoRA: adapters over the base
+        rollout = self.rollout(policy_params, prompt_ids, prompt_mask, rollout_key)
         jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         scores = self.score(reward_params, prompt_ids, prompt_mask, rollout, prompt_index)
         extra = {}
         if cfg.rewards.dynamic_sampling:
             prompt_ids, prompt_mask, prompt_index, rollout, scores, extra = self._dynamic_sampling(
-                state.params, prompt_ids, prompt_mask, prompt_index, rollout, scores, rollout_key, reward_params,
+                policy_params, prompt_ids, prompt_mask, prompt_index, rollout, scores, rollout_key, reward_params,
                 more_prompts)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
