@@ -33,7 +33,7 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     to_dict,
 )
 from rlhf_jax.train.dpo import DPOConfig
-from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, RunOptions, hyper
+from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
 from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.rl.ppo import PPOConfig
@@ -163,6 +163,9 @@ def _check_data(data: DataSection, *, prompts_only: bool = False):
              "`data.prompt_template` must contain `{prompt}` where the prompt goes")
 
 
+_ALL_DEVICES = MeshOptions(data=-1, fsdp=1)
+
+
 def _check_common(cfg, batch_size: int):
     if hasattr(cfg.train, "num_epochs"):
         _require(cfg.train.num_epochs is not None, "`train.num_epochs` must be >= 1, got null")
@@ -181,7 +184,8 @@ class SFTRunConfig:
     data: DataSection = hyper(help="data", factory=DataSection)
     train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500))
+                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
@@ -202,7 +206,8 @@ class RewardRunConfig:
     normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
                                   "and rejected responses have mean 0")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500))
+                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
@@ -221,7 +226,8 @@ class DPORunConfig:
     data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
     train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500))
+                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
@@ -247,7 +253,8 @@ class PPORunConfig:
     train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
     num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20))
+                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
