@@ -76,7 +76,8 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 class ModelSection:
     """Which model to start from."""
 
-    path: str | None = _help("local HF folder (config.json + safetensors) or hub id of the starting model", None)
+    path: str | None = _help("local HF folder (config.json + safetensors), GGUF file (or a folder holding "
+                             "one) or hub id of the starting model", None)
     random_init: dict | None = _help(
         "instead of `path`: an HF-style config.json dict (with `model_type`) for a randomly initialised "
         "model (tests, experiments)", None)
@@ -88,7 +89,7 @@ class ModelSection:
 class TokenizerSection:
     """The tokenizer (an HF `AutoTokenizer` folder)."""
 
-    path: str | None = _help("tokenizer folder or hub id; default: model.path", None)
+    path: str | None = _help("tokenizer folder, GGUF file or hub id; default: model.path", None)
     pad_token: str | None = hyper(
         None, "a token already in the vocabulary to use as PAD when the tokenizer has none or its PAD equals EOS")
     chat_template: str | None = hyper(
