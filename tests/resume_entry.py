@@ -96,7 +96,7 @@ def run_ppo(args):
 
 def run_grpo(args):
     """The RL trainer (GRPO, groups of 4, DAPO's dynamic sampling refilling from fresh prompts)."""
-    from rlhf_jax.train import make_optimizer
+    from rlhf_jax.train import RunOptions, make_optimizer
     from rlhf_jax.train.drivers import fit_ppo
     from rlhf_jax.train.rl.presets import rl_config
     from rlhf_jax.train.rl.trainer import RLTrainer
@@ -120,9 +120,9 @@ def run_grpo(args):
     lengths = rng.integers(1, p + 1, n)
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
-    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask},
-                        output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                        max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
+    run = RunOptions(output_dir=args.output_dir, seed=3, checkpoint_every=args.checkpoint_every, tensorboard=False)
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask}, run,
+                        max_steps=args.steps, on_step=_kill_hook(args))
     return params
 
 
