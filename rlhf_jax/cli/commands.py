@@ -383,8 +383,8 @@ def _reward_export(path: str) -> str:
 
 def execute(plan: Plan, *, overwrite: bool = False) -> str:
     """Run a prepared command; returns what it wrote (the hf/ folder, eval.json, the export)."""
-    runner = {"sft": _execute_sft, "reward": _execute_reward, "dpo": _execute_dpo, "ppo": _execute_ppo, "eval": _execute_eval,
-              "export": _execute_export}[plan.command]
+    runner = {"sft": _execute_sft, "reward": _execute_reward, "dpo": _execute_dpo, "ppo": _execute_ppo,
+              "eval": _execute_eval, "export": _execute_export}[plan.command]
     return runner(plan, overwrite=overwrite)
 
 
