@@ -13,7 +13,7 @@ import pytest
 
 from rlhf_jax.errors import TrainingStalledError
 from rlhf_jax.models import ModelConfig, from_config
-from rlhf_jax.train import make_optimizer
+from rlhf_jax.train import RunOptions, make_optimizer
 from rlhf_jax.train.drivers import fit_ppo
 from rlhf_jax.train.rl.estimators import shape_scores
 from rlhf_jax.train.rl.presets import rl_config
@@ -56,8 +56,6 @@ def target_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
 
 
 def _quiet(output_dir):
-    from rlhf_jax.train import RunOptions
-
     return RunOptions(output_dir=str(output_dir), stdout=False, tensorboard=False, checkpoint_every=None,
                       async_checkpoint=False)
 

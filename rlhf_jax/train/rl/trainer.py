@@ -531,7 +531,8 @@ class RLTrainer:
         index = None if prompt_index is None else np.stack([c[2] for c in chosen])
         ro = jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs, axis=0)), *[c[3] for c in chosen])
         sc = jnp.asarray(np.concatenate([c[4] for c in chosen]), jnp.float32)
-        metrics = {"dynamic_sampling/tries": float(tries), "dynamic_sampling/informative_groups": float(informative_total),
+        metrics = {"dynamic_sampling/tries": float(tries),
+                   "dynamic_sampling/informative_groups": float(informative_total),
                    "dynamic_sampling/filled_groups": float(filled)}
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), index, ro, sc, metrics
 
