@@ -62,6 +62,7 @@ __all__ = [
     "load_model",
     "run_sft",
     "run_reward",
+    "run_dpo",
     "run_ppo",
     "run_eval",
     "run_export",
@@ -338,6 +339,10 @@ def prepare(command: str, cfg) -> Plan:
     train, held_out = _load_examples(cfg.data, tok, kind=kind, pad_token=cfg.tokenizer.pad_token)
     what = "examples" if command == "sft" else "preference pairs"
     _check_batch(cfg.train.batch_size, train, what, cfg.data)
+    if command == "dpo" and cfg.reference is not None:
+        _check_exists(cfg.reference, "`reference`: model folder")
+        if os.path.isdir(cfg.reference):
+            _check_vocab_size(tok, _read_hf_config(cfg.reference, "reference"), "reference")
     updates = (len(train) // cfg.train.batch_size) * cfg.train.num_epochs
     train_cfg = dataclasses.replace(cfg.train, optimizer=_schedule_length(cfg.train.optimizer, updates))
     return Plan(command, dataclasses.replace(cfg, train=train_cfg), tok, train, held_out)
@@ -397,8 +402,8 @@ def _reward_export(path: str) -> str:
 
 def execute(plan: Plan, *, overwrite: bool = False) -> str:
     """Run a prepared command; returns what it wrote (the hf/ folder, eval.json, the export)."""
-    runner = {"sft": _execute_sft, "reward": _execute_reward, "ppo": _execute_ppo, "eval": _execute_eval,
-              "export": _execute_export}[plan.command]
+    runner = {"sft": _execute_sft, "reward": _execute_reward, "dpo": _execute_dpo, "ppo": _execute_ppo,
+              "eval": _execute_eval, "export": _execute_export}[plan.command]
     return runner(plan, overwrite=overwrite)
 
 
@@ -420,6 +425,11 @@ def run_sft(cfg, *, overwrite: bool = False) -> str:
 def run_reward(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax reward`: returns the HF export folder (a *ForSequenceClassification)."""
     return execute(prepare("reward", cfg), overwrite=overwrite)
+
+
+def run_dpo(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax dpo`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("dpo", cfg), overwrite=overwrite)
 
 
 def run_ppo(cfg, *, overwrite: bool = False) -> str:
@@ -489,6 +499,34 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
         with open(os.path.join(cfg.run.output_dir, "reward_eval.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         out = export_model(rm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        folder.commit_overwrite()
+    return out
+
+
+def _execute_dpo(plan: Plan, *, overwrite: bool) -> str:
+    from rlhf_jax.train.drivers import fit_dpo, mesh_from_options
+
+    cfg, tok, train = plan.cfg, plan.tokenizer, plan.train
+    _report(f"dpo: {len(train)} preference pairs of length {train.arrays['chosen_ids'].shape[1]}"
+            + (f" ({train.dropped} dropped as too long)" if train.dropped else "")
+            + (f"; reference {cfg.reference}" if cfg.reference else "; reference: the starting model"))
+    with _claim(plan, overwrite=overwrite) as folder:
+        mesh = mesh_from_options(cfg.run)
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
+        _check_model_vocab(tok, lm)
+        ref_params = None
+        if cfg.reference is not None and cfg.train.needs_reference:
+            import jax
+
+            _, ref_params = load_pretrained(cfg.reference, head="lm", dtype=lm.dtype, param_dtype=lm.param_dtype,
+                                            mesh=mesh)
+            shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+            if shapes(ref_params) != shapes(params):
+                raise ConfigError(f"`reference`: {cfg.reference} does not have the starting model's architecture "
+                                  "(its parameters differ in names or shapes)")
+        params, _ = fit_dpo(lm, params, train.arrays, cfg.train, cfg.run, ref_params=ref_params, mesh=mesh,
+                            on_checkpoint=folder.commit_overwrite)
+        out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
 
@@ -631,7 +669,7 @@ def load_run_model(run_dir: str):
     if command == "ppo":
         head = "lm+value" if run_cfg.value_model is None else "lm"
     else:
-        head = "lm" if command == "sft" else "scalar"
+        head = "lm" if command in ("sft", "dpo") else "scalar"
     lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed)
     params, step = _restored_params(command, run_cfg, params, tok)
     return command, lm, params, tok, step

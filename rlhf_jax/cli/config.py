@@ -2,7 +2,7 @@
 
 Every `rlhf-jax` subcommand reads one config class from this module. The
 training commands compose the trainers' own hyper-parameter dataclasses
-(`SFTConfig`, `RewardConfig`, `PPOConfig` from `rlhf_jax.train`, each with a
+(`SFTConfig`, `RewardConfig`, `DPOConfig`, `PPOConfig` from `rlhf_jax.train`, each with a
 nested `OptimizerConfig`) with the sections a run needs around them: the
 model, the tokenizer, the data, the reward, and `run` (`RunOptions`: output
 folder, seed, checkpoints, logging, mesh), the same object the drivers take.
@@ -32,6 +32,7 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     load_config,
     to_dict,
 )
+from rlhf_jax.train.dpo import DPOConfig
 from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
 from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
@@ -47,6 +48,7 @@ __all__ = [
     "RunOptions",
     "SFTRunConfig",
     "RewardRunConfig",
+    "DPORunConfig",
     "PPORunConfig",
     "EvalModel",
     "EvalConfig",
@@ -220,6 +222,27 @@ class RewardRunConfig:
 
 
 @dataclass(frozen=True)
+class DPORunConfig:
+    """`rlhf-jax dpo`: DPO (or IPO, hinge, SimPO) on prompt/chosen/rejected rows against a frozen reference."""
+
+    model: ModelSection = hyper(help="starting policy (usually the SFT run's hf/ folder)", factory=ModelSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: the starting model; unused by simpo)")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
+    train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data)
+        _check_common(self, self.train.batch_size)
+        _require(self.reference is None or bool(self.reference), "`reference` must be a model folder or null")
+
+
+@dataclass(frozen=True)
 class PPORunConfig:
     """`rlhf-jax ppo`: PPO against a reward model or a reward function, with a frozen reference."""
 
@@ -312,7 +335,7 @@ class EvalConfig:
 class ExportConfig:
     """`rlhf-jax export`: write a run's newest checkpoint as an HF folder."""
 
-    run_dir: str = _help("the run folder of `rlhf-jax sft|reward|ppo` (holds resolved_config.yaml)", "")
+    run_dir: str = _help("the run folder of `rlhf-jax sft|reward|dpo|ppo` (holds resolved_config.yaml)", "")
     output_dir: str = _help("where to write config.json, model.safetensors and the tokenizer", "runs/export")
     dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype of the written weights", "float32")
 
@@ -324,6 +347,7 @@ class ExportConfig:
 COMMAND_CONFIGS = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
+    "dpo": DPORunConfig,
     "ppo": PPORunConfig,
     "eval": EvalConfig,
     "export": ExportConfig,

@@ -1,4 +1,4 @@
-"""Driver loops: `fit_sft`, `fit_reward`, `fit_ppo`.
+"""Driver loops: `fit_sft`, `fit_reward`, `fit_dpo`, `fit_ppo`.
 
 A driver is the thin host-side loop around a jitted step: it orders the data,
 feeds fixed-shape batches, logs (`rlhf_jax.io.metrics.MetricsLogger`), saves
@@ -19,6 +19,7 @@ Output directory layout:
     output_dir/metrics.jsonl     one JSON line per logged step (see MetricsLogger)
     output_dir/tb/               TensorBoard events
     output_dir/checkpoints/<step>/   orbax checkpoints (state + host JSON)
+    output_dir/reference_logprobs.npz   DPO: the precomputed reference log-probs (read back on resume)
 
 Run options. Every driver takes a `RunOptions` (`rlhf_jax.train.options`):
 output folder, seed (data order and PRNG), checkpoint period and count, logging
@@ -85,7 +86,7 @@ from rlhf_jax.train.sharding import (
     shard_batch,
 )
 
-__all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
+__all__ = ["fit_sft", "fit_reward", "fit_dpo", "fit_ppo", "REF_LOGPROBS_FILE", "epoch_permutation", "batch_rows"]
 
 _SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _PAIR_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -226,7 +227,7 @@ class _StopSignals:
 
 
 class _Run:
-    """Shared set-up and bookkeeping of the three drivers (checkpointing, logging, mesh, signals)."""
+    """Shared set-up and bookkeeping of the drivers (checkpointing, logging, mesh, signals)."""
 
     def __init__(self, *, kind: str, cfg, fingerprint: dict, run: RunOptions, mesh, total_steps: int,
                  allow_config_mismatch: bool, on_checkpoint: Callable | None):
@@ -424,7 +425,16 @@ def _jit_step(step_fn, run: _Run, state):
 
 def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
                     on_step, on_checkpoint, allow_config_mismatch, eval_fn=None, eval_every=None,
-                    return_state=False, frozen=None):
+                    return_state=False, optional_keys=(), input_pairs=(), setup=None, frozen=None):
+    """The loop of every offline trainer (SFT, reward model, DPO): one jitted step per batch.
+
+    `keys` (+ those of `optional_keys` present) are the data columns a batch carries;
+    `input_pairs` the (ids, mask) columns checked against the model. `setup(driver, arrays,
+    start) -> (arrays, step_args)`, called once the state is restored (start = its step),
+    may add columns (DPO's reference log-probs) and extra step arguments (a frozen
+    reference); the data fingerprint is taken before it, on the given columns. Without
+    `setup` the step's extra argument is `frozen` (LoRA's base weights, or None).
+    """
     from rlhf_jax.train.state import optimizer_from_config
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
@@ -444,28 +454,26 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
     if tx is None:
         cfg = _with_schedule_length(cfg, total)
         tx = optimizer_from_config(cfg.optimizer)
-    optional = ("margin",) if kind == "reward" and "margin" in arrays else ()
-    arrays = {k: arrays[k] for k in keys + optional}
-    if kind == "sft":
-        _check_model_inputs(model, [(arrays["input_ids"], arrays["attention_mask"])])
-    else:
-        _check_model_inputs(model, [(arrays["chosen_ids"], arrays["chosen_mask"]),
-                                    (arrays["rejected_ids"], arrays["rejected_mask"])])
+    arrays = {k: arrays[k] for k in tuple(keys) + tuple(k for k in optional_keys if k in arrays)}
+    _check_model_inputs(model, [(arrays[ids], arrays[mask]) for ids, mask in input_pairs])
 
     driver = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
                   allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     try:
         state = driver.init_state(lambda p: init_fn(model, p, tx, seed=run.seed), params)
         state, start = driver.restore_or_start(state)
-        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
         frozen = driver.place(frozen)  # LoRA's base weights: an argument of every step, never trained
+        step_args = (frozen,)
+        if setup is not None:
+            arrays, step_args = setup(driver, arrays, start)
+        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
                 batch = {k: v[rows] for k, v in arrays.items()}
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
-                state, metrics = step_fn(state, batch, frozen)
+                state, metrics = step_fn(state, batch, *step_args)
                 done = step + 1
                 if driver.should_log(done):
                     host = driver.fetch(metrics)
@@ -534,7 +542,7 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *,
         kind="sft", model=lm, params=params, data=data, cfg=cfg, run=run, keys=_SFT_KEYS, init_fn=sft_init,
         make_step=make_sft_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
         on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
-        frozen=frozen)
+        input_pairs=[("input_ids", "attention_mask")], frozen=frozen)
 
 
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
@@ -579,7 +587,98 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOp
         kind="reward", model=rm, params=params, data=train_data, cfg=cfg, run=run, keys=_PAIR_KEYS,
         init_fn=reward_init, make_step=make_reward_step, tx=tx, mesh=mesh, max_steps=max_steps,
         on_step=on_step, on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch,
-        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, frozen=frozen)
+        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, optional_keys=("margin",),
+        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], frozen=frozen)
+
+
+REF_LOGPROBS_FILE = "reference_logprobs.npz"
+"""Where `fit_dpo` keeps the precomputed reference log-probs, in the run folder."""
+
+
+def _save_ref_logprobs(path: str, ref_logps: Mapping[str, np.ndarray], *, data_hash: str, average: bool) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, data_hash=np.asarray(data_hash), average=np.asarray(bool(average)), **ref_logps)
+    os.replace(tmp, path)  # a crash never leaves half a file under the real name
+
+
+def _load_ref_logprobs(path: str, keys, *, data_hash: str, average: bool, num_rows: int):
+    """The saved reference log-probs, or None when absent, unreadable or of other data."""
+    try:
+        with np.load(path) as f:
+            if str(f["data_hash"]) != data_hash or bool(f["average"]) != bool(average):
+                return None
+            out = {k: np.asarray(f[k], np.float32) for k in keys}
+    except (OSError, KeyError, ValueError):
+        return None
+    if any(v.shape != (num_rows,) for v in out.values()):
+        return None
+    return out
+
+
+def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, ref_params=None,
+            tx=None, mesh=None, max_steps: int | None = None, on_step: Callable | None = None,
+            on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
+            return_state: bool = False):
+    """DPO (or IPO, hinge, SimPO) on preference pairs, against a frozen reference.
+
+    The reference log-probs. With `cfg.reference == "precompute"` (the default) one
+    jitted pass of the reference over all pairs runs before the first step; its result
+    is written to `run.output_dir/reference_logprobs.npz` (with the data's hash) and
+    travels with each batch as two columns. A resumed run reads that file back instead
+    of recomputing, so it continues with exactly the numbers it started with. With
+    `"on_the_fly"` the reference's forward runs inside every step (no file; more
+    compute, no O(N) memory). SimPO uses no reference.
+
+    Args:
+      lm: the `LM` (head "lm").
+      params: the policy's initial parameters.
+      train_data: {"chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
+        "rejected_mask", "rejected_loss_mask"} `[N, L]` arrays (`preference_examples`).
+      cfg: `DPOConfig`.
+      ref_params: the frozen reference's parameters (default: `params`, the starting
+        model, as in the DPO paper).
+    {common}
+    Returns:
+      `(params, history)` as for `fit_sft`.
+    """
+    from rlhf_jax.train.dpo import DPO_PAIR_KEYS, REF_KEYS, dpo_init, make_dpo_step, reference_logprobs
+
+    reference = params if ref_params is None else ref_params
+
+    def setup(driver, arrays, start):
+        if not cfg.needs_reference:
+            return arrays, ()
+        ref = driver.place(reference)
+        if cfg.reference == "on_the_fly":
+            return arrays, (ref,)
+        n = int(arrays["chosen_ids"].shape[0])
+        path = os.path.join(driver.output_dir, REF_LOGPROBS_FILE)
+        data_hash = _fingerprint(arrays)["hash"]
+        ref_logps = None
+        if start > 0:
+            ref_logps = _load_ref_logprobs(path, REF_KEYS, data_hash=data_hash, average=cfg.average_logprobs,
+                                           num_rows=n)
+            if ref_logps is None:
+                driver.logger.warn(f"{path} is missing or belongs to other data: recomputing the reference "
+                                   "log-probs (the resumed steps may differ in the last bits)")
+        if ref_logps is None:
+            place = None if driver.mesh is None else (lambda chunk: shard_batch(chunk, driver.mesh))
+            started = time.perf_counter()
+            ref_logps = reference_logprobs(lm, ref, arrays, batch_size=cfg.ref_batch_size or cfg.batch_size,
+                                           average=cfg.average_logprobs, place=place)
+            _save_ref_logprobs(path, ref_logps, data_hash=data_hash, average=cfg.average_logprobs)
+            message = (f"reference log-probs of {n} pairs computed in {time.perf_counter() - started:.1f} s "
+                       f"-> {path}")
+            _log.info(message)
+            if run.stdout:
+                print(message, flush=True)
+        return {**arrays, **ref_logps}, ()
+
+    return _fit_supervised(
+        kind="dpo", model=lm, params=params, data=train_data, cfg=cfg, run=run, keys=DPO_PAIR_KEYS,
+        init_fn=dpo_init, make_step=make_dpo_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
+        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], setup=setup)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,
@@ -706,7 +805,7 @@ def _fill_docs() -> None:
     common = _COMMON_DOC.strip("\n")
     no_tx = "\n".join(line for line in common.splitlines()
                       if "tx: the optimizer" not in line and "filled in from the run length" not in line)
-    for fn, text in ((fit_sft, common), (fit_reward, common), (fit_ppo, no_tx)):
+    for fn, text in ((fit_sft, common), (fit_reward, common), (fit_dpo, common), (fit_ppo, no_tx)):
         fn.__doc__ = fn.__doc__.replace("    {common}", text.rstrip() + "\n")
 
 
