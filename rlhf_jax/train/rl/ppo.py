@@ -530,6 +530,16 @@ class PPOTrainer:
         if hasattr(self.policy, "check_inputs"):  # token ids inside the vocabulary, 0/1 mask
             self.policy.check_inputs(np.asarray(prompt_ids), np.asarray(prompt_mask))
 
+    def score(self, reward_params, prompt_ids, prompt_mask, rollout, prompt_index=None):
+        """The score phase alone: the reward model's scores or the host `reward_fn`'s, `[B]` float32."""
+        if self.reward_model is not None:
+            return self._score_jit(reward_params, prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
+        host = jax.device_get((prompt_ids, prompt_mask, rollout.tokens, rollout.mask))
+        scores = np.asarray(self.reward_fn(*host, prompt_index), np.float32)
+        if scores.shape != (self.cfg.batch.batch_size,):
+            raise ValueError(f"`reward_fn` must return shape ({self.cfg.batch.batch_size},), got {scores.shape}")
+        return jnp.asarray(scores)
+
     def iteration(
         self,
         state: PPOState,
@@ -570,16 +580,7 @@ class PPOTrainer:
         rollout = _rollout_jit(state.params, prompt_ids, prompt_mask, rollout_key, **self._sampling)
         jax.block_until_ready(rollout)
         t1 = time.perf_counter()
-        if self.reward_model is not None:
-            scores = self._score_jit(reward_params, prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
-        else:
-            host = jax.device_get((prompt_ids, prompt_mask, rollout.tokens, rollout.mask))
-            scores = np.asarray(self.reward_fn(*host, prompt_index), np.float32)
-            if scores.shape != (self.cfg.batch.batch_size,):
-                raise ValueError(
-                    f"`reward_fn` must return shape ({self.cfg.batch.batch_size},), got {scores.shape}"
-                )
-            scores = jnp.asarray(scores)
+        scores = self.score(reward_params, prompt_ids, prompt_mask, rollout, prompt_index)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         state, metrics = self._update_jit(state, prompt_ids, prompt_mask, rollout, scores, ref_params, update_key)
