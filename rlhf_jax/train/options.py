@@ -196,6 +196,6 @@ class RunOptions:
 
 
 RESUMABLE_RUN_OPTIONS = ("checkpoint_every", "keep", "log_every", "print_every", "stdout", "tensorboard",
-                         "progress", "async_checkpoint", "log_samples_every", "num_logged_samples", "eval_every") + tuple(
-    f"wandb.{f}" for f in ("enabled", "mode", "project", "entity", "name", "group", "tags"))
+                         "progress", "async_checkpoint", "log_samples_every", "num_logged_samples",
+                         "eval_every") + tuple(f"wandb.{f.name}" for f in dataclasses.fields(WandbOptions))
 """`RunOptions` fields a resumed run may change: they do not change the math of the steps done."""
