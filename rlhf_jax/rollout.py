@@ -145,11 +145,30 @@ def _vocab_size(config) -> int | None:
     return int(value) if isinstance(value, (int, np.integer)) else None
 
 
+def _cache_batch_axes(lm, total: int):
+    """The batch axis of every leaf of `lm.init_cache` (found by comparing batch 1 and 2)."""
+    one = jax.eval_shape(lambda: lm.init_cache(1, total))
+    two = jax.eval_shape(lambda: lm.init_cache(2, total))
+
+    def axis(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if len(diff) != 1:
+            raise ValueError(f"cannot find the batch axis of a KV cache leaf of shape {b.shape}")
+        return diff[0]
+
+    return jax.tree.map(axis, one, two)
+
+
 def _generate_body(lm, params, prompt_ids, prompt_mask, key, knobs, *, max_new_tokens: int,
-                   greedy: bool, top_k: int, use_top_p: bool, has_eos: bool) -> Rollout:
+                   greedy: bool, top_k: int, use_top_p: bool, has_eos: bool,
+                   num_samples: int = 1) -> Rollout:
     """The sampler. Keyword arguments fix the program's structure (static); `knobs`
     holds the values that may change without recompiling: `temperature`, `top_p`,
-    `eos_token_id`, `pad_token_id` (scalars, possibly traced)."""
+    `eos_token_id`, `pad_token_id` (scalars, possibly traced).
+
+    With `num_samples = G > 1` the `[B, P]` prompts are prefilled once; the prefilled
+    cache, the last prompt logits and the per-row positions are then repeated G times
+    along the batch (row i*G + j is sample j of prompt i) and the decode runs on B*G rows."""
     batch, prompt_len = prompt_ids.shape
     n = max_new_tokens
     total = prompt_len + n
@@ -165,6 +184,14 @@ def _generate_body(lm, params, prompt_ids, prompt_mask, key, knobs, *, max_new_t
     hidden, cache = lm.hidden_states(params, prompt_ids, cache_mask, positions=positions,
                                      cache=cache, cache_index=0)
     first_logits = lm.lm_head(params, hidden[:, -1])
+    if num_samples > 1:
+        # Share the prefill: G copies of each prompt's cache, not G prompts through prefill.
+        axes = _cache_batch_axes(lm, total)
+        cache = jax.tree.map(lambda c, ax: jnp.repeat(c, num_samples, axis=ax), cache, axes)
+        first_logits = jnp.repeat(first_logits, num_samples, axis=0)
+        cache_mask = jnp.repeat(cache_mask, num_samples, axis=0)
+        real_len = jnp.repeat(real_len, num_samples, axis=0)
+        batch = batch * num_samples
 
     sample = functools.partial(_sample, greedy=greedy, temperature=knobs["temperature"],
                                top_k=top_k, top_p=knobs["top_p"] if use_top_p else None)
@@ -277,7 +304,7 @@ def _validate_values(lm, prompt_ids, prompt_mask):
         raise ValueError("`prompt_mask` must be zeros then ones per row (left padding)")
 
 
-_STRUCTURE_NAMES = ("max_new_tokens", "greedy", "top_k", "use_top_p", "has_eos")
+_STRUCTURE_NAMES = ("max_new_tokens", "greedy", "top_k", "use_top_p", "has_eos", "num_samples")
 
 # The model and the program structure are static: jax.jit's own cache keys on them by
 # value (an `LM` is hashable), so equal models share one compilation per bucket.
@@ -286,7 +313,7 @@ _generate_jit = jax.jit(_generate_body, static_argnames=("lm",) + _STRUCTURE_NAM
 
 def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: int | None = None, pad_token_id: int = 0) -> Rollout:
+             eos_token_id: int | None = None, pad_token_id: int = 0, num_samples: int = 1) -> Rollout:
     """Sample `max_new_tokens` response tokens per prompt with a KV cache.
 
     The prompt batch is prefilled in one pass into a cache of `P + N` slots; the
@@ -323,10 +350,15 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
       top_p: nucleus mass in (0, 1]; 1 = off.
       eos_token_id: stop token, or None for fixed-length sampling.
       pad_token_id: written after a row's EOS; should differ from EOS.
+      num_samples: G >= 1 samples per prompt. Each prompt is prefilled once and its KV
+        cache repeated along the batch for its G samples (the decode runs on B*G rows);
+        row i*G + j of the result is sample j of prompt i, as if the prompts had been
+        repeated (`jnp.repeat(prompt_ids, G, axis=0)`), but with 1/G of the prefill work.
 
     Returns:
-      `Rollout(tokens [B, N] int32, logprobs [B, N] float32, mask [B, N] float32,
-      ended_with_eos [B] bool)`; mask is 1 through the first EOS inclusive.
+      `Rollout(tokens [B*G, N] int32, logprobs [B*G, N] float32, mask [B*G, N] float32,
+      ended_with_eos [B*G] bool)` (G = `num_samples`); mask is 1 through the first EOS
+      inclusive.
 
     Raises:
       ValueError: bad shapes (naming the argument), a prompt plus `max_new_tokens`
@@ -339,9 +371,11 @@ def generate(lm, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
     _validate_static(lm, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p,
                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be an int >= 1, got {num_samples!r}")
     greedy = temperature == 0
     structure = (int(max_new_tokens), bool(greedy), 0 if greedy else int(top_k),
-                 not greedy and top_p < 1.0, eos_token_id is not None)
+                 not greedy and top_p < 1.0, eos_token_id is not None, int(num_samples))
     knobs = {
         "temperature": np.float32(1.0 if greedy else temperature),
         "top_p": np.float32(top_p),

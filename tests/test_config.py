@@ -12,6 +12,7 @@ from rlhf_jax.cli.config import (
     ConfigError,
     EvalConfig,
     PPORunConfig,
+    RewardRunConfig,
     SFTRunConfig,
     apply_overrides,
     config_hash,
@@ -280,3 +281,18 @@ def test_duplicate_keys_are_errors(tmp_path):
     path = write(tmp_path, MINIMAL_SFT + "train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
     with pytest.raises(ConfigError, match=r"line 8: duplicate key `train.batch_size` \(first set on line 6\)"):
         load_config(path, [], SFTRunConfig)
+
+
+def test_a_partial_section_keeps_the_commands_own_defaults():
+    """`run: {seed: 1}` keeps the command's run folder and checkpoint period; a PPO optimizer
+    section keeps PPO's learning rate; the library's RunOptions runs on one device."""
+    from rlhf_jax.train import RunOptions
+
+    base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.rewards.verifiers:math_reward"]
+    cfg = load_config(None, base + ["run.seed=1", "train.optimizer.schedule=cosine"], PPORunConfig)
+    assert (cfg.run.output_dir, cfg.run.checkpoint_every, cfg.run.seed) == ("runs/ppo", 20, 1)
+    assert cfg.run.mesh.data == -1  # the CLI uses every device by default
+    assert cfg.train.optimizer.learning_rate == 1e-5 and cfg.train.optimizer.schedule == "cosine"
+    assert load_config(None, base[:2] + ["train.optimizer.warmup_steps=2"], RewardRunConfig).train.optimizer \
+        .learning_rate == 5e-5
+    assert RunOptions().mesh.single_device

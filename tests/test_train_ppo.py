@@ -31,7 +31,9 @@ class TargetReward:
         assert isinstance(tokens, np.ndarray) and tokens.shape == (B, N)
         self.calls.append(prompt_index)
         scores = ((tokens == TARGET) * mask).sum(1) / np.maximum(mask.sum(1), 1)
-        if self.nan:
+        if self.nan == "all":
+            scores = np.full_like(scores, np.nan)
+        elif self.nan:
             scores = scores.copy()
             scores[3] = np.nan
         return scores
@@ -127,17 +129,32 @@ def test_adaptive_kl_controller_moves_the_coefficient(setup):
     assert coefs[-1] != coefs[0]
 
 
-def test_nonfinite_reward_skips_the_update(setup):
+def test_nonfinite_reward_masks_its_rows_and_all_nonfinite_skips_the_update(setup):
     policy, params, trainer, reward, prompts, prompt_mask = setup
     state = trainer.init(params, seed=3)
     state, _, _ = run(trainer, state, params, prompts, prompt_mask, 1)
     before = jax.device_get(state)
+    # One NaN row: masked out of this update, the others still learn.
     reward.nan = True
+    try:
+        masked, metrics, _ = trainer.iteration(state, prompts, prompt_mask, ref_params=params)
+    finally:
+        reward.nan = False
+    assert float(metrics["reward/nonfinite_rows"]) == 1.0 and float(metrics["skipped_nonfinite"]) == 0.0
+    assert float(metrics["loss_rows"]) == B - 1
+    assert np.isfinite(float(metrics["score_mean"])) and np.isfinite(float(metrics["policy_loss"]))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masked.params), jax.tree.leaves(before.params))]
+    assert any(changed)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(masked.params))
+    # Every row NaN: nothing to learn from, the update is skipped.
+    state = trainer.init(params, seed=3)
+    state, _, _ = run(trainer, state, params, prompts, prompt_mask, 1)
+    reward.nan = "all"
     try:
         after, metrics, _ = trainer.iteration(state, prompts, prompt_mask, ref_params=params)
     finally:
         reward.nan = False
-    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert float(metrics["skipped_nonfinite"]) == 1.0 and float(metrics["reward/nonfinite_rows"]) == B
     for name in ("params", "opt_state", "kl_ctl"):
         for a, b in zip(jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(before, name))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
@@ -145,7 +162,6 @@ def test_nonfinite_reward_skips_the_update(setup):
     # The rng advanced exactly as in a normal iteration.
     expected_rng = jax.random.split(before.rng, 3)[0]
     np.testing.assert_array_equal(jax.random.key_data(after.rng), jax.random.key_data(expected_rng))
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.params))
     # Training resumes with finite scores.
     resumed, metrics, _ = trainer.iteration(after, prompts, prompt_mask, ref_params=params)
     assert float(metrics["skipped_nonfinite"]) == 0.0

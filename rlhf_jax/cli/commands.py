@@ -88,15 +88,18 @@ def _check_exists(path: str, what: str):
 
 
 def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None):
-    """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`)."""
+    """`AutoTokenizer` from `tokenizer.path`, else the model's path (or `fallback`); a GGUF path
+    gives the tokenizer (and chat template) stored in the file."""
     path = tokenizer_cfg.path or (model_cfg.path if model_cfg is not None else None) or fallback
     if path is None:
         raise ConfigError("`tokenizer.path`: no tokenizer given and no model path to take it from")
     from transformers import AutoTokenizer
 
+    from rlhf_jax.models.hf.gguf import is_gguf, load_gguf_tokenizer
+
     _check_exists(path, "tokenizer folder")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_gguf_tokenizer(path) if is_gguf(path) else AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError, ValueError, JSONDecodeError, ...
         raise LoadError(f"cannot load a tokenizer from {path} (tokenizer.path / model.path): "
                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
@@ -196,11 +199,14 @@ def _report(message: str):
 # --------------------------------------------------------------------------- validation (no models)
 
 
-def _read_hf_config(folder: str, key: str) -> dict:
+def _read_hf_config(folder: str, key: str) -> dict | None:
     """The `config.json` of a model folder, with its weight files checked for completeness
     (headers only); errors name the file and the config key."""
+    from rlhf_jax.models.hf.gguf import is_gguf
     from rlhf_jax.models.hf.pretrained import check_checkpoint
 
+    if is_gguf(folder):
+        return None  # a GGUF file (or a folder holding one) carries its config inside; read when loaded
     if not os.path.isdir(folder):
         raise RunError(f"`{key}`: {folder} is not a folder")
     try:
@@ -234,6 +240,9 @@ def _check_reward_model(path: str, key: str):
     if not os.path.isdir(path):
         return  # a hub id
     config = _read_hf_config(path, key)
+    if config is None:
+        raise ConfigError(f"`{key}`: {path} is a GGUF file, which holds no trained score head; give the hf/ folder "
+                          "of an `rlhf-jax reward` run or an HF *ForSequenceClassification checkpoint")
     archs = config.get("architectures") or []
     if not any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"`{key}`: {path} holds a {archs[0] if archs else 'model without architectures'}, not a "

@@ -32,7 +32,7 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     load_config,
     to_dict,
 )
-from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, RunOptions, hyper
+from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
 from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.rl.ppo import PPOConfig
@@ -74,7 +74,8 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 class ModelSection:
     """Which model to start from."""
 
-    path: str | None = _help("local HF folder (config.json + safetensors) or hub id of the starting model", None)
+    path: str | None = _help("local HF folder (config.json + safetensors), GGUF file (or a folder holding "
+                             "one) or hub id of the starting model", None)
     random_init: dict | None = _help(
         "instead of `path`: an HF-style config.json dict (with `model_type`) for a randomly initialised "
         "model (tests, experiments)", None)
@@ -86,7 +87,7 @@ class ModelSection:
 class TokenizerSection:
     """The tokenizer (an HF `AutoTokenizer` folder)."""
 
-    path: str | None = _help("tokenizer folder or hub id; default: model.path", None)
+    path: str | None = _help("tokenizer folder, GGUF file or hub id; default: model.path", None)
     pad_token: str | None = hyper(
         None, "a token already in the vocabulary to use as PAD when the tokenizer has none or its PAD equals EOS")
     chat_template: str | None = hyper(
@@ -162,6 +163,9 @@ def _check_data(data: DataSection, *, prompts_only: bool = False):
              "`data.prompt_template` must contain `{prompt}` where the prompt goes")
 
 
+_ALL_DEVICES = MeshOptions(data=-1, fsdp=1)
+
+
 def _check_common(cfg, batch_size: int):
     if hasattr(cfg.train, "num_epochs"):
         _require(cfg.train.num_epochs is not None, "`train.num_epochs` must be >= 1, got null")
@@ -180,7 +184,8 @@ class SFTRunConfig:
     data: DataSection = hyper(help="data", factory=DataSection)
     train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500))
+                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
@@ -201,7 +206,8 @@ class RewardRunConfig:
     normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
                                   "and rejected responses have mean 0")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500))
+                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
@@ -226,7 +232,8 @@ class PPORunConfig:
     train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
     num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20))
+                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""

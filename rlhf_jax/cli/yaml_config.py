@@ -44,8 +44,11 @@ def _is_optional(tp) -> bool:
         typing.get_origin(tp) in (typing.Union, types.UnionType))
 
 
-def _convert(value, tp, key: str):
-    """Check `value` against the annotation `tp` and convert it; `key` names it in errors."""
+def _convert(value, tp, key: str, base=None):
+    """Check `value` against the annotation `tp` and convert it; `key` names it in errors.
+
+    `base` is the default instance of a section: keys a mapping leaves out keep its values
+    (so `run: {seed: 1}` keeps the command's own `run.output_dir`)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -55,7 +58,7 @@ def _convert(value, tp, key: str):
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1 and dataclasses.is_dataclass(options[0]) and isinstance(value, dict):
-            return _convert(value, options[0], key)  # a section: its own error names the key inside it
+            return _convert(value, options[0], key, base)  # a section: its own error names the key inside
         for arg in options:
             try:
                 return _convert(value, arg, key)
@@ -69,7 +72,7 @@ def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, "a mapping")
-        return _build(tp, value, key + ".")
+        return _build(tp, value, key + ".", defaults=base if isinstance(base, tp) else None)
     if origin in (tuple, list):
         if isinstance(value, str) and args and args[0] is str:
             value = [value]  # `train_files: a.jsonl` means a one-item list
@@ -138,7 +141,7 @@ def _suggest(cls, hints: dict, name: str, prefix: str) -> list[str]:
     return found[:4]
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _build(cls, data: dict, prefix: str = "", defaults=None):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in data:
@@ -148,8 +151,16 @@ def _build(cls, data: dict, prefix: str = ""):
             raise ConfigError(f"unknown key `{prefix}{name}`{hint}; known keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
+        if defaults is not None:
+            base = getattr(defaults, name)
+        elif f.default_factory is not dataclasses.MISSING:
+            base = f.default_factory()
+        else:
+            base = None
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+            kwargs[name] = _convert(data[name], hints[name], prefix + name, base)
+        elif defaults is not None:
+            kwargs[name] = base
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key `{prefix}{name}`")
     try:

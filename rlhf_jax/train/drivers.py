@@ -190,7 +190,7 @@ def _plain(value):
 
 def mesh_from_options(run: RunOptions):
     """The `make_mesh` mesh of `run.mesh`, or None for one device without sharding."""
-    if run.mesh.trivial and jax.device_count() == 1:
+    if run.mesh.single_device:
         return None
     return make_mesh(data=None if run.mesh.data == -1 else run.mesh.data, fsdp=run.mesh.fsdp)
 

@@ -120,7 +120,7 @@ class OptimizerConfig:
 class MeshOptions:
     """The device mesh (data parallel x FSDP)."""
 
-    data: int = hyper(-1, "devices along the data axis (-1: all that fsdp leaves)")
+    data: int = hyper(1, "devices along the data axis (-1: all that fsdp leaves; the CLI's default)")
     fsdp: int = hyper(1, "devices along the FSDP (parameter sharding) axis")
 
     def __post_init__(self):
@@ -129,9 +129,11 @@ class MeshOptions:
               f"`data` must be an int >= 1 or -1, got {self.data!r}")
 
     @property
-    def trivial(self) -> bool:
-        """One device, no sharding."""
-        return self.fsdp == 1 and self.data in (-1, 1)
+    def single_device(self) -> bool:
+        """One device, no sharding (`data=-1` too when only one device is visible)."""
+        import jax
+
+        return self.fsdp == 1 and (self.data == 1 or (self.data == -1 and jax.device_count() == 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +181,8 @@ class RunOptions:
     async_checkpoint: bool = hyper(True, "write checkpoints in the background")
     resume: bool = hyper(True, "continue from the newest checkpoint in output_dir (false: an existing "
                                "checkpoint is an error)")
-    mesh: MeshOptions = hyper(help="device mesh", factory=MeshOptions)
+    mesh: MeshOptions = hyper(help="device mesh (default: one device; the CLI's default: all devices)",
+                              factory=MeshOptions)
 
     def __post_init__(self):
         check(self.output_dir is None or bool(self.output_dir), "`output_dir` must be a folder path")

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.core import ops
-from rlhf_jax.core.losses import sft_loss
+from rlhf_jax.core.losses import aggregation_weight, sft_loss
 from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
@@ -63,10 +63,8 @@ def sft_init(lm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> 
 
 
 def _loss_weight(mask, agg: str):
-    """The normaliser of an aggregated loss over `mask` (tokens or rows)."""
-    if agg == "token-mean":
-        return jnp.sum(mask)
-    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
+    """The normaliser of an aggregated loss over `mask`, additive over rows (`aggregation_weight`)."""
+    return aggregation_weight(mask, agg=agg)
 
 
 def sft_loss_fn(lm, params, batch, *, agg: str = "token-mean", norm_constant=None):

@@ -231,12 +231,33 @@ def _read_json(path: Path):
         raise LoadError(f"{path}: cannot read it as JSON ({e})") from None
 
 
+def _open_checkpoint(path):
+    """``(folder, HF config dict, [(file name, iterator of (HF tensor name, array))])`` of an HF
+    folder (config.json + safetensors) or of a GGUF file (or a folder holding one)."""
+    from rlhf_jax.models.hf import gguf
+
+    if gguf.is_gguf(path):
+        file = gguf.gguf_file(path)
+        hf_config, named_arrays = gguf.read_gguf(file)
+        return file.parent, hf_config, [(str(file), named_arrays)]
+    folder = _resolve(path)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    sources = [(str(file), read_safetensors(file)) for file in _checkpoint_files(folder)]
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise LoadError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    return folder, hf_config, sources
+
+
 def _resolve(path) -> Path:
     folder = Path(os.fspath(path)).expanduser()
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise ValueError(f"from_pretrained expects a directory (or a hub repo id), got the file {folder}")
+        raise ValueError(f"from_pretrained expects a directory or a .gguf file (or a hub repo id), "
+                         f"got the file {folder}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -267,11 +288,12 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     """Load an HF checkpoint folder (or hub repo id): ``(lm, params)``.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
-    ``model.safetensors.index.json``). A hub download is tried only when ``path``
-    is not a local directory and ``huggingface_hub`` is installed.
+    ``model.safetensors.index.json``), or a GGUF file (or a folder holding exactly one
+    ``.gguf`` and no ``config.json``; see :mod:`rlhf_jax.models.hf.gguf`). A hub download
+    is tried only when ``path`` is not a local path and ``huggingface_hub`` is installed.
 
     Args:
-      path: local folder or hub repo id.
+      path: local folder, ``.gguf`` file or hub repo id.
       head: ``"lm"`` (needs a causal-LM checkpoint, or tied embeddings);
         ``"scalar"`` from a ``*ForSequenceClassification`` checkpoint with one label
         (its ``score``), or from a causal-LM checkpoint with a fresh score head
@@ -289,17 +311,11 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    folder = _resolve(path)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = _read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise LoadError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    folder, hf_config, sources = _open_checkpoint(path)
     try:
         config = ModelConfig.from_hf_config(hf_config)
     except (KeyError, TypeError) as e:
-        raise LoadError(f"{config_path}: not a usable model config ({type(e).__name__}: {e})") from None
+        raise LoadError(f"{folder}: not a usable model config ({type(e).__name__}: {e})") from None
     kind = _architecture_kind(hf_config)
     if kind == "classifier":
         num_labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {0: 0, 1: 1}))
@@ -314,13 +330,13 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     expected = _flatten(lm.abstract_params())
     loaded: dict = {}
     rows = _table(config.family)
-    for file in _checkpoint_files(folder):
-        for name, array in read_safetensors(file):
+    for source, named_arrays in sources:
+        for name, array in named_arrays:
             if any(p.search(name) for p in _IGNORED):
                 continue
             ours, transpose = _match(rows, name)
             if ours is None:
-                raise LoadError(f"{file}: unknown tensor {name!r} for model_type "
+                raise LoadError(f"{source}: unknown tensor {name!r} for model_type "
                                  f"{config.model_type!r} with head {head!r}")
             if ours.startswith("lm_head/") and (head == "scalar" or config.tie_word_embeddings):
                 continue  # an LM head we do not need (reward model from SFT) or tied
@@ -328,15 +344,15 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                 raise ValueError(f"tensor {name!r} is a sequence-classification head; "
                                  "load with head='scalar'")
             if ours not in expected:
-                raise LoadError(f"{file}: tensor {name!r} (-> {ours}) has no place in this "
+                raise LoadError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
                                  f"model (config: {config.model_type}, head {head!r}); "
                                  "config.json and weights disagree")
             if transpose:
                 array = array.T
             want = tuple(expected[ours].shape)
             if tuple(array.shape) != want:
-                raise LoadError(f"{file}: tensor {name!r}: shape {tuple(array.shape)} "
-                                f"(after transpose: {transpose}) but {config_path} needs {want}")
+                raise LoadError(f"{source}: tensor {name!r}: shape {tuple(array.shape)} "
+                                f"(after transpose: {transpose}) but the model's config needs {want}")
             loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
     fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
     loaded.update(fresh)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.advantages import gae
-from rlhf_jax.core.losses import aggregate, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.core.losses import aggregate, aggregation_weight, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.core.shaping import shaped_rewards
 
 __all__ = ["PPOBatch", "ppo_advantages", "ppo_minibatch_loss", "loss_weight"]
@@ -83,7 +83,7 @@ def ppo_advantages(
         missing_eos_penalty=cfg.rewards.missing_eos_penalty,
         reward_clip=cfg.rewards.reward_clip,
     )
-    if cfg.rewards.whiten_rewards:
+    if cfg.advantages.whiten_rewards:
         rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
     gae_cfg = cfg.advantages
     advantages, returns = gae(rewards, values, mask, gamma=gae_cfg.gamma, lam=gae_cfg.lam, method=gae_cfg.gae_method)
@@ -94,10 +94,10 @@ def ppo_advantages(
 
 
 def loss_weight(mask, agg: str):
-    """The normaliser of an aggregated loss: valid tokens for token-mean, else rows."""
-    if agg == "token-mean":
-        return jnp.sum(mask)
-    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
+    """The normaliser of an aggregated loss, additive over rows (`aggregation_weight`):
+    valid tokens for token-mean, non-empty rows for the seq-mean ones (as `aggregate`
+    skips empty rows), all rows for seq-mean-token-sum-norm."""
+    return aggregation_weight(mask, agg=agg)
 
 
 def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg):
