@@ -200,3 +200,30 @@ def test_sft_reward_ppo_with_eval_samples_and_wandb_offline(workdir, capsys, mon
         assert np.isfinite(r["eval/kl_to_ref"]) and 0.0 < r["eval/response_length"] <= 4.0
     # with the length reward a pass is a non-empty completion: the pass rate is at most the mean length
     assert all(r["eval/pass@1"] <= r["eval/score_mean"] + 1e-9 for r in evals)
+
+
+def test_rollout_samples_repeat_prompts_over_groups_and_take_the_trainers_scores():
+    from rlhf_jax.rollout import Rollout
+    from rlhf_jax.train.drivers import rollout_samples
+
+    class Trainer:  # the score phase of an RL trainer with 2 samples per prompt
+        def score(self, reward_params, prompt_ids, prompt_mask, rollout, prompt_index):
+            assert reward_params == "rm" and list(prompt_index) == [7, 9]
+            return np.array([0.5, 1.5, 2.5, 3.5], np.float32)
+
+    prompt_ids = np.array([[0, 5, 6], [4, 5, 6]])
+    prompt_mask = np.array([[0, 1, 1], [1, 1, 1]])
+    tokens = np.array([[1, 2], [3, 0], [4, 4], [5, 0]])
+    mask = np.array([[1, 1], [1, 0], [1, 1], [1, 0]], np.float32)
+    rollout = Rollout(tokens=tokens, logprobs=np.zeros_like(mask), mask=mask,
+                      ended_with_eos=np.array([False, True, False, True]))
+    rows = rollout_samples(Trainer(), "rm", prompt_ids, prompt_mask, rollout, np.array([7, 9]), limit=3)
+    assert rows == [
+        {"prompt": [5, 6], "completion": [1, 2], "score": 0.5, "ended_with_eos": False, "prompt_index": 7},
+        {"prompt": [5, 6], "completion": [3], "score": 1.5, "ended_with_eos": True, "prompt_index": 7},
+        {"prompt": [4, 5, 6], "completion": [4, 4], "score": 2.5, "ended_with_eos": False, "prompt_index": 9},
+    ]
+    texts = rollout_samples(Trainer(), "rm", prompt_ids, prompt_mask, rollout, np.array([7, 9]),
+                            decode=lambda ids, m: ["".join(map(str, r[np.asarray(m[i]) > 0])) for i, r in
+                                                   enumerate(np.asarray(ids))])
+    assert [(t["prompt"], t["completion"]) for t in texts] == [("56", "12"), ("56", "3"), ("456", "44"), ("456", "5")]
