@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main() -> None:
     def repeated():
         jax.block_until_ready(generate(lm, params, rep_ids, rep_mask, key, **kw))
 
+    load = os.getloadavg()[0]
     t_shared = median_time(shared, repeats=args.repeats)
     t_repeated = median_time(repeated, repeats=args.repeats)
     a = generate(lm, params, ids, mask, key, num_samples=g, **kw)
@@ -89,7 +91,8 @@ def main() -> None:
         f"## Group sampling: shared prefill vs repeated prompts (cpu, float32)\n\n"
         f"`python benchmarks/group_sampling.py`. Machine: {machine()}.\n\n"
         f"Llama-style {args.layers} x {args.hidden} (vocab 1024), B = {b} prompts x G = {g} samples, "
-        f"prompt {p}, {n} new tokens, EOS off. Median of {args.repeats} after a warm-up.\n\n"
+        f"prompt {p}, {n} new tokens, EOS off. Median of {args.repeats} after a warm-up; 1-minute load "
+        f"average {load:.1f} at the start (the cores may be shared with other jobs).\n\n"
         + markdown_table(["sampler", "seconds", "generated tokens/s", "prefill-program GFLOP"], rows)
         + f"\nShared prefill: **{t_repeated / t_shared:.2f}x** the repeated prompts' tokens/s; the samples are "
         f"{'identical' if same else 'not identical'} (same key). The prefill FLOPs fall by "

@@ -94,9 +94,41 @@ def run_ppo(args):
     return params
 
 
+def run_grpo(args):
+    """The RL trainer (GRPO, groups of 4, DAPO's dynamic sampling refilling from fresh prompts)."""
+    from rlhf_jax.train import RunOptions, make_optimizer
+    from rlhf_jax.train.drivers import fit_ppo
+    from rlhf_jax.train.rl.presets import rl_config
+    from rlhf_jax.train.rl.trainer import RLTrainer
+
+    policy, policy_params = _tiny_lm("lm")
+    target = 5
+
+    def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
+        score = ((tokens == target) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+        return np.where(prompt_index % 3 == 0, 1.0, score)  # every third prompt: an all-equal group
+
+    cfg = rl_config("grpo", {
+        "batch": {"batch_size": 2, "group_size": 4, "num_minibatches": 2, "ppo_epochs": 2},
+        "sampling": {"max_new_tokens": 4, "temperature": 1.0, "eos_token_id": 2},
+        "rewards": {"dynamic_sampling": True, "dynamic_sampling_max_tries": 3},
+        "seed": 3,
+    })
+    trainer = RLTrainer(policy, cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=reward_fn)
+    rng = np.random.default_rng(1)
+    n, p = 12, 4
+    lengths = rng.integers(1, p + 1, n)
+    mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
+    ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
+    run = RunOptions(output_dir=args.output_dir, seed=3, checkpoint_every=args.checkpoint_every, tensorboard=False)
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask}, run,
+                        max_steps=args.steps, on_step=_kill_hook(args))
+    return params
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("sft", "ppo"))
+    parser.add_argument("mode", choices=("sft", "ppo", "grpo"))
     parser.add_argument("output_dir")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--checkpoint_every", type=int, required=True)
@@ -108,7 +140,7 @@ def main():
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    params = run_sft(args) if args.mode == "sft" else run_ppo(args)
+    params = {"sft": run_sft, "ppo": run_ppo, "grpo": run_grpo}[args.mode](args)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     np.savez(os.path.join(args.output_dir, "final_params.npz"),
              **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})

@@ -24,7 +24,17 @@ from rlhf_jax.cli.config import (
 from rlhf_jax.train import PPOConfig, SFTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# Recipes of the RL trainer's presets (`algorithm: grpo`) that no CLI command reads yet.
+NOT_WIRED = [p for p in SHIPPED if os.path.basename(p).startswith("grpo")]
+ALL_CONFIGS = [p for p in SHIPPED if p not in NOT_WIRED]
+
+
+def test_only_the_grpo_recipes_wait_for_a_command():
+    """Every shipped config but the GRPO ones has a command; this fails once they get one (then drop the list)."""
+    assert "grpo" not in COMMAND_CONFIGS
+    assert sorted(os.path.relpath(p, ROOT) for p in NOT_WIRED) == ["configs/grpo_gsm8k_qwen05b.yaml",
+                                                                    "configs/tiny/grpo.yaml"]
 
 
 def config_class(path):

@@ -71,6 +71,8 @@ def _assert_same_run(ref_dir, resumed_dir, steps):
     ("sft", 9, 3, ((4, None), (8, 6))),
     # PPO: kill right after checkpoint 4 was started, once checkpoint 2 is committed.
     ("ppo", 5, 2, ((5, 2),)),
+    # The RL trainer (GRPO with dynamic sampling: refills drawn per (seed, step, try)).
+    ("grpo", 4, 2, ((3, 2),)),
 ])
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path, mode, steps, every, kills):
     cache = tmp_path / "jax_cache"

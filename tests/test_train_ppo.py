@@ -224,6 +224,7 @@ def test_reward_model_and_separate_value_network(setup, model_config, count_comp
     prompt_mask = np.ones((B, P), np.int32)
     with pytest.raises(ValueError, match="reward_params"):
         trainer.iteration(state, prompts, prompt_mask, ref_params=params)
+    old_state = jax.device_get(state)  # the update donates `state`
     with count_compiles() as compiles:
         new, metrics, rollout = trainer.iteration(state, prompts, prompt_mask, ref_params=params,
                                                   reward_params=rm_params)
@@ -234,7 +235,7 @@ def test_reward_model_and_separate_value_network(setup, model_config, count_comp
     assert float(metrics["skipped_nonfinite"]) == 0.0
     assert np.isfinite(float(metrics["value_grad_norm"]))
     for name in ("params", "value_params"):
-        old, upd = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(new, name))
+        old, upd = jax.tree.leaves(getattr(old_state, name)), jax.tree.leaves(getattr(new, name))
         assert any(not np.array_equal(a, b) for a, b in zip(old, upd)), name
     # The sampler is shared with the module's trainer when that one ran first (same policy
     # value and sampling settings); score and update are this trainer's own.

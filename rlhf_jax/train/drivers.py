@@ -67,7 +67,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from rlhf_jax.errors import LoadError, RunInterrupted
+from rlhf_jax.errors import LoadError, RunInterrupted, TrainingStalledError
 from rlhf_jax.io.checkpoint import Checkpointer, CorruptCheckpointError
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
@@ -674,6 +674,10 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     driver = _Run(kind="ppo", cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
                   allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     monitor = KLSignMonitor(window=kl_warn_window, key="kl_k1")
+    rl_cfg = getattr(trainer, "rl_cfg", None)
+    stall_limit = rl_cfg.rewards.max_stalled_iterations if rl_cfg is not None else None
+    dynamic = rl_cfg is not None and rl_cfg.rewards.dynamic_sampling
+    stalled = 0
     try:
         state = driver.place(trainer.init(policy_params, value_params, seed=run.seed))
         state_sh = driver.shardings(state)
@@ -687,9 +691,31 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                 ids, mask = arrays["prompt_ids"][rows], arrays["prompt_mask"][rows]
                 if mesh is not None:
                     ids, mask = shard_batch((ids, mask), mesh)
+                extra = {}
+                if dynamic:
+                    def more_prompts(attempt, _step=step):
+                        # Fresh prompts for DAPO's refill: a seeded draw per (seed, step, try), so a
+                        # resumed run refills exactly as the uninterrupted one.
+                        fresh = np.random.default_rng([run.seed, _step, attempt]).choice(n, batch_size, replace=False)
+                        return arrays["prompt_ids"][fresh], arrays["prompt_mask"][fresh], fresh
+
+                    extra["more_prompts"] = more_prompts
                 state, metrics, rollout = trainer.iteration(
                     state, ids, mask, ref_params=ref_params, reward_params=reward_params,
-                    prompt_index=rows)
+                    prompt_index=rows, **extra)
+                if stall_limit is not None:
+                    # Nothing to learn from: every score non-finite, or every minibatch skipped
+                    # for non-finite gradients. N in a row stops the run (`max_stalled_iterations`).
+                    no_scores = float(metrics["skipped_nonfinite"]) == 1.0
+                    no_grads = float(metrics["skipped_minibatch"]) == 1.0
+                    stalled = stalled + 1 if (no_scores or no_grads) else 0
+                    if stalled >= stall_limit:
+                        why = ("every score was non-finite (NaN or inf)" if no_scores
+                               else "every update was skipped for non-finite gradients")
+                        raise TrainingStalledError(
+                            f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with nothing "
+                            f"to learn from ({why}); check the reward source {trainer.reward_source} "
+                            f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
                 if state_sh is not None:
                     state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
                 done = step + 1

@@ -170,7 +170,9 @@ class RLTrainer:
             num_samples=cfg.batch.group_size,
         )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
-        self._update_jit = jax.jit(self._update)
+        # The update donates its state (params, optimizer states): `init` copies the params
+        # it is given, so the caller's arrays (often also the reference's) stay alive.
+        self._update_jit = jax.jit(self._update, donate_argnums=0)
         self._gradient_jit = jax.jit(self._gradient)
 
     @property
@@ -193,6 +195,9 @@ class RLTrainer:
             raise ValueError("`value_params` given but the trainer has no `value_model`")
         cfg = self.rl_cfg
         seed = cfg.seed if seed is None else seed
+        policy_params = jax.tree.map(jnp.copy, policy_params)
+        if value_params is not None:
+            value_params = jax.tree.map(jnp.copy, value_params)
         return RLState(
             params=policy_params,
             opt_state=self.tx.init(policy_params),
@@ -474,6 +479,63 @@ class RLTrainer:
             raise ValueError(f"`reward_fn` must return shape ({rows},), got {scores.shape}")
         return jnp.asarray(scores)
 
+    def _dynamic_sampling(self, params, prompt_ids, prompt_mask, prompt_index, rollout, scores, key,
+                          reward_params, more_prompts):
+        """DAPO's dynamic sampling: keep the groups whose scores are not all equal, refill from fresh prompts.
+
+        A group is informative when its finite scores are not all equal (a group of equal
+        scores has zero group-relative advantage and teaches nothing). Up to
+        `dynamic_sampling_max_tries` rollouts (the first one included) are drawn, each on a
+        fresh batch from `more_prompts(try_index) -> (prompt_ids, prompt_mask, prompt_index)`;
+        when the tries run out, the batch is completed with uninformative groups (zero
+        advantage), so the update keeps its fixed shape. Host-side (one device-to-host copy
+        of the scores per try).
+
+        Returns the prompts, prompt indices, rollout and scores of the kept groups and metrics.
+        """
+        cfg = self.rl_cfg
+        b, g = cfg.batch.batch_size, cfg.batch.group_size
+        kept, spare = [], []
+        tries, informative_total = 0, 0
+
+        def collect(ids, mask, index, ro, sc):
+            nonlocal informative_total
+            host = jax.device_get((ro, sc))
+            r, s = host
+            s = np.asarray(s).reshape(b, g)
+            for i in range(b):
+                finite = s[i][np.isfinite(s[i])]
+                rows = slice(i * g, (i + 1) * g)
+                item = (np.asarray(ids)[i], np.asarray(mask)[i], None if index is None else np.asarray(index)[i],
+                        jax.tree.map(lambda x: np.asarray(x)[rows], r), s[i])
+                if finite.size >= 2 and finite.max() > finite.min():
+                    kept.append(item)
+                    informative_total += 1
+                else:
+                    spare.append(item)
+
+        collect(prompt_ids, prompt_mask, prompt_index, rollout, scores)
+        tries = 1
+        max_tries = cfg.rewards.dynamic_sampling_max_tries
+        while len(kept) < b and tries < max_tries and more_prompts is not None:
+            ids, mask, index = more_prompts(tries)
+            self.check_prompts(ids, mask)
+            ro = self.rollout(params, ids, mask, jax.random.fold_in(key, tries))
+            sc = self.score(reward_params, ids, mask, ro, index)
+            tries += 1
+            collect(ids, mask, index, ro, sc)
+        filled = max(0, b - len(kept))
+        chosen = (kept + spare)[:b]
+        ids = np.stack([c[0] for c in chosen])
+        mask = np.stack([c[1] for c in chosen])
+        index = None if prompt_index is None else np.stack([c[2] for c in chosen])
+        ro = jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs, axis=0)), *[c[3] for c in chosen])
+        sc = jnp.asarray(np.concatenate([c[4] for c in chosen]), jnp.float32)
+        metrics = {"dynamic_sampling/tries": float(tries),
+                   "dynamic_sampling/informative_groups": float(informative_total),
+                   "dynamic_sampling/filled_groups": float(filled)}
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), index, ro, sc, metrics
+
     def gradient(self, state: RLState, prompt_ids, prompt_mask, rollout, scores, *, ref_params):
         """`(loss, (policy_grads, value_grads))` of one update on every row (see `_gradient`)."""
         g = self.rl_cfg.batch.group_size
@@ -490,6 +552,7 @@ class RLTrainer:
         ref_params=None,
         reward_params=None,
         prompt_index=None,
+        more_prompts=None,
     ):
         """Run one iteration: rollout, score, update.
 
@@ -500,6 +563,9 @@ class RLTrainer:
           ref_params: frozen reference policy params (required unless `kl.placement` is "none").
           reward_params: the reward model's params (when the trainer has a reward model).
           prompt_index: `[batch_size]` data-set row indices, passed (repeated) to `reward_fn`.
+          more_prompts: with `rewards.dynamic_sampling`, `more_prompts(try_index) ->
+            (prompt_ids, prompt_mask, prompt_index)`, a fresh batch of `batch_size` prompts
+            to refill from (None: complete the batch with uninformative groups).
 
         Returns:
           `(state, metrics, rollout)`: the new state; a dict of float32 scalars (device arrays,
@@ -523,6 +589,11 @@ class RLTrainer:
         jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         scores = self.score(reward_params, prompt_ids, prompt_mask, rollout, prompt_index)
+        extra = {}
+        if cfg.rewards.dynamic_sampling:
+            prompt_ids, prompt_mask, prompt_index, rollout, scores, extra = self._dynamic_sampling(
+                state.params, prompt_ids, prompt_mask, prompt_index, rollout, scores, rollout_key, reward_params,
+                more_prompts)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         g = cfg.batch.group_size
@@ -532,6 +603,7 @@ class RLTrainer:
         jax.block_until_ready(metrics)
         t3 = time.perf_counter()
         metrics = dict(metrics)
+        metrics.update(extra)
         total = t3 - t0
         p = prompt_ids.shape[1]
         rows = cfg.batch.rows
