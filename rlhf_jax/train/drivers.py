@@ -685,6 +685,7 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
         reward_params = driver.place(reward_params)
         state, start = driver.restore_or_start(state)
         monitor.replay(driver.logger.history)
+        samples_warned = False
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
@@ -735,9 +736,14 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                         driver.logger.warn(f"step {done}: {message}")
                     driver.log(done, host, on_step)
                 if driver.due(done, run.log_samples_every):
-                    driver.log_samples(done, rollout_samples(
-                        trainer, reward_params, ids, mask, rollout, rows, decode=decode,
-                        limit=run.num_logged_samples), step_key="iteration")
+                    if not dynamic:
+                        driver.log_samples(done, rollout_samples(
+                            trainer, reward_params, ids, mask, rollout, rows, decode=decode,
+                            limit=run.num_logged_samples), step_key="iteration")
+                    elif not samples_warned:  # the rollout's rows may come from refilled prompts
+                        driver.logger.warn("`run.log_samples_every`: no samples are logged with "
+                                           "`rewards.dynamic_sampling` (the rollout's prompts are refilled)")
+                        samples_warned = True
                 driver.maybe_save(done, state, _position(done, order.per_epoch))
         history = list(driver.logger.history)
     finally:
