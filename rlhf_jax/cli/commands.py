@@ -303,6 +303,20 @@ def _check_answers(fn, spec: str, key: str, examples, data_cfg):
                         f"`{key}` {spec} reads ({len(missing)} of {len(examples)} rows lack it)")
 
 
+def _check_run_sinks(command: str, cfg):
+    """The logging sinks and periods of `run:` can work: the wandb package, held-out data to evaluate."""
+    import importlib.util
+
+    run = cfg.run
+    if run.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("`run.wandb.enabled` is true but the `wandb` package is not installed; "
+                          "`pip install 'rlhf_jax[wandb]'` (or `pip install wandb`), or set run.wandb.enabled=false")
+    if run.eval_every is not None and not cfg.data.eval_files:
+        raise ConfigError(f"`run.eval_every` ({run.eval_every}) needs held-out data: set `data.eval_files`")
+    if run.log_samples_every is not None and command == "reward":
+        raise ConfigError("`run.log_samples_every`: a reward-model run samples no completions; set it to null")
+
+
 def _schedule_length(opt, total_updates: int):
     if opt is None or opt.total_steps is not None or opt.schedule == "constant":
         return opt
@@ -330,6 +344,7 @@ def prepare(command: str, cfg) -> Plan:
         return Plan(command, cfg)
     if command == "eval":
         return _prepare_eval(cfg)
+    _check_run_sinks(command, cfg)
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     hf_config = _model_hf_config(cfg.model)
     _check_vocab_size(tok, hf_config, "model.path" if cfg.model.path else "model.random_init")
@@ -349,7 +364,7 @@ def prepare(command: str, cfg) -> Plan:
 
 
 def _prepare_ppo(cfg, tok) -> Plan:
-    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    prompts, held_out = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
     _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data, key="train.batch.batch_size")
     for key, path in (("reference", cfg.reference),
                       ("value_model", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
@@ -363,6 +378,8 @@ def _prepare_ppo(cfg, tok) -> Plan:
     else:
         reward_fn = _load_function(cfg.reward.function, "reward.function")
         _check_answers(reward_fn, cfg.reward.function, "reward.function", prompts, cfg.data)
+        if held_out is not None:
+            _check_answers(reward_fn, cfg.reward.function, "reward.function", held_out, cfg.data)
     # The ids the sampler uses are the tokenizer's, written into the config before it is hashed.
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
     sampling = cfg.train.sampling
@@ -376,7 +393,7 @@ def _prepare_ppo(cfg, tok) -> Plan:
     train = dataclasses.replace(cfg.train, sampling=sampling,
                                 optimizer=_schedule_length(cfg.train.optimizer, updates),
                                 value_optimizer=_schedule_length(cfg.train.value_optimizer, updates))
-    return Plan("ppo", dataclasses.replace(cfg, train=train), tok, prompts, reward_fn=reward_fn)
+    return Plan("ppo", dataclasses.replace(cfg, train=train), tok, prompts, held_out, reward_fn=reward_fn)
 
 
 def _prepare_eval(cfg) -> Plan:
@@ -466,11 +483,42 @@ def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
         mesh = mesh_from_options(cfg.run)
         lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
         _check_model_vocab(tok, lm)
+        sample_fn = _sft_sample_fn(cfg, tok, lm, plan.held_out or train) if cfg.run.log_samples_every else None
         params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
+                            eval_data=plan.held_out.arrays if plan.held_out else None, sample_fn=sample_fn,
                             on_checkpoint=folder.commit_overwrite)
         out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
+
+
+def _decoder(tok):
+    from rlhf_jax.data.tokenizers import decode_tokens
+
+    def decode(ids, mask):
+        return decode_tokens(tok, ids, mask)
+
+    return decode
+
+
+def _sft_sample_fn(cfg, tok, lm, examples):
+    """Greedy completions of the first `run.num_logged_samples` prompts of `examples` (held-out first)."""
+    from rlhf_jax.eval.training_eval import sft_sample_fn
+
+    k = min(cfg.run.num_logged_samples, len(examples))
+    ids, attn, loss = (np.asarray(examples.arrays[name][:k]) for name in ("input_ids", "attention_mask", "loss_mask"))
+    prompt_tokens = [row[(a > 0) & (m == 0)] for row, a, m in zip(ids, attn, loss)]
+    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
+    width = max(len(t) for t in prompt_tokens)
+    prompt_ids = np.full((k, width), pad_id, np.int32)
+    prompt_mask = np.zeros((k, width), np.int32)
+    for i, tokens in enumerate(prompt_tokens):  # left-padded, as the sampler wants
+        prompt_ids[i, width - len(tokens):] = tokens
+        prompt_mask[i, width - len(tokens):] = 1
+    references = _decoder(tok)(ids, ((attn > 0) & (loss > 0)).astype(np.int32))
+    return sft_sample_fn(lm, prompt_ids, prompt_mask, decode=_decoder(tok),
+                         max_new_tokens=max(cfg.data.max_length - width, 1), references=references,
+                         eos_token_id=eos_id, pad_token_id=pad_id)
 
 
 def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
@@ -586,13 +634,37 @@ def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
         mesh = mesh_from_options(cfg.run)
         trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(
             cfg, tok, prompts, plan.reward_fn, mesh=mesh)
+        eval_fn = None
+        if plan.held_out is not None:
+            eval_fn = _ppo_eval_fn(cfg, tok, plan, trainer, policy, ref_params, reward_params)
         params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, cfg.run, mesh=mesh,
                             value_params=value_params,
                             reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
-                            on_checkpoint=folder.commit_overwrite)
+                            on_checkpoint=folder.commit_overwrite, eval_fn=eval_fn, decode=_decoder(tok))
         out = export_model(policy, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
+
+
+def _ppo_eval_fn(cfg, tok, plan: Plan, trainer, policy, ref_params, reward_params):
+    """`eval_fn(params)` on the held-out prompts: verifier pass@1 and score, or RM score; KL to the reference."""
+    from rlhf_jax.eval.training_eval import rl_eval_fn
+    from rlhf_jax.rewards.functions import host_reward_fn
+
+    held_out = plan.held_out
+    reward_fn = reward_model = None
+    if trainer.reward_model is not None:
+        reward_model = (trainer.reward_model, reward_params)
+    else:
+        reward_fn = host_reward_fn(plan.reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
+                                   prompts=held_out.prompts, answers=held_out.answers, name=cfg.reward.function)
+    sampling = cfg.train.sampling
+    return rl_eval_fn(policy, held_out.arrays["prompt_ids"], held_out.arrays["prompt_mask"],
+                      max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, reward_model=reward_model,
+                      ref=(policy, ref_params), temperature=sampling.temperature,
+                      eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,
+                      seed=cfg.run.seed + 1, batch_size=cfg.train.batch.batch_size,
+                      prompt_index=np.arange(len(held_out)))
 
 
 def _execute_eval(plan: Plan, *, overwrite: bool) -> str:

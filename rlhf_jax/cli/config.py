@@ -134,8 +134,9 @@ class RewardSection:
     model_path: str | None = _help(
         "folder of a reward model (ours, from `rlhf-jax reward`, or an HF *ForSequenceClassification)", None)
     function: str | None = _help(
-        "`module:function` reward, called as f(prompts, completions, answer=[...]) -> list of floats "
-        "(e.g. rlhf_jax.rewards.verifiers:math_reward)", None)
+        "`module:function` or `path/to/file.py:function` reward, called as f(prompts, completions, answer=[...]) "
+        "-> list of floats (e.g. rlhf_jax.rewards.verifiers:math_reward). RUNS USER CODE: the module is imported "
+        "(a .py file executed) with your permissions; name only code you trust", None)
 
 
 # --------------------------------------------------------------------------- run configs
@@ -298,8 +299,10 @@ class EvalConfig:
     models: tuple[EvalModel, ...] = _help("models to compare: list of {name, path}", ())
     tokenizer: TokenizerSection = _help("tokenizer (default: the first model's folder)", factory=TokenizerSection)
     data: DataSection = _help("prompt set (`prompt` + `answer` columns)", factory=DataSection)
-    verifier: str = _help("`module:function` scoring completions, as in reward.function; a score > 0 "
-                          "counts as correct", "rlhf_jax.rewards.verifiers:math_reward")
+    verifier: str = _help("`module:function` or `path/to/file.py:function` scoring completions, as in "
+                          "reward.function; a score > 0.5 counts as correct. RUNS USER CODE: the module is imported "
+                          "(a .py file executed) with your permissions; name only code you trust",
+                          "rlhf_jax.rewards.verifiers:math_reward")
     num_samples: int = _help("n, samples per prompt (pass@k for k = 1..n)", 16)
     max_new_tokens: int = _help("response length limit", 64)
     temperature: float = _help("sampling temperature", 1.0)
