@@ -169,7 +169,17 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     import numpy as np
 
     from rlhf_jax.models import ModelConfig, from_config
-    from rlhf_jax.train import PPOConfig, PPOTrainer, make_optimizer
+    from rlhf_jax.train import (
+        AdvantageConfig,
+        BatchConfig,
+        KLConfig,
+        LossConfig,
+        OptimizerConfig,
+        PPOConfig,
+        PPOTrainer,
+        SamplingConfig,
+        optimizer_from_config,
+    )
 
     rss0 = _rss_bytes()
     dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -187,13 +197,16 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     ref_params = jax.tree.map(jnp.copy, policy_params)
 
     ppo_cfg = PPOConfig(
-        batch_size=shape["batch_size"], num_minibatches=shape["num_minibatches"],
-        ppo_epochs=shape["ppo_epochs"], max_new_tokens=shape["response_length"], temperature=0.7,
-        eos_token_id=None, pad_token_id=V - 2, learning_rate=1e-5, schedule="constant",
-        kl_coef=0.05, vf_coef=0.1, clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95,
-        max_grad_norm=1.0, seed=seed,
+        batch=BatchConfig(batch_size=shape["batch_size"], num_minibatches=shape["num_minibatches"],
+                          ppo_epochs=shape["ppo_epochs"]),
+        sampling=SamplingConfig(max_new_tokens=shape["response_length"], temperature=0.7, eos_token_id=None,
+                                pad_token_id=V - 2),
+        loss=LossConfig(vf_coef=0.1, clip_eps=0.2, value_clip_eps=0.2),
+        kl=KLConfig(kl_coef=0.05),
+        advantages=AdvantageConfig(gamma=1.0, lam=0.95),
+        optimizer=OptimizerConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=1.0),
     )
-    tx = make_optimizer(1e-5, schedule="constant", max_grad_norm=1.0)
+    tx = optimizer_from_config(ppo_cfg.optimizer)
     trainer = PPOTrainer(policy, ppo_cfg, tx, value_model=value_model, reward_model=reward_model)
     state = trainer.init(policy_params, value_params, seed=seed)
 

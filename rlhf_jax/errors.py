@@ -7,6 +7,9 @@ Two families, told apart by the exit status the CLI gives them:
   (dotted key, file and line, folder).
 - :class:`RLHFJaxError` itself (exit 1): anything else the library detects about itself.
 
+:class:`RunInterrupted` (SIGINT / SIGTERM, after the current step was checkpointed) exits
+with 128 + the signal number (130, 143), as shells report a process stopped by a signal.
+
 Every class also derives from ``ValueError`` so that callers written against the plain
 exception keep working.
 """
@@ -21,6 +24,8 @@ __all__ = [
     "LoadError",
     "ConfigMismatchError",
     "TrainingStalledError",
+    "RunLockedError",
+    "RunInterrupted",
 ]
 
 
@@ -58,3 +63,24 @@ class ConfigMismatchError(UserError):
 
 class TrainingStalledError(UserError):
     """A run that has nothing left to learn from (e.g. every reward non-finite for N iterations)."""
+
+
+class RunLockedError(RunError):
+    """Another process holds the run folder's lock; the message names the folder and its pid."""
+
+
+class RunInterrupted(RLHFJaxError):
+    """A run stopped by SIGINT / SIGTERM after checkpointing the step it was in.
+
+    Attributes:
+      signum: the signal number; `exit_code` is 128 + signum.
+      step: the step the checkpoint holds.
+    """
+
+    def __init__(self, signum: int, *, step: int, where: str):
+        import signal
+
+        self.signum, self.step = int(signum), int(step)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"{signal.Signals(self.signum).name}: stopped after step {step}, checkpoint saved in "
+                         f"{where}; resume with the same command")

@@ -49,7 +49,7 @@ def _kill_hook(args):
 
 
 def run_sft(args):
-    from rlhf_jax.train import SFTConfig
+    from rlhf_jax.train import OptimizerConfig, RunOptions, SFTConfig
     from rlhf_jax.train.drivers import fit_sft
 
     lm, lm_params = _tiny_lm("lm")
@@ -59,16 +59,18 @@ def run_sft(args):
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, length)), 0).astype(np.int32)
     loss_mask = mask * (np.arange(length)[None, :] >= 2)
-    cfg = SFTConfig(batch_size=4, num_epochs=3, learning_rate=3e-3, schedule="cosine",
-                    warmup_steps=2, seed=1)
+    cfg = SFTConfig(batch_size=4, num_epochs=3, optimizer=OptimizerConfig(learning_rate=3e-3, schedule="cosine",
+                                                                           warmup_steps=2))
+    run = RunOptions(output_dir=args.output_dir, seed=1, checkpoint_every=args.checkpoint_every, tensorboard=False)
     params, _ = fit_sft(lm, lm_params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask},
-                        cfg, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                        max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
+                        cfg, run, max_steps=args.steps, on_step=_kill_hook(args))
     return params
 
 
 def run_ppo(args):
-    from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+    from helpers import ppo_config
+
+    from rlhf_jax.train import PPOTrainer, RunOptions, optimizer_from_config
     from rlhf_jax.train.drivers import fit_ppo
 
     policy, policy_params = _tiny_lm("lm+value")
@@ -77,24 +79,24 @@ def run_ppo(args):
     def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
         return ((tokens == target) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
 
-    cfg = PPOConfig(batch_size=4, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
-                    temperature=1.0, eos_token_id=2, pad_token_id=0, learning_rate=1e-3,
-                    kl_coef=0.05, kl_target=0.1, seed=3)
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward_fn)
+    cfg = ppo_config(batch_size=4, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
+                     temperature=1.0, eos_token_id=2, pad_token_id=0, learning_rate=1e-3,
+                     kl_coef=0.05, kl_target=0.1)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), reward_fn=reward_fn)
     rng = np.random.default_rng(1)
     n, p = 12, 4
     lengths = rng.integers(1, p + 1, n)
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
-    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask},
-                        output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                        max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
+    run = RunOptions(output_dir=args.output_dir, seed=3, checkpoint_every=args.checkpoint_every, tensorboard=False)
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask}, run,
+                        max_steps=args.steps, on_step=_kill_hook(args))
     return params
 
 
 def run_grpo(args):
     """The RL trainer (GRPO, groups of 4, DAPO's dynamic sampling refilling from fresh prompts)."""
-    from rlhf_jax.train import make_optimizer
+    from rlhf_jax.train import RunOptions, make_optimizer
     from rlhf_jax.train.drivers import fit_ppo
     from rlhf_jax.train.rl.presets import rl_config
     from rlhf_jax.train.rl.trainer import RLTrainer
@@ -110,7 +112,6 @@ def run_grpo(args):
         "batch": {"batch_size": 2, "group_size": 4, "num_minibatches": 2, "ppo_epochs": 2},
         "sampling": {"max_new_tokens": 4, "temperature": 1.0, "eos_token_id": 2},
         "rewards": {"dynamic_sampling": True, "dynamic_sampling_max_tries": 3},
-        "seed": 3,
     })
     trainer = RLTrainer(policy, cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=reward_fn)
     rng = np.random.default_rng(1)
@@ -118,9 +119,9 @@ def run_grpo(args):
     lengths = rng.integers(1, p + 1, n)
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)  # left padding
     ids = np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32)
-    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask},
-                        output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                        max_steps=args.steps, on_step=_kill_hook(args), tensorboard=False)
+    run = RunOptions(output_dir=args.output_dir, seed=3, checkpoint_every=args.checkpoint_every, tensorboard=False)
+    params, _ = fit_ppo(trainer, policy_params, policy_params, {"prompt_ids": ids, "prompt_mask": mask}, run,
+                        max_steps=args.steps, on_step=_kill_hook(args))
     return params
 
 

@@ -41,16 +41,22 @@ def run(*argv):
     return cli.main(list(argv))
 
 
-def test_sft_reward_ppo_eval_export_chain(workdir, capsys):
+@pytest.fixture(scope="module")
+def sft_run(workdir):
+    """The tiny SFT run (random tiny GPT-2), once per module; returns its stdout."""
+    code = run("sft", "--config", tiny_config("sft"))
+    assert code == 0
+    return workdir / "tiny_run" / "sft"
+
+
+def test_sft_reward_ppo_eval_export_chain(workdir, sft_run, capsys):
     import transformers
 
     from rlhf_jax.models import from_pretrained
 
-    # SFT from a random tiny GPT-2.
-    assert run("sft", "--config", tiny_config("sft")) == 0
-    out = capsys.readouterr().out
-    assert "# rlhf-jax sft: resolved config" in out and "output_dir: tiny_run/sft" in out
-    sft = workdir / "tiny_run" / "sft"
+    # SFT from a random tiny GPT-2 (the fixture); its resolved config names the run folder.
+    sft = sft_run
+    assert "  output_dir: tiny_run/sft" in (sft / "resolved_config.yaml").read_text()
     for name in ("resolved_config.yaml", "run.json", "metrics.jsonl", "hf/config.json",
                  "hf/model.safetensors", "hf/tokenizer_config.json"):
         assert (sft / name).exists(), name
@@ -143,17 +149,34 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def test_same_config_resumes_and_different_config_is_refused(workdir, capsys):
-    sft = workdir / "tiny_run" / "sft"
-    if not (sft / "run.json").exists():
-        pytest.skip("needs the chain test's SFT run")
+def test_rl_grpo_runs_and_a_nan_reward_stops_with_exit_2(workdir, sft_run, capsys):
+    """`rlhf-jax rl` (GRPO preset, no critic) from the SFT run; a reward function returning NaN
+    stops the run after `train.rewards.max_stalled_iterations` iterations: exit 2, one line naming it."""
+    assert run("rl", "--config", tiny_config("grpo")) == 0
+    out = workdir / "tiny_run" / "grpo"
+    assert (out / "hf" / "config.json").exists()
+    resolved = (out / "resolved_config.yaml").read_text()
+    assert "algorithm: grpo" in resolved and "group_size: 4" in resolved and "placement: in_loss" in resolved
+    capsys.readouterr()
+    nan = workdir / "nan_reward.py"
+    nan.write_text("def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
+    code = run("rl", "--config", tiny_config("grpo"), f"reward.function={nan}:nan", "run.output_dir=tiny_run/grpo_nan",
+               "num_iterations=4", "train.rewards.max_stalled_iterations=2")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "stalled" in err and "nan_reward.py:nan" in err, err
+
+
+def test_same_config_resumes_and_different_config_is_refused(workdir, sft_run, capsys):
+    sft = sft_run
     before = (sft / "run.json").read_text()
     metrics_before = (sft / "metrics.jsonl").read_text()
     # A different config: refused with a one-line error naming the changed key, nothing touched.
-    assert run("sft", "--config", tiny_config("sft"), "train.learning_rate=0.01") == 2
+    assert run("sft", "--config", tiny_config("sft"), "train.optimizer.learning_rate=0.01") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "different config" in err and "train.learning_rate" in err and "--overwrite" in err
+    assert "different config" in err and "train.optimizer.learning_rate (0.003 -> 0.01)" in err
+    assert "--overwrite" in err
     assert (sft / "run.json").read_text() == before
     # The same config: resumes (all steps are done, so it only re-exports).
     assert run("sft", "--config", tiny_config("sft")) == 0
@@ -171,33 +194,33 @@ def test_config_errors_are_one_line_and_name_the_key(workdir, capsys, tmp_path):
     assert run("sft", "--config", str(bad)) == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 5" in err and "`data.max_length`: expected int, got str 'sixteen'" in err
-    assert run("ppo", "--config", tiny_config("ppo"), "train.num_minibatches=3") == 2
+    assert run("ppo", "--config", tiny_config("ppo"), "train.batch.num_minibatches=3") == 2
     err = capsys.readouterr().err
-    assert "`train.batch_size` (8) must be divisible by `train.num_minibatches`" in err
+    assert "`train.batch.batch_size` (8) must be divisible by `train.batch.num_minibatches`" in err
 
 
 def test_bad_data_row_fails_before_the_run_folder_exists(workdir, capsys):
     bad = workdir / "tiny_run" / "bad_sft.jsonl"
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2="}\n')
     out_dir = workdir / "tiny_run" / "bad_run"
-    code = run("sft", "--config", tiny_config("sft"), f"data.train_files=[{bad}]", f"output_dir={out_dir}")
+    code = run("sft", "--config", tiny_config("sft"), f"data.train_files=[{bad}]", f"run.output_dir={out_dir}")
     assert code == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 2: missing column `completion`" in err
     assert not out_dir.exists()
 
 
-def test_missing_model_folder_and_bad_reward_function(workdir, capsys):
-    code = run("reward", "--config", tiny_config("reward"), "model.path=tiny_run/nope", "output_dir=tiny_run/r2")
+def test_missing_model_folder_and_bad_reward_function(workdir, sft_run, capsys):
+    code = run("reward", "--config", tiny_config("reward"), "model.path=tiny_run/nope", "run.output_dir=tiny_run/r2")
     assert code == 2 and "tiny_run/nope does not exist" in capsys.readouterr().err
     # Paths and the function are checked right after the data, before any model is built.
     code = run("ppo", "--config", tiny_config("ppo_verifier"), "reward.function=rlhf_jax.rewards.verifiers:nope",
-               "model.path=tiny_run/tokenizer", "output_dir=tiny_run/p2")
+               "run.output_dir=tiny_run/p2")
     assert code == 2
-    assert "no attribute 'nope'" in capsys.readouterr().err
+    assert "`reward.function`" in (err := capsys.readouterr().err) and "no attribute 'nope'" in err
     assert not (workdir / "tiny_run" / "p2").exists()
     code = run("ppo", "--config", tiny_config("ppo"), "reward.model_path=tiny_run/no_rm",
-               "model.path=tiny_run/tokenizer", "output_dir=tiny_run/p3")
+               "run.output_dir=tiny_run/p3")
     assert code == 2 and "reward model folder tiny_run/no_rm does not exist" in capsys.readouterr().err
     assert not (workdir / "tiny_run" / "p3").exists()
 
@@ -206,25 +229,39 @@ def test_foreign_folder_is_never_deleted(workdir, capsys):
     foreign = workdir / "precious"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    code = run("sft", "--config", tiny_config("sft"), f"output_dir={foreign}", "--overwrite")
+    code = run("sft", "--config", tiny_config("sft"), f"run.output_dir={foreign}", "--overwrite")
     assert code == 2 and "holds no rlhf-jax run" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_overwrite_replaces_a_run_with_another_config(tmp_path):
-    from rlhf_jax.cli.commands import RunError, prepare_output_dir
+def test_overwrite_replaces_a_run_only_when_committed(tmp_path):
     from rlhf_jax.cli.config import load_config
+    from rlhf_jax.cli.run_folder import RunError, claim_run_folder
 
     cls = COMMAND_CONFIGS["sft"]
-    first = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run"], cls)
-    assert prepare_output_dir("sft", first, overwrite=False) is False
+    out = str(tmp_path / "run")
+    first = load_config(tiny_config("sft"), [f"run.output_dir={out}"], cls)
+    with claim_run_folder("sft", first, out, overwrite=False) as folder:
+        assert folder.resume is False
     (tmp_path / "run" / "checkpoints").mkdir()
-    assert prepare_output_dir("sft", first, overwrite=False) is True  # same config: resume
-    second = load_config(tiny_config("sft"), [f"output_dir={tmp_path}/run", "train.seed=1"], cls)
-    with pytest.raises(RunError, match=r"changed keys: train.seed"):
-        prepare_output_dir("sft", second, overwrite=False)
-    assert prepare_output_dir("sft", second, overwrite=True) is False
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    with claim_run_folder("sft", first, out, overwrite=False) as folder:
+        assert folder.resume is True  # same config: resume
+    longer = load_config(tiny_config("sft"), [f"run.output_dir={out}", "train.num_epochs=3", "run.log_every=2"], cls)
+    with claim_run_folder("sft", longer, out, overwrite=False) as folder:
+        assert folder.resume is True  # a longer run and other logging: still a resume
+    second = load_config(tiny_config("sft"), [f"run.output_dir={out}", "run.seed=1", "train.batch_size=4"], cls)
+    with pytest.raises(RunError, match=r"run.seed \(0 -> 1\), train.batch_size \(8 -> 4\)"):
+        claim_run_folder("sft", second, out, overwrite=False)
+    # --overwrite: the old run waits aside until the new one commits ...
+    with pytest.raises(RuntimeError):
+        with claim_run_folder("sft", second, out, overwrite=True):
+            assert not (tmp_path / "run" / "checkpoints").exists()
+            raise RuntimeError("the new run failed before its first checkpoint")
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # ... and comes back when it fails
+    assert "num_epochs: 3" in (tmp_path / "run" / "resolved_config.yaml").read_text()
+    with claim_run_folder("sft", second, out, overwrite=True) as folder:
+        folder.commit_overwrite()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / ".replaced").exists()
     assert "seed: 1" in (tmp_path / "run" / "resolved_config.yaml").read_text()
 
 
@@ -239,10 +276,14 @@ def test_help_lists_every_config_key(command, capsys):
     assert "--overwrite" in text and "--config" in text
 
 
-def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys):
+def test_dry_run_prints_the_resolved_config_and_touches_nothing(workdir, sft_run, tmp_path, capsys):
     out_dir = tmp_path / "dry"
-    assert run("ppo", "--config", tiny_config("ppo"), f"output_dir={out_dir}", "train.kl_coef=0.2", "--dry_run") == 0
-    assert "kl_coef: 0.2" in capsys.readouterr().out
+    assert run("ppo", "--config", tiny_config("ppo_verifier"), f"run.output_dir={out_dir}", "train.kl.kl_coef=0.2",
+               "train.optimizer.schedule=cosine", "--dry_run") == 0
+    out = capsys.readouterr().out
+    assert "kl_coef: 0.2" in out
+    # the tokenizer's ids and the schedule length (2 iterations x 1 epoch x 2 minibatches) are resolved
+    assert "eos_token_id: 1" in out and "pad_token_id: 0" in out and "total_steps: 4" in out
     assert not out_dir.exists()
 
 

@@ -22,6 +22,7 @@ from rlhf_jax.cli.config import (
     load_config,
 )
 from rlhf_jax.train import PPOConfig, SFTConfig
+from rlhf_jax.train.rl.presets import ALGORITHMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -30,6 +31,8 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), re
 def config_class(path):
     """The command of a config file is the first word of its name (sft, reward, ppo, eval, export)."""
     command = os.path.basename(path).split(".")[0].split("_")[0]
+    if command not in COMMAND_CONFIGS and command in ALGORITHMS:  # grpo_*.yaml, ...: `rlhf-jax rl` recipes
+        command = "rl"
     return COMMAND_CONFIGS[command]
 
 
@@ -59,13 +62,14 @@ def test_real_recipes_validate_with_tiny_stand_ins(path, tmp_path):
     """The real-run recipes also validate with every model/data path pointed at local stand-ins."""
     cls = config_class(path)
     cfg = load_config(path, [], cls)
-    overrides = [f"output_dir={tmp_path}/out"]
+    out_key = "run.output_dir" if hasattr(cfg, "run") else "output_dir"
+    overrides = [f"{out_key}={tmp_path}/out"]
     if hasattr(cfg, "model"):
         overrides.append(f"model.path={tmp_path}/model")
     if hasattr(cfg, "data") and cfg.data.train_files:
         overrides.append(f"data.train_files=[{tmp_path}/train.jsonl]")
     local = load_config(path, overrides, cls)
-    assert local.output_dir == f"{tmp_path}/out"
+    assert (local.run.output_dir if hasattr(cfg, "run") else local.output_dir) == f"{tmp_path}/out"
     assert "expected cost" in open(path).read().lower(), f"{path} must state its expected cost"
 
 
@@ -88,9 +92,18 @@ def test_unknown_top_level_section(tmp_path):
     ("train:\n  batch_size: 8.5\n", r"line 6: `train.batch_size`: expected int, got float 8.5"),
     ("train:\n  batch_size: true\n", r"line 6: `train.batch_size`: expected int, got bool True"),
     ("tokenizer:\n  pad_token: 3\n", r"line 6: `tokenizer.pad_token`: expected str \| null, got int 3"),
-    ("train:\n  learning_rate: fast\n", r"line 6: `train.learning_rate`: expected float, got str 'fast'"),
-    ("mesh: 4\n", r"line 5: `mesh`: expected a mapping, got int 4"),
-    ("keep: [1]\n", r"line 5: `keep`: expected int, got list \[1\]"),
+    ("train:\n  optimizer:\n    learning_rate: fast\n",
+     r"line 7: `train.optimizer.learning_rate`: expected float, got str 'fast'"),
+    ("run:\n  mesh: 4\n", r"line 6: `run.mesh`: expected a mapping, got int 4"),
+    ("run:\n  keep: [1]\n", r"line 6: `run.keep`: expected int, got list \[1\]"),
+    ("train:\n  optimizer:\n    schedule: cosin\n",
+     r"line 7: `train.optimizer.schedule`: expected one of \['constant', 'cosine', 'linear'\], got 'cosin'"),
+    ("train:\n  batch_size: -8\n", r"line 6: `train.batch_size` must be an int >= 1, got -8"),
+    ("train:\n  batch_size: 0\n", r"line 6: `train.batch_size` must be an int >= 1, got 0"),
+    ("train:\n  num_epochs: 0\n", r"line 6: `train.num_epochs` must be an int >= 1, got 0"),
+    ("train:\n  optimizer:\n    learning_rate: -1\n", r"line 7: `train.optimizer.learning_rate` must be > 0"),
+    ("train:\n  optimizer:\n    b2: 1.5\n", r"line 7: `train.optimizer.b2` must lie in \[0, 1\)"),
+    ("train:\n  loss_agg: mean\n", r"line 6: `train.loss_agg`: expected one of \['token-mean'"),
 ])
 def test_wrong_types_name_key_expected_and_got(tmp_path, extra, message):
     path = write(tmp_path, MINIMAL_SFT + extra)
@@ -99,7 +112,7 @@ def test_wrong_types_name_key_expected_and_got(tmp_path, extra, message):
 
 
 @pytest.mark.parametrize("data, message", [
-    ("  chat_template: 1\n", r"`data.chat_template`: expected bool, got int 1"),
+    ("  too_long: cut\n", r"`data.too_long`: expected one of \['error', 'truncate', 'drop'\], got 'cut'"),
     ("  buckets: [16, x]\n", r"`data.buckets\[1\]`: expected int, got str 'x'"),
     ("  eval_files: {a: 1}\n", r"`data.eval_files`: expected a list, got dict"),
 ])
@@ -115,18 +128,22 @@ def test_wrong_types_in_lists_and_sections(tmp_path, data, message):
 
 def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
     # PyYAML reads `1e-4` as a string; a float field takes it anyway.
-    path = write(tmp_path, MINIMAL_SFT + "train:\n  learning_rate: 1e-4\n")
-    assert load_config(path, [], SFTRunConfig).train.learning_rate == 1e-4
+    path = write(tmp_path, MINIMAL_SFT + "train:\n  optimizer:\n    learning_rate: 1e-4\n")
+    assert load_config(path, [], SFTRunConfig).train.optimizer.learning_rate == 1e-4
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.batch_size=10", "train.grad_accum_steps=4"],
      r"`train.batch_size` \(10\) must be divisible by `train.grad_accum_steps` \(4\)"),
-    (["train.batch_size=12", "mesh.data=8"], r"`train.batch_size` \(12\) must be divisible by `mesh.data` \(8\)"),
+    (["train.batch_size=12", "run.mesh.data=8"],
+     r"`train.batch_size` \(12\) must be divisible by `run.mesh.data` \(8\)"),
     (["data.max_length=8", "data.max_prompt_length=16"], r"`data.max_length` \(8\) must exceed"),
     (["data.buckets=[8]"], r"`data.buckets`: the largest bucket \(8\) is shorter than `data.max_length` \(512\)"),
     (["model.random_init={model_type: gpt2}"], r"give exactly one of `model.path` and `model.random_init`"),
-    (["checkpoint_every=0"], r"`checkpoint_every` must be >= 1"),
+    (["run.checkpoint_every=0"], r"`run.checkpoint_every` must be an int >= 1 or null"),
+    (["train.optimizer.schedule=cosine", "train.optimizer.total_steps=5", "train.optimizer.warmup_steps=5"],
+     r"`train.optimizer.total_steps` \(5\) must be larger than `train.optimizer.warmup_steps` \(5\)"),
+    (["train.learning_rate=1"], r"unknown key `train.learning_rate` \(did you mean train.optimizer.learning_rate\?\)"),
 ])
 def test_impossible_settings_name_the_keys(overrides, message):
     base = ["model.path=m", "data.train_files=[a.jsonl]"]
@@ -136,26 +153,39 @@ def test_impossible_settings_name_the_keys(overrides, message):
 
 def test_ppo_batch_arithmetic_and_reward_source():
     base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.rewards.verifiers:math_reward"]
-    with pytest.raises(ConfigError, match=r"`train.batch_size` \(64\) must be divisible by `train.num_minibatches` \* "
-                                          r"`train.grad_accum_steps` \(4 \* 32 = 128\)"):
-        load_config(None, base + ["train.grad_accum_steps=32"], PPORunConfig)
+    with pytest.raises(ConfigError, match=r"`train.batch.batch_size` \(64\) must be divisible by "
+                                          r"`train.batch.num_minibatches` \* `train.batch.grad_accum_steps` "
+                                          r"\(4 \* 32 = 128\)"):
+        load_config(None, base + ["train.batch.grad_accum_steps=32"], PPORunConfig)
     with pytest.raises(ConfigError, match=r"give exactly one of `reward.model_path` and `reward.function`"):
         load_config(None, base[:2], PPORunConfig)
     with pytest.raises(ConfigError, match=r"`reward.function` must be `module:function`"):
         load_config(None, base[:2] + ["reward.function=verifiers.math"], PPORunConfig)
     with pytest.raises(ConfigError, match=r"`value_model`: `reward_model` needs `reward.model_path`"):
         load_config(None, base + ["value_model=reward_model"], PPORunConfig)
-    cfg = load_config(None, base + ["train.batch_size=32", "train.num_minibatches=8"], PPORunConfig)
-    assert isinstance(cfg.train, PPOConfig) and cfg.train.batch_size == 32
+    with pytest.raises(ConfigError, match=r"`train.value_optimizer`: the value head shares"):
+        load_config(None, base + ["train.value_optimizer={learning_rate: 1.0e-5}"], PPORunConfig)
+    for bad, message in (("train.kl.kl_estimator=k4", r"`train.kl.kl_estimator`: expected one of"),
+                         ("train.loss.loss_agg=mean", r"`train.loss.loss_agg`: expected one of"),
+                         ("train.advantages.lam=2", r"`train.advantages.lam` must lie in \[0, 1\]"),
+                         ("train.sampling.temperature=0", r"`train.sampling.temperature` must be > 0"),
+                         ("num_iterations=0", r"`num_iterations` must be >= 1"),
+                         ("train.value_optimizer={learnig_rate: 1}",
+                          r"unknown key `train.value_optimizer.learnig_rate`")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, base + [bad, "value_model=v"], PPORunConfig)
+    cfg = load_config(None, base + ["train.batch.batch_size=32", "train.batch.num_minibatches=8"], PPORunConfig)
+    assert isinstance(cfg.train, PPOConfig) and cfg.train.batch.batch_size == 32
 
 
 def test_override_values_are_yaml_scalars():
-    cfg = load_config(None, ["model.path=m", "data.train_files=[a.jsonl, b.parquet]", "train.max_grad_norm=null",
-                             "data.chat_template=false", "train.learning_rate=3e-5", "data.max_rows=10",
-                             "model.random_init=null"], SFTRunConfig)
+    cfg = load_config(None, ["model.path=m", "data.train_files=[a.jsonl, b.parquet]",
+                             "train.optimizer.max_grad_norm=null", "train.optimizer.learning_rate=3e-5",
+                             "data.max_rows=10", "model.random_init=null", "train.optimizer.mu_dtype=bfloat16"],
+                      SFTRunConfig)
     assert cfg.data.train_files == ("a.jsonl", "b.parquet")
-    assert cfg.train.max_grad_norm is None and cfg.data.chat_template is False
-    assert cfg.train.learning_rate == 3e-5 and cfg.data.max_rows == 10
+    assert cfg.train.optimizer.max_grad_norm is None and cfg.train.optimizer.mu_dtype == "bfloat16"
+    assert cfg.train.optimizer.learning_rate == 3e-5 and cfg.data.max_rows == 10
     # A single string for a list of files is a one-item list.
     one = load_config(None, ["model.path=m", "data.train_files=x.jsonl"], SFTRunConfig)
     assert one.data.train_files == ("x.jsonl",)
@@ -187,22 +217,28 @@ def test_dump_round_trip_and_hash(tmp_path):
     path = write(tmp_path, dump_config(cfg))
     again = load_config(path, [], SFTRunConfig)
     assert again == cfg and config_hash(again) == config_hash(cfg)
-    assert config_hash(dataclasses.replace(cfg, output_dir="elsewhere")) == config_hash(cfg)
-    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=2e-4))
+    elsewhere = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir="elsewhere"))
+    assert config_hash(elsewhere) == config_hash(cfg)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, optimizer=dataclasses.replace(cfg.train.optimizer, learning_rate=2e-4)))
     assert config_hash(changed) != config_hash(cfg)
     assert isinstance(cfg.train, SFTConfig)
 
 
 def test_field_help_documents_every_leaf():
-    for cls in (SFTRunConfig, RewardRunConfig, PPORunConfig, EvalConfig):
+    for cls in COMMAND_CONFIGS.values():
         rows = field_help(cls)
         keys = [k for k, _, _ in rows]
         assert len(keys) == len(set(keys))
+        # Every field, ours and the trainers', carries its help in its metadata.
         undocumented = [k for k, _, text in rows if text.startswith("[default")]
-        # Our sections all carry help; trainer fields take theirs from the docstrings.
-        assert not [k for k in undocumented if not k.startswith("train.")], undocumented
-    ppo_keys = {k for k, _, _ in field_help(PPORunConfig)}
-    assert {"train.kl_coef", "train.num_minibatches", "reward.function", "mesh.fsdp"} <= ppo_keys
+        assert not undocumented, undocumented
+    ppo = {k: text for k, _, text in field_help(PPORunConfig)}
+    assert {"train.kl.kl_coef", "train.batch.num_minibatches", "reward.function", "run.mesh.fsdp",
+            "train.value_optimizer", "train.optimizer.mu_dtype"} <= set(ppo)
+    # a section's defaults are the ones its parent creates
+    assert ppo["train.optimizer.learning_rate"].endswith("[default: 1e-05]")
+    assert ppo["run.output_dir"].endswith("[default: 'runs/ppo']")
 
 
 def test_eval_config_checks():
@@ -248,3 +284,39 @@ def test_duplicate_keys_are_errors(tmp_path):
     path = write(tmp_path, MINIMAL_SFT + "train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
     with pytest.raises(ConfigError, match=r"line 8: duplicate key `train.batch_size` \(first set on line 6\)"):
         load_config(path, [], SFTRunConfig)
+
+
+def test_rl_algorithm_presets_and_errors(tmp_path):
+    from rlhf_jax.cli.config import RLRunConfig
+
+    base = "model:\n  path: m\nreward:\n  function: a:b\ndata:\n  train_files: [a.jsonl]\n"
+    cfg = load_config(write(tmp_path, base + "algorithm: dapo\n"), [], RLRunConfig)
+    assert cfg.train.loss.clip_eps_high == 0.28 and cfg.train.rewards.dynamic_sampling
+    assert cfg.train.kl.placement == "none" and cfg.train.advantages.estimator == "grpo"
+    cfg = load_config(write(tmp_path, base + "algorithm: gspo\ntrain:\n  batch:\n    group_size: 2\n"), [],
+                      RLRunConfig)
+    assert cfg.train.loss.ratio == "sequence" and cfg.train.batch.group_size == 2
+    assert cfg.train.batch.ppo_epochs == 1  # the preset's, kept next to the user's key
+    with pytest.raises(ConfigError, match="`algorithm`"):
+        load_config(write(tmp_path, base + "algorithm: a2c\n"), [], RLRunConfig)
+    with pytest.raises(ConfigError, match="train.loss.clip"):
+        load_config(write(tmp_path, base), ["train.loss.clip=0.1"], RLRunConfig)
+    with pytest.raises(ConfigError, match="`value_model`.*no critic"):
+        load_config(write(tmp_path, base), ["value_model=some/folder"], RLRunConfig)
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(write(tmp_path, base), ["train.batch.group_size=1"], RLRunConfig)
+
+
+def test_a_partial_section_keeps_the_commands_own_defaults():
+    """`run: {seed: 1}` keeps the command's run folder and checkpoint period; a PPO optimizer
+    section keeps PPO's learning rate; the library's RunOptions runs on one device."""
+    from rlhf_jax.train import RunOptions
+
+    base = ["model.path=m", "data.train_files=[p.jsonl]", "reward.function=rlhf_jax.rewards.verifiers:math_reward"]
+    cfg = load_config(None, base + ["run.seed=1", "train.optimizer.schedule=cosine"], PPORunConfig)
+    assert (cfg.run.output_dir, cfg.run.checkpoint_every, cfg.run.seed) == ("runs/ppo", 20, 1)
+    assert cfg.run.mesh.data == -1  # the CLI uses every device by default
+    assert cfg.train.optimizer.learning_rate == 1e-5 and cfg.train.optimizer.schedule == "cosine"
+    assert load_config(None, base[:2] + ["train.optimizer.warmup_steps=2"], RewardRunConfig).train.optimizer \
+        .learning_rate == 5e-5
+    assert RunOptions().mesh.single_device

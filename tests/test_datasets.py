@@ -69,11 +69,16 @@ def test_sft_messages_with_chat_template(tmp_path, tok):
     assert ex.arrays["loss_mask"][0].sum() == 4
 
 
-def test_sft_messages_without_template_use_plain_roles(tmp_path, tok):
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                                {"role": "assistant", "content": "yo"}]}])
-    ex = sft_examples(read_rows(path), tok, max_prompt_length=32, max_length=64, buckets=BUCKETS)
-    assert ex.prompts == ("user: hi\nassistant: ",)
+def test_messages_without_a_chat_template_are_an_error_naming_the_row(tmp_path, tok):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "x", "completion": "y"}, {"messages": turns}])
+    assert not getattr(tok, "chat_template", None)
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 2: a message list, but the tokenizer .* has no chat "
+                                        r"template .*`tokenizer.chat_template`"):
+        sft_examples(read_rows(path), tok, max_prompt_length=32, max_length=64, buckets=BUCKETS)
+    prompts = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": turns[:1]}])
+    with pytest.raises(DataError, match=r"rl\.jsonl, line 1: a message list"):
+        prompt_examples(read_rows(prompts), tok, max_prompt_length=32, buckets=BUCKETS)
 
 
 def test_preferences_share_one_length_and_end_with_eos(tmp_path, tok):
@@ -91,12 +96,16 @@ def test_preferences_share_one_length_and_end_with_eos(tmp_path, tok):
 
 
 def test_preferences_implicit_prompt_from_conversations(tmp_path, tok):
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
     user = {"role": "user", "content": "q"}
     path = write_jsonl(tmp_path / "pref.jsonl", [{"chosen": [user, {"role": "assistant", "content": "good"}],
                                                   "rejected": [user, {"role": "assistant", "content": "bad"}]}])
     ex = preference_examples(read_rows(path), tok, max_prompt_length=32, max_length=64, buckets=BUCKETS)
     assert ex.prompts == ("user: q\nassistant: ",)
     assert "margin" not in ex.arrays
+    chosen = ex.arrays["chosen_ids"][0][ex.arrays["chosen_mask"][0] > 0]
+    assert tok.decode(chosen[len("user: q\nassistant: "):-1]) == "good"
 
 
 def test_prompts_left_padded_with_answers(tmp_path, tok):
@@ -206,8 +215,6 @@ def test_rl_prompts_as_messages_use_the_chat_template(tmp_path):
     assert ex.prompts == ("u=2+2.a=",)
     n = int(ex.arrays["prompt_mask"][0].sum())
     assert tok.decode(ex.arrays["prompt_ids"][0, -n:]) == "u=2+2.a="
-    plain = prompt_examples(read_rows(path), tok, max_prompt_length=32, buckets=BUCKETS, chat_template=False)
-    assert plain.prompts == ("user: 2+2\nassistant: ",)
 
 
 def test_chat_template_turn_end_token_is_not_doubled(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax.io.checkpoint import ConfigMismatchError
 from rlhf_jax.io.metrics import read_metrics
+from rlhf_jax.train import RunOptions
 from rlhf_jax.train.drivers import batch_rows, epoch_permutation, fit_reward
 
 VOCAB = 32
@@ -51,11 +52,11 @@ NAN_ROW = 5  # its margin is NaN: every step whose batch holds it must be skippe
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     from rlhf_jax.models import ModelConfig, from_config
-    from rlhf_jax.train import RewardConfig
+    from rlhf_jax.train import OptimizerConfig, RewardConfig
 
     rm, rm_params = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2,
                                                  max_position_embeddings=16), head="scalar", seed=0)
-    cfg = RewardConfig(batch_size=8, num_epochs=4, learning_rate=3e-3, seed=0)
+    cfg = RewardConfig(batch_size=8, num_epochs=4, optimizer=OptimizerConfig(learning_rate=3e-3))
     train, held_out = _preference_data(32, 8, 0), _preference_data(16, 8, 1)
     train["margin"] = np.zeros(32, np.float32)
     train["margin"][NAN_ROW] = np.nan
@@ -66,14 +67,14 @@ def reward_run(tmp_path_factory):
         seen.append((step, metrics["loss"]))
         return {"hook/step_squared": step * step}
 
-    params, history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
-                                 checkpoint_every=8, stdout=False, tensorboard=False,
-                                 on_step=on_step)
-    return rm, rm_params, cfg, train, held_out, out, params, history, seen
+    run = RunOptions(output_dir=str(out), checkpoint_every=8, stdout=False, tensorboard=False)
+    params, history = fit_reward(rm, rm_params, train, cfg, run, eval_data=held_out, on_step=on_step)
+    return rm, rm_params, cfg, train, held_out, run, params, history, seen
 
 
 def test_fit_reward_trains_logs_and_evaluates(reward_run):
-    rm, rm_params, cfg, train, held_out, out, params, history, seen = reward_run
+    rm, rm_params, cfg, train, held_out, run, params, history, seen = reward_run
+    out = run.output_dir
     # 32 pairs / 8 = 4 steps per epoch, 4 epochs
     assert [r["step"] for r in history] == list(range(1, 17))
     assert _same(read_metrics(out), history)
@@ -104,9 +105,8 @@ def test_nonfinite_steps_are_skipped_with_a_warning(reward_run):
 
 
 def test_finished_run_resumes_to_the_same_result(reward_run):
-    rm, rm_params, cfg, train, held_out, out, params, history, _ = reward_run
-    again, again_history = fit_reward(rm, rm_params, train, cfg, eval_data=held_out, output_dir=out,
-                                      checkpoint_every=8, stdout=False, tensorboard=False,
+    rm, rm_params, cfg, train, held_out, run, params, history, _ = reward_run
+    again, again_history = fit_reward(rm, rm_params, train, cfg, run, eval_data=held_out,
                                       on_step=lambda step, m: {"hook/step_squared": step * step})
     assert _same(again_history, history)
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
@@ -114,32 +114,34 @@ def test_finished_run_resumes_to_the_same_result(reward_run):
 
 
 def test_resume_refuses_other_config_data_or_resume_false(reward_run):
-    rm, rm_params, cfg, train, held_out, out, *_ = reward_run
-    kwargs = dict(output_dir=out, stdout=False, tensorboard=False)
+    rm, rm_params, cfg, train, held_out, run, *_ = reward_run
     import dataclasses
 
-    with pytest.raises(ConfigMismatchError, match="cfg.learning_rate"):
-        fit_reward(rm, rm_params, train, dataclasses.replace(cfg, learning_rate=1e-3), **kwargs)
+    faster = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e-3))
+    with pytest.raises(ConfigMismatchError, match="cfg.optimizer.learning_rate"):
+        fit_reward(rm, rm_params, train, faster, run)
+    with pytest.raises(ConfigMismatchError, match="seed: checkpoint=0 run=1"):
+        fit_reward(rm, rm_params, train, cfg, dataclasses.replace(run, seed=1))
     other = dict(train, chosen_ids=np.roll(train["chosen_ids"], 1, axis=0))
     with pytest.raises(ConfigMismatchError, match="data.hash"):
-        fit_reward(rm, rm_params, other, cfg, **kwargs)
+        fit_reward(rm, rm_params, other, cfg, run)
     with pytest.raises(ValueError, match="resume=False"):
-        fit_reward(rm, rm_params, train, cfg, resume=False, **kwargs)
+        fit_reward(rm, rm_params, train, cfg, dataclasses.replace(run, resume=False))
 
 
 def test_bad_inputs_are_named(reward_run, tmp_path):
     rm, rm_params, cfg, train, *_ = reward_run
-    kwargs = dict(output_dir=tmp_path, stdout=False, tensorboard=False)
+    run = RunOptions(output_dir=str(tmp_path), stdout=False, tensorboard=False)
     with pytest.raises(ValueError, match="missing keys \\['rejected_mask'\\]"):
-        fit_reward(rm, rm_params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, **kwargs)
+        fit_reward(rm, rm_params, {k: v for k, v in train.items() if k != "rejected_mask"}, cfg, run)
     with pytest.raises(ValueError, match="fewer than `batch_size`"):
-        fit_reward(rm, rm_params, {k: v[:5] for k, v in train.items()}, cfg, **kwargs)
+        fit_reward(rm, rm_params, {k: v[:5] for k, v in train.items()}, cfg, run)
     with pytest.raises(ValueError, match="same number of rows"):
-        fit_reward(rm, rm_params, dict(train, chosen_mask=train["chosen_mask"][:4]), cfg, **kwargs)
+        fit_reward(rm, rm_params, dict(train, chosen_mask=train["chosen_mask"][:4]), cfg, run)
     bad = dict(train, chosen_ids=train["chosen_ids"] + VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
-        fit_reward(rm, rm_params, bad, cfg, **kwargs)
+        fit_reward(rm, rm_params, bad, cfg, run)
     with pytest.raises(ValueError, match="max_steps"):
-        fit_reward(rm, rm_params, train, cfg, max_steps=0, **kwargs)
+        fit_reward(rm, rm_params, train, cfg, run, max_steps=0)
     with pytest.raises(ValueError, match="checkpoint_every"):
-        fit_reward(rm, rm_params, train, cfg, checkpoint_every=0, **kwargs)
+        RunOptions(output_dir=str(tmp_path), checkpoint_every=0)

@@ -18,9 +18,10 @@ is `0.5 * mean(d^2)`, ours is the k3 estimate; it is a diagnostic, not compared.
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ppo_config
 
 from rlhf_jax import gae, masked_whiten, ppo_value_loss, shaped_rewards
-from rlhf_jax.train import PPOBatch, PPOConfig, ppo_advantages, ppo_minibatch_loss
+from rlhf_jax.train import PPOBatch, ppo_advantages, ppo_minibatch_loss
 
 INVALID_LOGPROB = 1.0
 
@@ -138,7 +139,7 @@ def test_full_length_rows_match_trl_exactly(whiten_rewards, estimator):
     trl_scores = np.where(eos, x["scores"], x["scores"] - 1.5)
     ref = trl_batch(trl_scores, x["logprobs"], x["ref_logprobs"], x["values"], seq_len,
                     whiten_rewards=whiten_rewards, estimator=estimator, **kw)
-    cfg = PPOConfig(batch_size=B, num_minibatches=2, gamma=kw["gamma"], lam=kw["lam"],
+    cfg = ppo_config(batch_size=B, num_minibatches=2, gamma=kw["gamma"], lam=kw["lam"],
                     whiten_rewards=whiten_rewards, whiten_advantages=True, kl_estimator=estimator,
                     clip_eps=0.2, value_clip_eps=0.3, vf_coef=0.1, missing_eos_penalty=1.5)
     ours = ppo_advantages(f32(x["scores"]), f32(x["logprobs"]), f32(x["ref_logprobs"]), f32(x["values"]),
@@ -151,7 +152,7 @@ def test_full_length_rows_match_trl_exactly(whiten_rewards, estimator):
     rows = np.random.default_rng(1).permutation(B)[: B // 2]
     mb = {k: ref[k][rows] for k in ("advantages", "returns", "values", "logprobs", "padding", "padding_p1")}
     want = trl_minibatch_loss(x["new_logprobs"][rows], x["new_values"][rows], mb,
-                              clip=cfg.clip_eps, clip_value=cfg.value_clip_eps, vf_coef=cfg.vf_coef)
+                              clip=cfg.loss.clip_eps, clip_value=cfg.loss.value_clip_eps, vf_coef=cfg.loss.vf_coef)
     batch = PPOBatch(
         input_ids=None, attention_mask=None,
         response_mask=f32(x["mask"][rows]),
@@ -200,7 +201,7 @@ def test_eos_rows_match_trl_with_the_score_shift_accounted_for():
     np.testing.assert_allclose(vaux["value_clipfrac"], want["vf_clipfrac"], **TOL)
 
     # Our trainer's own placement: the score on the EOS (index L), not L + 1.
-    cfg = PPOConfig(batch_size=B, num_minibatches=2, gamma=kw["gamma"], lam=kw["lam"])
+    cfg = ppo_config(batch_size=B, num_minibatches=2, gamma=kw["gamma"], lam=kw["lam"])
     ours = ppo_advantages(f32(x["scores"]), f32(x["logprobs"]), f32(x["ref_logprobs"]), f32(x["values"]),
                           f32(mask), kl_coef=kw["kl_coef"], cfg=cfg)
     kl = (x["logprobs"] - x["ref_logprobs"]) * mask

@@ -55,8 +55,11 @@ def target_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
     return ((tokens == 5) * mask).sum(1) / np.maximum(mask.sum(1), 1)
 
 
-def _quiet():
-    return dict(stdout=False, tensorboard=False, checkpoint_every=None, async_checkpoint=False)
+def _run(output_dir):
+    from rlhf_jax.train import RunOptions
+
+    return RunOptions(output_dir=str(output_dir), stdout=False, tensorboard=False, checkpoint_every=None,
+                      async_checkpoint=False)
 
 
 def test_nan_reward_stalls_the_run_naming_the_reward_source(policy, prompts, tmp_path):
@@ -64,7 +67,7 @@ def test_nan_reward_stalls_the_run_naming_the_reward_source(policy, prompts, tmp
     trainer = RLTrainer(lm, _cfg(), make_optimizer(1e-3, schedule="constant"), reward_fn=nan_reward,
                         reward_source="reward.function=tests:nan_reward")
     with pytest.raises(TrainingStalledError, match=r"iteration 2: 2 consecutive.*non-finite.*tests:nan_reward"):
-        fit_ppo(trainer, params, params, prompts, output_dir=tmp_path / "nan", max_steps=5, **_quiet())
+        fit_ppo(trainer, params, params, prompts, _run(tmp_path / "nan"), max_steps=5)
 
 
 def test_nonfinite_gradients_stall_the_run(policy, prompts, tmp_path):
@@ -75,7 +78,7 @@ def test_nonfinite_gradients_stall_the_run(policy, prompts, tmp_path):
     trainer = RLTrainer(lm, _cfg(kl={"placement": "none"}), make_optimizer(1e-3, schedule="constant"),
                         reward_fn=target_reward)
     with pytest.raises(TrainingStalledError, match="non-finite gradients"):
-        fit_ppo(trainer, broken, params, prompts, output_dir=tmp_path / "grad", max_steps=5, **_quiet())
+        fit_ppo(trainer, broken, params, prompts, _run(tmp_path / "grad"), max_steps=5)
 
 
 def test_dynamic_sampling_drops_equal_groups_and_refills(policy, prompts):

@@ -124,8 +124,10 @@ def _tiny_lm(head):
     return from_config(cfg, head=head, seed=0)
 
 
-def _quiet(**kwargs):
-    return dict(stdout=False, tensorboard=False, checkpoint_every=100, **kwargs)
+def _quiet(output_dir, **kwargs):
+    from rlhf_jax.train import RunOptions
+
+    return RunOptions(output_dir=str(output_dir), stdout=False, tensorboard=False, checkpoint_every=100, **kwargs)
 
 
 def _numeric(history):
@@ -156,7 +158,7 @@ def _assert_close_runs(got, want, *, rtol=2e-5, atol=2e-6, params_atol=5e-5):
 
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory):
-    from rlhf_jax.train import SFTConfig
+    from rlhf_jax.train import OptimizerConfig, SFTConfig
     from rlhf_jax.train.drivers import fit_sft
 
     lm, lm_params = _tiny_lm("lm")
@@ -166,9 +168,8 @@ def sft_setup(tmp_path_factory):
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
     data = {"input_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, length)), 0).astype(np.int32),
             "attention_mask": mask, "loss_mask": mask * (np.arange(length)[None, :] >= 2)}
-    cfg = SFTConfig(batch_size=8, num_epochs=2, learning_rate=3e-3, seed=2)
-    want = fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path_factory.mktemp("sft1"),
-                   **_quiet(log_every=2))
+    cfg = SFTConfig(batch_size=8, num_epochs=2, optimizer=OptimizerConfig(learning_rate=3e-3))
+    want = fit_sft(lm, lm_params, data, cfg, _quiet(tmp_path_factory.mktemp("sft1"), log_every=2, seed=2))
     return lm, lm_params, data, cfg, want
 
 
@@ -181,10 +182,9 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
     mesh = make_mesh(data=data_size, fsdp=fsdp_size)
     if fsdp_size == 4:
         # also resume on the mesh: 2 steps, then continue from the sharded checkpoint
-        fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path, mesh=mesh, max_steps=2,
-                **_quiet(log_every=2))
-    params, history, state = fit_sft(lm, lm_params, data, cfg, output_dir=tmp_path, mesh=mesh,
-                                     return_state=True, **_quiet(log_every=2))
+        fit_sft(lm, lm_params, data, cfg, _quiet(tmp_path, log_every=2, seed=2), mesh=mesh, max_steps=2)
+    params, history, state = fit_sft(lm, lm_params, data, cfg, _quiet(tmp_path, log_every=2, seed=2), mesh=mesh,
+                                     return_state=True)
     assert [r["step"] for r in history] == [2, 4]  # 16 rows / 8 = 2 steps per epoch, 2 epochs
     kernel = state.params["trunk"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # [32, 128]
     if fsdp_size > 1:
@@ -196,7 +196,9 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
 
 
 def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
-    from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+    from helpers import ppo_config
+
+    from rlhf_jax.train import PPOTrainer, optimizer_from_config
     from rlhf_jax.train.drivers import fit_ppo
 
     policy, policy_params = _tiny_lm("lm+value")
@@ -204,19 +206,18 @@ def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
     def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
         return ((tokens == 5) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
 
-    cfg = PPOConfig(batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
-                    temperature=1.0, eos_token_id=2, learning_rate=1e-3, seed=4)
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward_fn)
+    cfg = ppo_config(batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
+                     temperature=1.0, eos_token_id=2, learning_rate=1e-3)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), reward_fn=reward_fn)
     rng = np.random.default_rng(1)
     n, p = 8, 4
     lengths = rng.integers(1, p + 1, n)
     mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)
     prompts = {"prompt_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32),
                "prompt_mask": mask}
-    want = fit_ppo(trainer, policy_params, policy_params, prompts, output_dir=tmp_path / "one",
-                   max_steps=2, **_quiet())
+    want = fit_ppo(trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "one", seed=4), max_steps=2)
     mesh = make_mesh(data=2, fsdp=2)
-    got = fit_ppo(trainer, policy_params, policy_params, prompts, output_dir=tmp_path / "mesh",
-                  max_steps=2, mesh=mesh, **_quiet())
+    got = fit_ppo(trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "mesh", seed=4), max_steps=2,
+                  mesh=mesh)
     assert [r["step"] for r in got[1]] == [1, 2]
     _assert_close_runs(got, want, rtol=1e-4, atol=1e-5, params_atol=1e-4)

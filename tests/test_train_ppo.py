@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ppo_config
 
 from rlhf_jax.core.kl import kl_controller_init
 from rlhf_jax.models import ModelConfig, from_config
-from rlhf_jax.train import PPOBatch, PPOConfig, PPOTrainer, optimizer_from_config, ppo_minibatch_loss
+from rlhf_jax.train import PPOBatch, PPOTrainer, optimizer_from_config, ppo_minibatch_loss
 
 V, B, P, N = 16, 16, 4, 8
 PAD, EOS, TARGET = 0, 2, 5
@@ -41,9 +42,9 @@ class TargetReward:
 def make_cfg(**kw):
     base = dict(batch_size=B, num_minibatches=2, ppo_epochs=4, grad_accum_steps=1, max_new_tokens=N,
                 temperature=1.0, eos_token_id=EOS, pad_token_id=PAD, learning_rate=2e-3, kl_coef=0.02,
-                vf_coef=0.1, schedule="constant", seed=0)
+                vf_coef=0.1, schedule="constant")
     base.update(kw)
-    return PPOConfig(**base)
+    return ppo_config(**base)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def setup(model_config):
     policy, params = from_config(model_config, head="lm+value", seed=0)
     reward = TargetReward()
     cfg = make_cfg()
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), reward_fn=reward)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, V, (B, P)).astype(np.int32)
     prompt_mask = np.ones((B, P), np.int32)
@@ -199,10 +200,10 @@ def test_bad_input_errors(setup, model_config):
     with pytest.raises(ValueError, match="kl_estimator"):
         make_cfg(kl_estimator="k4")
     with pytest.raises(ValueError, match="exactly one of `reward_model` and `reward_fn`"):
-        PPOTrainer(policy, make_cfg(), optimizer_from_config(make_cfg()))
+        PPOTrainer(policy, make_cfg(), optimizer_from_config(make_cfg().optimizer))
     lm_only, _ = from_config(model_config, head="lm", seed=0)
     with pytest.raises(ValueError, match="lm\\+value"):
-        PPOTrainer(lm_only, make_cfg(), optimizer_from_config(make_cfg()), reward_fn=reward)
+        PPOTrainer(lm_only, make_cfg(), optimizer_from_config(make_cfg().optimizer), reward_fn=reward)
 
 
 def test_reward_model_and_separate_value_network(setup, model_config, count_compiles):
@@ -215,8 +216,8 @@ def test_reward_model_and_separate_value_network(setup, model_config, count_comp
     rm, rm_params = from_config(model_config, head="scalar", seed=5)
     cfg = make_cfg(num_minibatches=1, ppo_epochs=1, missing_eos_penalty=1.0,
                    value_learning_rate=1e-2)
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg), value_model=rm,
-                         value_tx=optimizer_from_config(cfg, prefix="value_"), reward_model=rm)
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), value_model=rm,
+                         value_tx=optimizer_from_config(cfg.value_optimizer_config), reward_model=rm)
     state = trainer.init(params, rm_params)
     rng = np.random.default_rng(1)
     prompts = rng.integers(3, V, (B, P)).astype(np.int32)
@@ -282,7 +283,7 @@ def test_grad_accumulation_matches_whole_minibatches(setup, count_compiles):
     """Micro-batches weighted by their token counts: the same updates as whole minibatches."""
     policy, params, trainer, reward, prompts, prompt_mask = setup
     cfg = make_cfg(grad_accum_steps=2)
-    accum = PPOTrainer(policy, cfg, optimizer_from_config(cfg), reward_fn=reward)
+    accum = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), reward_fn=reward)
     out = []
     for t in (trainer, accum):
         state = t.init(params, seed=11)

@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax.models import ModelConfig, from_config
 from rlhf_jax.train import (
+    OptimizerConfig,
     RewardConfig,
     evaluate_reward_model,
     make_reward_step,
@@ -49,8 +50,8 @@ def preference_pairs(n, seed):
 def trained(count_compiles):
     cfg_model = ModelConfig.tiny("gpt2", V, hidden_size=32, num_heads=2, max_position_embeddings=16)
     rm, rm_params = from_config(cfg_model, head="scalar", seed=0)
-    cfg = RewardConfig(batch_size=BATCH, grad_accum_steps=2, learning_rate=3e-3, schedule="constant")
-    tx = optimizer_from_config(cfg)
+    cfg = RewardConfig(batch_size=BATCH, grad_accum_steps=2, optimizer=OptimizerConfig(learning_rate=3e-3))
+    tx = optimizer_from_config(cfg.optimizer)
     state = reward_init(rm, rm_params, tx, seed=0)
     step = jax.jit(make_reward_step(rm, tx, cfg))
     train = preference_pairs(1024, seed=0)

@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_jax.models import ModelConfig, from_config
 from rlhf_jax.train import (
+    OptimizerConfig,
     SFTConfig,
     accumulate_gradients,
     check_vocab,
@@ -94,8 +95,8 @@ def test_sft_loss_matches_reference_and_ignores_prompt_tokens(lm, params, loss_j
 
 
 def test_sft_loss_falls_and_compiles_once(lm, params, loss_jit, count_compiles):
-    cfg = SFTConfig(batch_size=16, grad_accum_steps=2, learning_rate=3e-3, schedule="constant")
-    tx = optimizer_from_config(cfg)
+    cfg = SFTConfig(batch_size=16, grad_accum_steps=2, optimizer=OptimizerConfig(learning_rate=3e-3))
+    tx = optimizer_from_config(cfg.optimizer)
     state = sft_init(lm, params, tx, seed=0)
     step = jax.jit(make_sft_step(lm, tx, cfg))
     batch = counting_batch(16, seed=2)

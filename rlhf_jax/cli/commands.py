@@ -1,49 +1,73 @@
-"""The stages behind `rlhf-jax`: data -> model -> driver -> HF export.
+"""The stages behind `rlhf-jax`: validate -> claim the run folder -> models -> driver -> HF export.
 
-Each `run_<command>(cfg, *, overwrite)` takes a validated config from
-`rlhf_jax.cli.config`, loads the tokenizer and the data first (so bad rows fail
-before a model is built), claims the run folder (`prepare_output_dir`),
-builds the models, calls the driver of `rlhf_jax.train.drivers` (which logs,
-checkpoints and resumes) and writes the final model in HF format to
-`output_dir/hf/`. `run_eval` wires `rlhf_jax.eval.passk_eval`, `run_export`
-re-exports a finished run.
+Each command runs in two phases:
 
-Run folders (claiming, resuming, refusing) are `rlhf_jax.cli.run_folder`.
+1. `prepare(command, cfg)` validates everything that can be known without
+   building a model, before any folder is touched (so `--dry_run` runs all of
+   it): the tokenizer (and its chat template), every data file and its
+   columns (the answer column when a verifier reads it), the batch size
+   against the number of rows, model folders and their `config.json`, the
+   vocabulary size, that a reward model has a trained score head, the reward
+   function. It also resolves what the tokenizer and the data decide (PAD/EOS
+   ids, the schedule length), so the config that is printed, hashed and
+   written as `resolved_config.yaml` is the one the trainer uses. It returns a
+   `Plan`.
+2. `execute(plan, overwrite=...)` claims the run folder
+   (`rlhf_jax.cli.run_folder.claim_run_folder`: lock, resume or refuse,
+   `--overwrite` moves the old run aside until the first checkpoint), builds
+   the models, calls the driver of `rlhf_jax.train.drivers` (which logs,
+   checkpoints, resumes and handles SIGINT/SIGTERM) and writes the final model
+   in HF format to `run.output_dir/hf/`.
+
+`run_<command>(cfg, *, overwrite)` does both. `run_export` re-exports a run.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+from typing import Any
 
 import numpy as np
 
 from rlhf_jax.cli.config import ConfigError
-from rlhf_jax.cli.run_folder import CONFIG_FILE, RUN_FILE, RunError, prepare_output_dir, read_run  # noqa: F401
+from rlhf_jax.cli.run_folder import (  # noqa: F401  (re-exported)
+    CONFIG_FILE,
+    RUN_FILE,
+    RunError,
+    claim_run_folder,
+    read_run,
+)
 from rlhf_jax.data.datasets import (
+    DataError,
     preference_examples,
     prompt_examples,
     read_sources,
     sft_examples,
     special_token_ids,
 )
+from rlhf_jax.errors import LoadError
 
 __all__ = [
     "RunError",
     "CONFIG_FILE",
     "RUN_FILE",
-    "prepare_output_dir",
+    "Plan",
+    "prepare",
+    "execute",
+    "claim_run_folder",
     "read_run",
     "load_tokenizer",
     "load_model",
     "run_sft",
     "run_reward",
     "run_ppo",
+    "run_rl",
     "run_eval",
     "run_export",
     "load_run_model",
 ]
-
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -77,12 +101,23 @@ def load_tokenizer(tokenizer_cfg, model_cfg=None, *, fallback: str | None = None
     _check_exists(path, "tokenizer folder")
     try:
         tok = load_gguf_tokenizer(path) if is_gguf(path) else AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise RunError(f"cannot load a tokenizer from {path!r} (tokenizer.path / model.path): "
-                       f"{' '.join(str(e).split())[:300]}") from None
+    except Exception as e:  # transformers raises OSError, ValueError, JSONDecodeError, ...
+        raise LoadError(f"cannot load a tokenizer from {path} (tokenizer.path / model.path): "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     if tokenizer_cfg.pad_token is not None:
         special_token_ids(tok, pad_token=tokenizer_cfg.pad_token)  # checks it exists and differs from EOS
         tok.pad_token = tokenizer_cfg.pad_token
+    template = getattr(tokenizer_cfg, "chat_template", None)
+    if template is not None:
+        if template.endswith((".jinja", ".j2", ".txt")) or os.path.isfile(template):
+            try:
+                with open(template, encoding="utf-8") as f:
+                    template = f.read()
+            except OSError as e:
+                raise ConfigError(f"`tokenizer.chat_template`: cannot read {template} ({e.strerror})") from None
+        if "{" not in template:
+            raise ConfigError("`tokenizer.chat_template` is neither a Jinja template nor a readable file")
+        tok.chat_template = template
     return tok
 
 
@@ -135,7 +170,7 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
 
 def _data_kwargs(data, *, kind: str, pad_token=None) -> dict:
     common = {"prompt_column": data.prompt_column, "max_prompt_length": data.max_prompt_length,
-              "buckets": data.buckets, "chat_template": data.chat_template, "pad_token": pad_token,
+              "buckets": data.buckets, "pad_token": pad_token,
               "prompt_template": data.prompt_template, "too_long": data.too_long}
     if kind == "sft":
         return {**common, "completion_column": data.completion_column, "messages_column": data.messages_column,
@@ -156,176 +191,374 @@ def _load_examples(data, tokenizer, *, kind: str, pad_token=None):
     return train, held_out
 
 
-def _mesh(mesh_cfg):
-    import jax
-
-    from rlhf_jax.train.sharding import make_mesh
-
-    if jax.device_count() == 1 and mesh_cfg.fsdp == 1 and mesh_cfg.data in (-1, 1):
-        return None
-    return make_mesh(data=None if mesh_cfg.data == -1 else mesh_cfg.data, fsdp=mesh_cfg.fsdp)
-
-
 def _report(message: str):
     print(f"[rlhf-jax] {message}", flush=True)
 
 
-def _driver_kwargs(cfg) -> dict:
-    return {"output_dir": cfg.output_dir, "mesh": _mesh(cfg.mesh), "checkpoint_every": cfg.checkpoint_every,
-            "keep": cfg.keep, "log_every": cfg.log_every, "resume": True}
+
+
+# --------------------------------------------------------------------------- validation (no models)
+
+
+def _read_hf_config(folder: str, key: str) -> dict | None:
+    """The `config.json` of a model folder, with its weight files checked for completeness
+    (headers only); errors name the file and the config key."""
+    from rlhf_jax.models.hf.gguf import is_gguf
+    from rlhf_jax.models.hf.pretrained import check_checkpoint
+
+    if is_gguf(folder):
+        return None  # a GGUF file (or a folder holding one) carries its config inside; read when loaded
+    if not os.path.isdir(folder):
+        raise RunError(f"`{key}`: {folder} is not a folder")
+    try:
+        return check_checkpoint(folder)
+    except FileNotFoundError as e:
+        raise LoadError(f"`{key}`: {e}") from None
+
+
+def _model_hf_config(model_cfg, key: str = "model") -> dict | None:
+    """The HF config dict of `model.path` or `model.random_init` (None for a hub id)."""
+    if model_cfg.random_init is not None:
+        return dict(model_cfg.random_init)
+    _check_exists(model_cfg.path, "model folder")
+    if not os.path.isdir(model_cfg.path):
+        return None  # a hub id: checked when it is downloaded
+    return _read_hf_config(model_cfg.path, f"{key}.path")
+
+
+def _check_vocab_size(tok, hf_config: dict | None, key: str):
+    if not hf_config or not isinstance(hf_config.get("vocab_size"), int):
+        return
+    n_tok, n_emb = len(tok), hf_config["vocab_size"]
+    if n_tok > n_emb:
+        raise ConfigError(f"`{key}`: the tokenizer has {n_tok} tokens but the model's embedding has only {n_emb} "
+                          "rows (config.json vocab_size); use the matching tokenizer")
+
+
+def _check_reward_model(path: str, key: str):
+    """A reward model must have a trained score head: our export or an HF *ForSequenceClassification."""
+    _check_exists(path, "reward model folder")
+    if not os.path.isdir(path):
+        return  # a hub id
+    config = _read_hf_config(path, key)
+    if config is None:
+        raise ConfigError(f"`{key}`: {path} is a GGUF file, which holds no trained score head; give the hf/ folder "
+                          "of an `rlhf-jax reward` run or an HF *ForSequenceClassification checkpoint")
+    archs = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"`{key}`: {path} holds a {archs[0] if archs else 'model without architectures'}, not a "
+                          "reward model: it has no trained score head (give the hf/ folder of an `rlhf-jax reward` "
+                          "run or an HF *ForSequenceClassification checkpoint)")
+    if config.get("num_labels", 1) != 1:
+        raise ConfigError(f"`{key}`: {path} is a classifier with num_labels={config.get('num_labels')}; a reward "
+                          "model has one")
+
+
+def _check_batch(batch_size: int, examples, what: str, data_cfg, key: str = "train.batch_size"):
+    if batch_size > len(examples):
+        raise ConfigError(f"`{key}` ({batch_size}) is larger than the {len(examples)} {what} of "
+                          f"{', '.join(data_cfg.train_files)}: no full batch can be formed")
+
+
+def _load_function(spec: str, key: str):
+    from rlhf_jax.rewards.functions import load_function
+
+    try:
+        return load_function(spec)
+    except ValueError as e:
+        raise ConfigError(f"`{key}`: {e}") from None
+
+
+def _check_answers(fn, spec: str, key: str, examples, data_cfg):
+    """A function that reads `answer` needs the answer column in every row (else it scores 0 silently)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    reads = any(p.name == "answer" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if not reads:
+        return
+    missing = [where for where, answer in zip(examples.rows, examples.answers) if answer is None]
+    if missing:
+        raise DataError(f"{missing[0]}: no `{data_cfg.answer_column}` column (`data.answer_column`), which "
+                        f"`{key}` {spec} reads ({len(missing)} of {len(examples)} rows lack it)")
+
+
+def _schedule_length(opt, total_updates: int):
+    if opt is None or opt.total_steps is not None or opt.schedule == "constant":
+        return opt
+    return dataclasses.replace(opt, total_steps=int(total_updates))
+
+
+@dataclasses.dataclass
+class Plan:
+    """A validated command, ready to run: the resolved config and what `prepare` loaded."""
+
+    command: str
+    cfg: Any
+    tokenizer: Any = None
+    train: Any = None
+    held_out: Any = None
+    reward_fn: Any = None
+
+
+def prepare(command: str, cfg) -> Plan:
+    """Validate `cfg` against its tokenizer, data and model folders; resolve derived values.
+
+    Touches no output folder and builds no model (`--dry_run` stops after it).
+    """
+    if command == "export":
+        return Plan(command, cfg)
+    if command == "eval":
+        return _prepare_eval(cfg)
+    tok = load_tokenizer(cfg.tokenizer, cfg.model)
+    hf_config = _model_hf_config(cfg.model)
+    _check_vocab_size(tok, hf_config, "model.path" if cfg.model.path else "model.random_init")
+    if command in ("ppo", "rl"):
+        return _prepare_ppo(cfg, tok, command)
+    kind = "sft" if command == "sft" else "preference"
+    train, held_out = _load_examples(cfg.data, tok, kind=kind, pad_token=cfg.tokenizer.pad_token)
+    what = "examples" if command == "sft" else "preference pairs"
+    _check_batch(cfg.train.batch_size, train, what, cfg.data)
+    updates = (len(train) // cfg.train.batch_size) * cfg.train.num_epochs
+    train_cfg = dataclasses.replace(cfg.train, optimizer=_schedule_length(cfg.train.optimizer, updates))
+    return Plan(command, dataclasses.replace(cfg, train=train_cfg), tok, train, held_out)
+
+
+def _prepare_ppo(cfg, tok, command: str = "ppo") -> Plan:
+    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data, key="train.batch.batch_size")
+    for key, path in (("reference", cfg.reference),
+                      ("value_model", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
+        if path is not None:
+            _check_exists(path, f"`{key}`: model folder")
+            if os.path.isdir(path):
+                _read_hf_config(path, key)
+    reward_fn = None
+    if cfg.reward.model_path is not None:
+        _check_reward_model(cfg.reward.model_path, "reward.model_path")
+    else:
+        reward_fn = _load_function(cfg.reward.function, "reward.function")
+        _check_answers(reward_fn, cfg.reward.function, "reward.function", prompts, cfg.data)
+    # The ids the sampler uses are the tokenizer's, written into the config before it is hashed.
+    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
+    sampling = cfg.train.sampling
+    if sampling.pad_token_id is not None and sampling.pad_token_id != pad_id:
+        raise ConfigError(f"`train.sampling.pad_token_id` ({sampling.pad_token_id}) differs from the tokenizer's PAD "
+                          f"({pad_id}); set `tokenizer.pad_token` instead")
+    sampling = dataclasses.replace(sampling, pad_token_id=pad_id,
+                                   eos_token_id=eos_id if sampling.eos_token_id is None else sampling.eos_token_id)
+    b = cfg.train.batch
+    updates = cfg.num_iterations * b.ppo_epochs * b.num_minibatches
+    train = dataclasses.replace(cfg.train, sampling=sampling,
+                                optimizer=_schedule_length(cfg.train.optimizer, updates),
+                                value_optimizer=_schedule_length(cfg.train.value_optimizer, updates))
+    return Plan(command, dataclasses.replace(cfg, train=train), tok, prompts, reward_fn=reward_fn)
+
+
+def _prepare_eval(cfg) -> Plan:
+    tok = load_tokenizer(cfg.tokenizer, fallback=_tokenizer_source(cfg.models[0].path))
+    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    verifier = _load_function(cfg.verifier, "verifier")
+    _check_answers(verifier, cfg.verifier, "verifier", prompts, cfg.data)
+    for i, m in enumerate(cfg.models):
+        _check_exists(m.path, f"`models[{i}].path`: model folder")
+    if cfg.reference is not None:
+        _check_exists(cfg.reference, "`reference`: model folder")
+    if cfg.reward_model is not None:
+        _check_reward_model(_reward_export(cfg.reward_model), "reward_model")
+    return Plan("eval", cfg, tok, prompts, reward_fn=verifier)
+
+
+def _reward_export(path: str) -> str:
+    """A reward run folder means its normalised hf/ export."""
+    if os.path.isfile(os.path.join(path, RUN_FILE)) and os.path.isdir(os.path.join(path, "hf")):
+        return os.path.join(path, "hf")
+    return path
+
+
+def execute(plan: Plan, *, overwrite: bool = False) -> str:
+    """Run a prepared command; returns what it wrote (the hf/ folder, eval.json, the export)."""
+    runner = {"sft": _execute_sft, "reward": _execute_reward, "ppo": _execute_ppo, "rl": _execute_ppo,
+              "eval": _execute_eval,
+              "export": _execute_export}[plan.command]
+    return runner(plan, overwrite=overwrite)
+
+
+def _claim(plan: Plan, *, overwrite: bool):
+    folder = claim_run_folder(plan.command, plan.cfg, plan.cfg.run.output_dir, overwrite=overwrite)
+    if folder.resume:
+        _report(f"resuming the run in {folder.path}")
+    return folder
 
 
 # --------------------------------------------------------------------------- the stages
 
 
 def run_sft(cfg, *, overwrite: bool = False) -> str:
-    """`rlhf-jax sft`: returns the HF export folder (`output_dir/hf`)."""
-    from rlhf_jax.train.drivers import fit_sft
-    from rlhf_jax.train.state import check_vocab
-
-    tok = load_tokenizer(cfg.tokenizer, cfg.model)
-    train, _ = _load_examples(cfg.data, tok, kind="sft", pad_token=cfg.tokenizer.pad_token)
-    _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
-            + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
-    if cfg.model.path is not None:
-        _check_exists(cfg.model.path, "model folder")
-    resumed = prepare_output_dir("sft", cfg, overwrite=overwrite)
-    if resumed:
-        _report(f"resuming the run in {cfg.output_dir}")
-    lm, params = load_model(cfg.model, head="lm", seed=cfg.train.seed)
-    check_vocab(tok, lm)
-    params, _ = fit_sft(lm, params, train.arrays, cfg.train, **_driver_kwargs(cfg))
-    return export_model(lm, params, tok, os.path.join(cfg.output_dir, "hf"))
+    """`rlhf-jax sft`: returns the HF export folder (`run.output_dir/hf`)."""
+    return execute(prepare("sft", cfg), overwrite=overwrite)
 
 
 def run_reward(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax reward`: returns the HF export folder (a *ForSequenceClassification)."""
-    from rlhf_jax.train.drivers import fit_reward
-    from rlhf_jax.train.reward import evaluate_reward_model, normalize_reward_head
+    return execute(prepare("reward", cfg), overwrite=overwrite)
+
+
+def run_ppo(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("ppo", cfg), overwrite=overwrite)
+
+
+def run_rl(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax rl`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("rl", cfg), overwrite=overwrite)
+
+
+def run_eval(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax eval`: pass@k of every model; returns the path of eval.json."""
+    return execute(prepare("eval", cfg), overwrite=overwrite)
+
+
+def run_export(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax export`: the newest checkpoint of `run_dir` as an HF folder; returns the folder."""
+    return execute(prepare("export", cfg), overwrite=overwrite)
+
+
+def _check_model_vocab(tok, lm):
     from rlhf_jax.train.state import check_vocab
 
-    tok = load_tokenizer(cfg.tokenizer, cfg.model)
-    train, held_out = _load_examples(cfg.data, tok, kind="preference", pad_token=cfg.tokenizer.pad_token)
+    try:
+        check_vocab(tok, lm)
+    except ValueError as e:
+        raise ConfigError(f"`tokenizer.path`: {e}") from None
+
+
+def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
+    from rlhf_jax.train.drivers import fit_sft
+
+    cfg, tok, train = plan.cfg, plan.tokenizer, plan.train
+    _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
+            + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
+    with _claim(plan, overwrite=overwrite) as folder:
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed)
+        _check_model_vocab(tok, lm)
+        params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, on_checkpoint=folder.commit_overwrite)
+        out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        folder.commit_overwrite()
+    return out
+
+
+def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
+    from rlhf_jax.train.drivers import fit_reward
+    from rlhf_jax.train.reward import evaluate_reward_model, normalize_reward_head
+
+    cfg, tok, train, held_out = plan.cfg, plan.tokenizer, plan.train, plan.held_out
     _report(f"reward: {len(train)} training pairs, {len(held_out) if held_out else 0} held-out pairs")
-    if cfg.model.path is not None:
-        _check_exists(cfg.model.path, "model folder")
-    resumed = prepare_output_dir("reward", cfg, overwrite=overwrite)
-    if resumed:
-        _report(f"resuming the run in {cfg.output_dir}")
-    rm, params = load_model(cfg.model, head="scalar", seed=cfg.train.seed)
-    check_vocab(tok, rm)
-    params, _ = fit_reward(rm, params, train.arrays, cfg.train,
-                           eval_data=held_out.arrays if held_out else None, **_driver_kwargs(cfg))
-    if cfg.normalize:
-        # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
-        # centre on reference samples; PPO then sees scores around 0.
-        ids = np.concatenate([train.arrays["chosen_ids"], train.arrays["rejected_ids"]])
-        mask = np.concatenate([train.arrays["chosen_mask"], train.arrays["rejected_mask"]])
-        params = normalize_reward_head(rm, params, ids, mask)
-    summary = {}
-    if held_out is not None:
-        summary = {k: float(v) for k, v in evaluate_reward_model(rm, params, held_out.arrays).items()}
-        _report("reward: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())))
-    with open(os.path.join(cfg.output_dir, "reward_eval.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    return export_model(rm, params, tok, os.path.join(cfg.output_dir, "hf"))
+    with _claim(plan, overwrite=overwrite) as folder:
+        rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed)
+        _check_model_vocab(tok, rm)
+        params, _ = fit_reward(rm, params, train.arrays, cfg.train, cfg.run,
+                               eval_data=held_out.arrays if held_out else None,
+                               on_checkpoint=folder.commit_overwrite)
+        if cfg.normalize:
+            # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
+            # centre on reference samples; PPO then sees scores around 0.
+            ids = np.concatenate([train.arrays["chosen_ids"], train.arrays["rejected_ids"]])
+            mask = np.concatenate([train.arrays["chosen_mask"], train.arrays["rejected_mask"]])
+            params = normalize_reward_head(rm, params, ids, mask)
+        summary = {}
+        if held_out is not None:
+            summary = {k: float(v) for k, v in evaluate_reward_model(rm, params, held_out.arrays).items()}
+            _report("reward: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())))
+        with open(os.path.join(cfg.run.output_dir, "reward_eval.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        out = export_model(rm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        folder.commit_overwrite()
+    return out
 
 
-def _build_ppo(cfg, tok, prompts):
-    """The PPO trainer, its models and params, from a PPORunConfig."""
-    from rlhf_jax.rewards.functions import host_reward_fn, load_function, load_reward_model
+def _build_ppo(cfg, tok, prompts, reward_fn=None):
+    """The PPO trainer, its models and params, from a resolved PPORunConfig."""
+    from rlhf_jax.rewards.functions import host_reward_fn, load_reward_model
+    from rlhf_jax.train.rl.config import RLConfig
     from rlhf_jax.train.rl.ppo import PPOTrainer
-    from rlhf_jax.train.state import check_vocab, optimizer_from_config
+    from rlhf_jax.train.rl.trainer import RLTrainer
+    from rlhf_jax.train.state import optimizer_from_config
 
-    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
-    ppo_cfg = dataclasses.replace(
-        cfg.train, pad_token_id=pad_id,
-        eos_token_id=eos_id if cfg.train.eos_token_id is None else cfg.train.eos_token_id)
-    shared = cfg.value_model is None
+    ppo_cfg = cfg.train
+    rl = isinstance(ppo_cfg, RLConfig)
+    critic = ppo_cfg.advantages.needs_critic if rl else True
+    shared = critic and cfg.value_model is None
     head = "lm+value" if shared else "lm"
-    policy, policy_params = load_model(cfg.model, head=head, seed=ppo_cfg.seed)
-    check_vocab(tok, policy)
+    policy, policy_params = load_model(cfg.model, head=head, seed=cfg.run.seed)
+    _check_model_vocab(tok, policy)
     if cfg.reference is None:
         ref_params = policy_params
     else:
         _, ref_params = load_pretrained(cfg.reference, head=head, dtype=policy.dtype,
                                         param_dtype=policy.param_dtype)
     value_model = value_params = value_tx = None
-    if not shared:
+    if critic and not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
-        value_model, value_params = load_pretrained(value_path, head="scalar", seed=ppo_cfg.seed + 1)
-        value_tx = optimizer_from_config(ppo_cfg, prefix="value_")
-    reward_model = reward_params = reward_fn = None
+        value_model, value_params = load_pretrained(value_path, head="scalar", seed=cfg.run.seed + 1)
+        value_tx = optimizer_from_config(ppo_cfg.value_optimizer_config)
+    reward_model = reward_params = host_fn = None
     if cfg.reward.model_path is not None:
         reward_model, reward_params = load_reward_model(cfg.reward.model_path)
-        check_vocab(tok, reward_model)
+        _check_model_vocab(tok, reward_model)
     else:
-        reward_fn = host_reward_fn(load_function(cfg.reward.function), tok, prompts=prompts.prompts,
-                                   answers=prompts.answers, name=cfg.reward.function)
-    trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg), value_model=value_model,
-                         value_tx=value_tx, reward_model=reward_model, reward_fn=reward_fn)
+        host_fn = host_reward_fn(reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
+                                 prompts=prompts.prompts, answers=prompts.answers, name=cfg.reward.function)
+    source = (f"reward.model_path={cfg.reward.model_path}" if cfg.reward.model_path is not None
+              else f"reward.function={cfg.reward.function}")
+    trainer = (RLTrainer if rl else PPOTrainer)(
+        policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model, value_tx=value_tx,
+        reward_model=reward_model, reward_fn=host_fn, reward_source=source)
     return trainer, policy, policy_params, ref_params, value_params, reward_params
 
 
-def run_ppo(cfg, *, overwrite: bool = False) -> str:
-    """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
+def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
     from rlhf_jax.train.drivers import fit_ppo
 
-    tok = load_tokenizer(cfg.tokenizer, cfg.model)
-    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
-    _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
-    # Bad paths and a bad `module:function` fail before the run folder is claimed.
-    for what, path in (("model folder", cfg.model.path), ("reference folder", cfg.reference),
-                       ("reward model folder", cfg.reward.model_path),
-                       ("value model folder", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
-        if path is not None:
-            _check_exists(path, what)
-    if cfg.reward.function is not None:
-        from rlhf_jax.rewards.functions import load_function
-
-        load_function(cfg.reward.function)
-    resumed = prepare_output_dir("ppo", cfg, overwrite=overwrite)
-    if resumed:
-        _report(f"resuming the run in {cfg.output_dir}")
-    trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(cfg, tok, prompts)
-    params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, value_params=value_params,
-                        reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
-                        **_driver_kwargs(cfg))
-    return export_model(policy, params, tok, os.path.join(cfg.output_dir, "hf"))
+    cfg, tok, prompts = plan.cfg, plan.tokenizer, plan.train
+    _report(f"{plan.command}: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
+    with _claim(plan, overwrite=overwrite) as folder:
+        trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(
+            cfg, tok, prompts, plan.reward_fn)
+        params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, cfg.run, value_params=value_params,
+                            reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
+                            on_checkpoint=folder.commit_overwrite)
+        out = export_model(policy, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        folder.commit_overwrite()
+    return out
 
 
-def run_eval(cfg, *, overwrite: bool = False) -> str:
-    """`rlhf-jax eval`: pass@k of every model; returns the path of eval.json."""
+def _execute_eval(plan: Plan, *, overwrite: bool) -> str:
     import jax
 
     from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, write_eval
-    from rlhf_jax.rewards.functions import host_reward_fn, load_function
+    from rlhf_jax.rewards.functions import host_reward_fn
 
-    tok = load_tokenizer(cfg.tokenizer, fallback=_tokenizer_source(cfg.models[0].path))
-    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+    cfg, tok, prompts = plan.cfg, plan.tokenizer, plan.train
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
-    verifier = host_reward_fn(load_function(cfg.verifier), tok, prompts=prompts.prompts,
-                              answers=prompts.answers, name=cfg.verifier)
-    for path in [m.path for m in cfg.models] + [cfg.reference, cfg.reward_model]:
-        if path is not None:
-            _check_exists(path, "model folder")
-    prepare_output_dir("eval", cfg, overwrite=overwrite)
-    models = {m.name: _policy_from_path(m.path) for m in cfg.models}
-    ref = reward_model = None
-    if cfg.reference is not None:
-        ref = _policy_from_path(cfg.reference)
-    if cfg.reward_model is not None:
-        path = cfg.reward_model
-        if os.path.isfile(os.path.join(path, RUN_FILE)) and os.path.isdir(os.path.join(path, "hf")):
-            path = os.path.join(path, "hf")  # a reward run folder: its normalised export
-        reward_model = load_pretrained(path, head="scalar")
-    results = evaluate_pass_at_k(
-        models, prompts.arrays["prompt_ids"], prompts.arrays["prompt_mask"], verifier,
-        n_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, key=jax.random.key(cfg.seed),
-        temperature=cfg.temperature, ks=list(cfg.ks) if cfg.ks else None, ref=ref,
-        reward_model=reward_model, batch_size=cfg.batch_size, eos_token_id=eos_id, pad_token_id=pad_id,
-        prompt_index=np.arange(len(prompts)), num_bootstrap=cfg.bootstrap)
-    paths = write_eval(results, cfg.output_dir, title=f"pass@k on {', '.join(cfg.data.train_files)}")
+    verifier = host_reward_fn(plan.reward_fn, tok, prompts=prompts.prompts, answers=prompts.answers,
+                              name=cfg.verifier)
+    with claim_run_folder("eval", cfg, cfg.output_dir, overwrite=overwrite) as folder:
+        models = {m.name: _policy_from_path(m.path) for m in cfg.models}
+        ref = reward_model = None
+        if cfg.reference is not None:
+            ref = _policy_from_path(cfg.reference)
+        if cfg.reward_model is not None:
+            reward_model = load_pretrained(_reward_export(cfg.reward_model), head="scalar")
+        results = evaluate_pass_at_k(
+            models, prompts.arrays["prompt_ids"], prompts.arrays["prompt_mask"], verifier,
+            n_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, key=jax.random.key(cfg.seed),
+            temperature=cfg.temperature, ks=list(cfg.ks) if cfg.ks else None, ref=ref,
+            reward_model=reward_model, batch_size=cfg.batch_size, eos_token_id=eos_id, pad_token_id=pad_id,
+            prompt_index=np.arange(len(prompts)), num_bootstrap=cfg.bootstrap)
+        paths = write_eval(results, cfg.output_dir, title=f"pass@k on {', '.join(cfg.data.train_files)}")
+        folder.commit_overwrite()
     return paths["json"]
 
 
@@ -334,8 +567,8 @@ def _restored_params(command: str, run_cfg, params, tok):
     from rlhf_jax.io.checkpoint import Checkpointer
     from rlhf_jax.train.state import TrainState, optimizer_from_config
 
-    ckpt_dir = os.path.join(run_cfg.output_dir, "checkpoints")
-    if command == "ppo":
+    ckpt_dir = os.path.join(run_cfg.run.output_dir, "checkpoints")
+    if command in ("ppo", "rl"):
         class _Prompts:  # the export needs the trainer's state layout, not its data
             prompts, answers = ("",), (None,)
 
@@ -348,11 +581,11 @@ def _restored_params(command: str, run_cfg, params, tok):
     else:
         import jax
 
-        tx = optimizer_from_config(dataclasses.replace(run_cfg.train, total_steps=run_cfg.train.total_steps or 1))
+        tx = optimizer_from_config(run_cfg.train.optimizer, total_steps=1)
         template = TrainState(params=params, opt_state=tx.init(params), step=np.zeros((), np.int32),
-                              rng=jax.random.key(run_cfg.train.seed))
+                              rng=jax.random.key(run_cfg.run.seed))
     if not os.path.isdir(ckpt_dir):
-        raise RunError(f"{run_cfg.output_dir} has no checkpoints/ folder (the run saved none yet)")
+        raise RunError(f"{run_cfg.run.output_dir} has no checkpoints/ folder (the run saved none yet)")
     # Read-only: the run may still be going (a live run folder is never modified from here).
     with Checkpointer(ckpt_dir, max_to_keep=None, async_save=False, allow_config_mismatch=True,
                       read_only=True) as ckpt:
@@ -370,13 +603,14 @@ def load_run_model(run_dir: str):
       `(command, lm, params, tokenizer, step)`.
     """
     command, run_cfg = read_run(run_dir)
-    run_cfg = dataclasses.replace(run_cfg, output_dir=run_dir)
+    run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, output_dir=run_dir))
     tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
-    if command == "ppo":
-        head = "lm+value" if run_cfg.value_model is None else "lm"
+    if command in ("ppo", "rl"):
+        critic = command == "ppo" or run_cfg.train.advantages.needs_critic
+        head = "lm+value" if (critic and run_cfg.value_model is None) else "lm"
     else:
         head = "lm" if command == "sft" else "scalar"
-    lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.train.seed)
+    lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed)
     params, step = _restored_params(command, run_cfg, params, tok)
     return command, lm, params, tok, step
 
@@ -407,8 +641,8 @@ def _tokenizer_source(path: str) -> str:
     return run_cfg.tokenizer.path or run_cfg.model.path
 
 
-def run_export(cfg, *, overwrite: bool = False) -> str:
-    """`rlhf-jax export`: the newest checkpoint of `run_dir` as an HF folder; returns the folder."""
+def _execute_export(plan: Plan, *, overwrite: bool) -> str:
+    cfg = plan.cfg
     out = cfg.output_dir
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise RunError(f"output_dir {out} is not empty; pass --overwrite to write into it")

@@ -1,23 +1,25 @@
 """Run configurations: frozen dataclasses, loaded from YAML with dotted overrides.
 
 Every `rlhf-jax` subcommand reads one config class from this module. The
-classes compose the trainers' own hyper-parameter dataclasses (`SFTConfig`,
-`RewardConfig`, `PPOConfig` from `rlhf_jax.train`) with the sections a run
-needs around them: the model, the tokenizer, the data, the reward, the output
-folder, checkpointing, the seed and the device mesh.
+training commands compose the trainers' own hyper-parameter dataclasses
+(`SFTConfig`, `RewardConfig`, `PPOConfig` from `rlhf_jax.train`, each with a
+nested `OptimizerConfig`) with the sections a run needs around them: the
+model, the tokenizer, the data, the reward, and `run` (`RunOptions`: output
+folder, seed, checkpoints, logging, mesh), the same object the drivers take.
 
-`load_config(path, overrides, cls)` (from `rlhf_jax.cli.yaml_config`, re-exported) turns a YAML
-file plus `a.b=c` overrides into an instance of `cls` and validates all of it before anything touches a
-model: an unknown key, a value of the wrong type or batch sizes that cannot be
-split as asked raise `ConfigError`, whose message names the dotted key and the
-file (and line, where the YAML has one). `dump_config` writes the resolved
-config back as YAML, and `config_hash` fingerprints it so that a run folder
-can tell a resume (same config) from a clash (different config).
+`load_config(path, overrides, cls)` (from `rlhf_jax.cli.yaml_config`,
+re-exported) turns a YAML file plus `a.b=c` overrides into an instance of
+`cls` and validates all of it before anything touches a model: an unknown key,
+a value of the wrong type or out of range, or batch sizes that cannot be split
+as asked raise `ConfigError`, whose message names the dotted key and the file
+(and line, where the YAML has one). `dump_config` writes the resolved config
+back as YAML, and `config_hash` fingerprints it. Every field's `--help` text
+is its `metadata["help"]` (`rlhf_jax.train.options.hyper`).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
@@ -25,13 +27,17 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     apply_overrides,
     config_hash,
     dump_config,
+    field_help,
     from_dict,
     load_config,
     to_dict,
 )
-from rlhf_jax.cli.yaml_config import field_help as _field_help
+from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
+from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.ppo import PPOConfig
+from rlhf_jax.train.rl.presets import ALGORITHMS, preset_train_section
 from rlhf_jax.train.sft import SFTConfig
 
 __all__ = [
@@ -40,14 +46,16 @@ __all__ = [
     "TokenizerSection",
     "DataSection",
     "RewardSection",
-    "MeshSection",
+    "RunOptions",
     "SFTRunConfig",
     "RewardRunConfig",
     "PPORunConfig",
+    "RLRunConfig",
     "EvalModel",
     "EvalConfig",
     "ExportConfig",
     "COMMAND_CONFIGS",
+    "RESUMABLE_KEYS",
     "apply_overrides",
     "load_config",
     "from_dict",
@@ -57,12 +65,9 @@ __all__ = [
     "field_help",
 ]
 
-
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    """A dataclass field whose `--help` text is `text`."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+    """`hyper` with the help text first (the sections below read better that way)."""
+    return hyper(default, text, factory=factory)
 
 
 # --------------------------------------------------------------------------- sections
@@ -86,8 +91,11 @@ class TokenizerSection:
     """The tokenizer (an HF `AutoTokenizer` folder)."""
 
     path: str | None = _help("tokenizer folder, GGUF file or hub id; default: model.path", None)
-    pad_token: str | None = _help(
-        "a token already in the vocabulary to use as PAD when the tokenizer has none or its PAD equals EOS", None)
+    pad_token: str | None = hyper(
+        None, "a token already in the vocabulary to use as PAD when the tokenizer has none or its PAD equals EOS")
+    chat_template: str | None = hyper(
+        None, "a Jinja chat template (or the path of a .jinja file) replacing the tokenizer's own; message-list "
+              "rows need one")
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,6 @@ class DataSection:
         None)
     buckets: tuple[int, ...] = _help("allowed padded lengths (the data is padded to the smallest that fits)",
                                       (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
-    chat_template: bool = _help("apply tokenizer.apply_chat_template to message-list rows when it has one", True)
     max_rows: int | None = _help("use only the first N rows of each file (quick experiments)", None)
 
 
@@ -128,48 +135,7 @@ class RewardSection:
         "(e.g. rlhf_jax.rewards.verifiers:math_reward)", None)
 
 
-@dataclass(frozen=True)
-class MeshSection:
-    """The device mesh (data parallel x FSDP)."""
-
-    data: int = _help("devices along the data axis (-1: all that fsdp leaves)", -1)
-    fsdp: int = _help("devices along the FSDP (parameter sharding) axis", 1)
-
-
-_FALLBACK_HELP = {
-    "PPOConfig": {
-        "max_new_tokens": "response length limit of the sampler",
-        "gamma": "GAE discount",
-        "lam": "GAE lambda",
-        "gae_method": "GAE implementation: auto, scan or associative",
-        "kl_horizon": "horizon of the adaptive KL controller",
-        "temperature": "sampling temperature (the training forward divides the logits by it too)",
-        "top_k": "top-k sampling (0 = off)",
-        "top_p": "nucleus sampling (1 = off)",
-        "eos_token_id": "EOS id (null: the tokenizer's, filled in by the CLI)",
-        "pad_token_id": "PAD id (the CLI sets the tokenizer's)",
-        "whiten_rewards": "whiten the shaped rewards without shifting the mean (OpenAI)",
-        "whiten_advantages": "whiten the advantages over valid tokens",
-        "learning_rate": "policy learning rate",
-        "value_learning_rate": "value-network learning rate (null: learning_rate)",
-        "warmup_steps": "linear warm-up steps of the optimizer",
-        "total_steps": "schedule length (null: filled in from the run length)",
-        "schedule": "learning-rate decay after warm-up: constant, cosine or linear",
-        "weight_decay": "AdamW weight decay",
-        "max_grad_norm": "global gradient-norm clip (null: off)",
-        "b1": "Adam beta1",
-        "b2": "Adam beta2",
-    },
-}
-
-
-
 # --------------------------------------------------------------------------- run configs
-
-
-def _require(condition: bool, message: str):
-    if not condition:
-        raise ConfigError(message)
 
 
 def _check_model(model: ModelSection, tokenizer: TokenizerSection, prefix: str = "model"):
@@ -199,90 +165,83 @@ def _check_data(data: DataSection, *, prompts_only: bool = False):
              "`data.prompt_template` must contain `{prompt}` where the prompt goes")
 
 
-def _check_common(cfg):
-    _require(bool(cfg.output_dir), "`output_dir` must be a folder path")
-    _require(cfg.checkpoint_every >= 1, f"`checkpoint_every` must be >= 1, got {cfg.checkpoint_every}")
-    _require(cfg.keep >= 1, f"`keep` must be >= 1, got {cfg.keep}")
-    _require(cfg.log_every >= 1, f"`log_every` must be >= 1, got {cfg.log_every}")
-    _require(cfg.mesh.fsdp >= 1, f"`mesh.fsdp` must be >= 1, got {cfg.mesh.fsdp}")
-    _require(cfg.mesh.data == -1 or cfg.mesh.data >= 1, f"`mesh.data` must be >= 1 or -1, got {cfg.mesh.data}")
-    batch_size = getattr(cfg.train, "batch_size", None)
-    if batch_size is not None and cfg.mesh.data > 0:
-        _require(batch_size % cfg.mesh.data == 0,
-                 f"`train.batch_size` ({batch_size}) must be divisible by `mesh.data` ({cfg.mesh.data})")
+_ALL_DEVICES = MeshOptions(data=-1, fsdp=1)
+
+
+def _check_common(cfg, batch_size: int):
+    if hasattr(cfg.train, "num_epochs"):
+        _require(cfg.train.num_epochs is not None, "`train.num_epochs` must be >= 1, got null")
+    mesh = cfg.run.mesh
+    if mesh.data > 0:
+        _require(batch_size % mesh.data == 0,
+                 f"`train.batch_size` ({batch_size}) must be divisible by `run.mesh.data` ({mesh.data})")
 
 
 @dataclass(frozen=True)
 class SFTRunConfig:
     """`rlhf-jax sft`: supervised fine-tuning on prompt/completion or messages rows."""
 
-    model: ModelSection = _help("starting model", factory=ModelSection)
-    tokenizer: TokenizerSection = _help("tokenizer", factory=TokenizerSection)
-    data: DataSection = _help("data", factory=DataSection)
-    train: SFTConfig = _help("SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=lambda: SFTConfig())
-    output_dir: str = _help("run folder: resolved config, checkpoints, metrics, hf/ export", "runs/sft")
-    checkpoint_every: int = _help("save a checkpoint every N optimizer steps", 500)
-    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N steps; stdout every 10 N", 1)
-    keep: int = _help("keep the newest K checkpoints", 2)
-    mesh: MeshSection = _help("device mesh", factory=MeshSection)
+    model: ModelSection = hyper(help="starting model", factory=ModelSection)
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="data", factory=DataSection)
+    train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
         _check_model(self.model, self.tokenizer)
         _check_data(self.data)
-        _check_common(self)
+        _check_common(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
 class RewardRunConfig:
     """`rlhf-jax reward`: a Bradley-Terry reward model on prompt/chosen/rejected rows."""
 
-    model: ModelSection = _help("starting model (usually the SFT policy's hf/ folder)", factory=ModelSection)
-    tokenizer: TokenizerSection = _help("tokenizer", factory=TokenizerSection)
-    data: DataSection = _help("data", factory=DataSection)
-    train: RewardConfig = _help("reward-model hyper-parameters (rlhf_jax.train.RewardConfig)",
-                                factory=lambda: RewardConfig())
-    normalize: bool = _help("after training, shift the head so scores on the training prompts' chosen "
-                            "responses have mean 0", True)
-    output_dir: str = _help("run folder", "runs/reward")
-    checkpoint_every: int = _help("save a checkpoint every N optimizer steps", 500)
-    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N steps; stdout every 10 N", 1)
-    keep: int = _help("keep the newest K checkpoints", 2)
-    mesh: MeshSection = _help("device mesh", factory=MeshSection)
+    model: ModelSection = hyper(help="starting model (usually the SFT policy's hf/ folder)", factory=ModelSection)
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="data", factory=DataSection)
+    train: RewardConfig = hyper(help="reward-model hyper-parameters (rlhf_jax.train.RewardConfig)",
+                                factory=RewardConfig)
+    normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
+                                  "and rejected responses have mean 0")
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
         _check_model(self.model, self.tokenizer)
         _check_data(self.data)
-        _check_common(self)
+        _check_common(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
 class PPORunConfig:
     """`rlhf-jax ppo`: PPO against a reward model or a reward function, with a frozen reference."""
 
-    model: ModelSection = _help("the policy's starting point (usually the SFT run's hf/ folder)",
+    model: ModelSection = hyper(help="the policy's starting point (usually the SFT run's hf/ folder)",
                                 factory=ModelSection)
-    reference: str | None = _help("frozen reference model folder (null: a copy of the starting policy)", None)
-    value_model: str | None = _help(
-        "null: a value head on the policy trunk; `reward_model`: a separate value network initialised "
-        "from reward.model_path (N+ recipe); or a model folder", None)
-    tokenizer: TokenizerSection = _help("tokenizer", factory=TokenizerSection)
-    data: DataSection = _help("prompts (`prompt`, optional `answer`)", factory=DataSection)
-    reward: RewardSection = _help("reward source", factory=RewardSection)
-    train: PPOConfig = _help("PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=lambda: PPOConfig())
-    num_iterations: int = _help("PPO iterations (each: sample, score, update)", 100)
-    output_dir: str = _help("run folder", "runs/ppo")
-    checkpoint_every: int = _help("save a checkpoint every N iterations", 20)
-    log_every: int = _help("write metrics (metrics.jsonl, TensorBoard) every N iterations; stdout every 10 N", 1)
-    keep: int = _help("keep the newest K checkpoints", 2)
-    mesh: MeshSection = _help("device mesh", factory=MeshSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: a copy of the starting policy)")
+    value_model: str | None = hyper(
+        None, "null: a value head on the policy trunk; `reward_model`: a separate value network initialised "
+              "from reward.model_path (N+ recipe); or a model folder")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
+    reward: RewardSection = hyper(help="reward source", factory=RewardSection)
+    train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
+    num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
         _check_model(self.model, self.tokenizer)
         _check_data(self.data, prompts_only=True)
-        _check_common(self)
+        _check_common(self, self.train.batch.batch_size)
         _require((self.reward.model_path is None) != (self.reward.function is None),
                  "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
         if self.reward.function is not None:
@@ -291,7 +250,70 @@ class PPORunConfig:
         if self.value_model == "reward_model":
             _require(self.reward.model_path is not None,
                      "`value_model`: `reward_model` needs `reward.model_path`")
-        _require(self.num_iterations >= 1, f"`num_iterations` must be >= 1, got {self.num_iterations}")
+        elif self.value_model is None:
+            _require(self.train.value_optimizer is None,
+                     "`train.value_optimizer`: the value head shares the policy's trunk and optimizer "
+                     "(value_model is null); set value_model or remove train.value_optimizer")
+        _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+                 f"`num_iterations` must be >= 1, got {self.num_iterations}")
+
+
+Algorithm = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dapo", "gspo"]
+
+
+@dataclass(frozen=True)
+class RLRunConfig:
+    """`rlhf-jax rl`: the RL trainer (an `algorithm:` preset of `train:`, then your keys over it)."""
+
+    algorithm: Algorithm = hyper(
+        "grpo", "preset of the train section: ppo | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | "
+                "dapo | gspo (rlhf_jax.train.rl.presets); keys given under train override it")
+    model: ModelSection = hyper(help="the policy's starting point (usually the SFT run's hf/ folder)",
+                                factory=ModelSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: a copy of the starting policy)")
+    value_model: str | None = hyper(
+        None, "the critic (advantages.estimator gae only): null = a value head on the policy trunk; "
+              "`reward_model`: a separate value network from reward.model_path; or a model folder")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
+    reward: RewardSection = hyper(help="reward source", factory=RewardSection)
+    train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
+    num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
+
+    @classmethod
+    def preprocess(cls, data: dict) -> dict:
+        """The YAML mapping with the `algorithm`'s preset laid under its `train:` keys."""
+        data = dict(data)
+        algorithm = data.get("algorithm", "grpo")
+        _require(algorithm in ALGORITHMS, f"`algorithm` must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        train = data.get("train") or {}
+        _require(isinstance(train, dict), f"`train` must be a mapping, got {train!r}")
+        data["train"] = preset_train_section(algorithm, train)
+        return data
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data, prompts_only=True)
+        _check_common(self, self.train.batch.batch_size)
+        _require((self.reward.model_path is None) != (self.reward.function is None),
+                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+        if self.reward.function is not None:
+            _require(":" in self.reward.function,
+                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        critic = self.train.advantages.needs_critic
+        _require(critic or self.value_model is None,
+                 f"`value_model`: train.advantages.estimator {self.train.advantages.estimator!r} has no critic; "
+                 "set value_model to null")
+        if self.value_model == "reward_model":
+            _require(self.reward.model_path is not None, "`value_model`: `reward_model` needs `reward.model_path`")
+        _require(self.value_model is not None or self.train.value_optimizer is None,
+                 "`train.value_optimizer`: there is no separate value network (value_model is null)")
+        _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+                 f"`num_iterations` must be >= 1, got {self.num_iterations}")
 
 
 @dataclass(frozen=True)
@@ -356,16 +378,17 @@ class ExportConfig:
         _require(bool(self.run_dir), "`run_dir`: name the run folder to export")
 
 
-def field_help(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """`(dotted key, type, help)` for every leaf field of `cls` (what `rlhf-jax CMD --help` lists)."""
-    return _field_help(cls, prefix, extra_help=_FALLBACK_HELP)
-
-
 COMMAND_CONFIGS = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
     "ppo": PPORunConfig,
+    "rl": RLRunConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }
 """The config class of each subcommand that takes `--config`."""
+
+RESUMABLE_KEYS = ("train.num_epochs", "num_iterations") + tuple(f"run.{name}" for name in RESUMABLE_RUN_OPTIONS)
+"""Dotted keys a resumed run may change: its length and how it logs and checkpoints, not its math.
+(A decaying schedule whose length follows the run length is written out as
+`train.optimizer.total_steps`, so extending such a run shows up as a change of that key.)"""

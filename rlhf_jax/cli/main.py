@@ -3,26 +3,31 @@
     rlhf-jax sft    --config configs/tiny/sft.yaml    [key=value ...] [--overwrite]
     rlhf-jax reward --config configs/tiny/reward.yaml [key=value ...]
     rlhf-jax ppo    --config configs/tiny/ppo.yaml    [key=value ...]
+    rlhf-jax rl     --config configs/tiny/grpo.yaml   [key=value ...]
     rlhf-jax eval   --config configs/tiny/eval.yaml   [key=value ...]
     rlhf-jax export --config configs/tiny/export.yaml [key=value ...]
     rlhf-jax demo   [--output_dir DIR] [--seed N] [--quick] [--overwrite]
 
-Each command reads its config class from `rlhf_jax.cli.config`, validates all of
-it, loads the tokenizer and the data (so a bad key or a bad row fails before
-any model is built), prints the resolved config and writes it into
-`output_dir` together with the run's checkpoints, `metrics.jsonl`,
-TensorBoard events and, for the training commands, the final model in HF
-format under `output_dir/hf/`.
+Each command reads its config class from `rlhf_jax.cli.config` and validates
+all of it before any folder is touched or any model is built: the config
+(keys, types, ranges, batch arithmetic), then the tokenizer, the data files
+and their columns, the model folders (`rlhf_jax.cli.commands.prepare`). It
+prints the resolved config (with the PAD/EOS ids and schedule length the
+trainer will use) and, unless `--dry_run`, writes it into `run.output_dir`
+together with the run's checkpoints, `metrics.jsonl`, TensorBoard events and,
+for the training commands, the final model in HF format under `hf/`.
 
-A run folder belongs to one config: running again with the same config
-resumes from the newest checkpoint; a different config is refused unless
-`--overwrite` (which deletes the old run). User errors (bad config, bad
-data, bad paths) end with a one-line message and exit status 2, never a
-traceback.
+A run folder belongs to one config and one process at a time (a lock): the
+same command resumes from the newest readable checkpoint, also with a longer
+run or other logging/checkpoint settings; any other change is refused
+(naming each key) unless `--overwrite`, which keeps the old run aside until
+the new one has written its first checkpoint. SIGINT/SIGTERM finish the
+current step, save a checkpoint and exit with 130/143.
 
-The stages themselves (data -> model -> driver -> export) live in
-`rlhf_jax.cli.commands`; this module parses arguments, guards run folders and turns
-user errors into messages. Set `RLHF_JAX_DEBUG=1` to get tracebacks instead.
+Exit status: 0 done; 2 a user's mistake (`rlhf_jax.errors.UserError`: a bad
+config, data row, path, model folder, a locked folder); 1 an internal error;
+130/143 interrupted. Every error is one line on stderr; set
+`RLHF_JAX_DEBUG=1` to get the traceback instead.
 """
 from __future__ import annotations
 
@@ -32,9 +37,8 @@ import sys
 import textwrap
 import time
 
-from rlhf_jax.cli.commands import RunError
-from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, config_hash, dump_config, field_help, load_config
-from rlhf_jax.data.datasets import DataError
+from rlhf_jax.cli.config import COMMAND_CONFIGS, config_hash, dump_config, field_help, load_config
+from rlhf_jax.errors import RLHFJaxError, RunError
 
 __all__ = ["main", "build_parser"]
 
@@ -43,6 +47,8 @@ _DESCRIPTIONS = {
     "reward": "train a Bradley-Terry reward model on prompt/chosen/rejected rows; writes output_dir/hf "
               "(*ForSequenceClassification)",
     "ppo": "PPO against a reward model or a reward function, with a frozen reference; writes output_dir/hf",
+    "rl": "the RL trainer (algorithm: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, dapo, gspo); "
+          "writes output_dir/hf",
     "eval": "pass@k (k = 1..n, bootstrap CIs) of models on a prompt set with a verifier; writes eval.json "
             "and pass_at_k.png",
     "export": "write a run's newest checkpoint as an HF folder (config.json, model.safetensors, tokenizer)",
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,rl,eval,export,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
@@ -84,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. train.learning_rate=1e-5 data.max_length=256")
         p.add_argument("--overwrite", action="store_true",
-                       help="delete an existing run in output_dir whose config differs (default: refuse)")
+                       help="replace a run in run.output_dir whose config differs (default: refuse); the old run "
+                            "is kept aside until the new one has written its first checkpoint")
         p.add_argument("--dry_run", action="store_true",
-                       help="validate the config, print it resolved, and stop before touching data or models")
+                       help="validate the config, the tokenizer, the data and the model folders, print the "
+                            "resolved config, and stop before any folder is written or model built")
     p = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
     p.add_argument("--output_dir", default="demo_output", help="where the report goes (default: demo_output)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything in the demo (default: 0)")
@@ -98,37 +106,49 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- entry point
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def main(argv=None) -> int:
     """Run `rlhf-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(os.environ.get("RLHF_JAX_DEBUG"))
     try:
         if args.command == "demo":
             return _run_demo(args)
         cfg = load_config(args.config, args.overrides, COMMAND_CONFIGS[args.command])
-        print(f"# rlhf-jax {args.command}: resolved config (hash {config_hash(cfg)})")
-        print(dump_config(cfg), end="", flush=True)
+        from rlhf_jax.cli import commands
+
+        plan = commands.prepare(args.command, cfg)
+        print(f"# rlhf-jax {args.command}: resolved config (hash {config_hash(plan.cfg)})")
+        print(dump_config(plan.cfg), end="", flush=True)
         if args.dry_run:
             return 0
-        from rlhf_jax.cli import commands as pipeline
-
-        run = getattr(pipeline, f"run_{args.command}")
         start = time.perf_counter()
-        result = run(cfg, overwrite=args.overwrite)
+        result = commands.execute(plan, overwrite=args.overwrite)
         print(f"rlhf-jax {args.command}: done in {time.perf_counter() - start:.1f} s -> {result}", flush=True)
         return 0
-    except (ConfigError, DataError, RunError) as e:
-        if os.environ.get("RLHF_JAX_DEBUG"):
+    except RLHFJaxError as e:
+        if debug:
             raise
-        print(f"rlhf-jax {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, OSError) as e:
-        # Bad inputs discovered while loading models, tokenizers or reward functions.
-        if os.environ.get("RLHF_JAX_DEBUG"):
+        code = getattr(e, "exit_code", 1)
+        kind = "stopped" if code > 2 else ("error" if code == 2 else "internal error")
+        print(f"rlhf-jax {args.command}: {kind}: {_one_line(e)}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        if debug:
             raise
-        message = " ".join(str(e).split())
-        print(f"rlhf-jax {args.command}: error: {type(e).__name__}: {message}", file=sys.stderr)
-        return 2
+        print(f"rlhf-jax {args.command}: stopped: interrupted outside a training step, or a second time (the "
+              "step in flight was not checkpointed); resume with the same command", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unexpected failure: one line, exit 1
+        if debug:
+            raise
+        print(f"rlhf-jax {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set RLHF_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _run_demo(args) -> int:

@@ -10,6 +10,7 @@ checks, `--help`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ import yaml
 
 from rlhf_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "dump_config", "config_hash", "apply_overrides",
+__all__ = ["ConfigError", "from_dict", "to_dict", "flat_dict", "dump_config", "config_hash", "apply_overrides",
            "load_config", "field_help"]
 
 
@@ -43,8 +44,11 @@ def _is_optional(tp) -> bool:
         typing.get_origin(tp) in (typing.Union, types.UnionType))
 
 
-def _convert(value, tp, key: str):
-    """Check `value` against the annotation `tp` and convert it; `key` names it in errors."""
+def _convert(value, tp, key: str, base=None):
+    """Check `value` against the annotation `tp` and convert it; `key` names it in errors.
+
+    `base` is the default instance of a section: keys a mapping leaves out keep its values
+    (so `run: {seed: 1}` keeps the command's own `run.output_dir`)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -52,14 +56,14 @@ def _convert(value, tp, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]) and isinstance(value, dict):
+            return _convert(value, options[0], key, base)  # a section: its own error names the key inside
+        for arg in options:
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise _type_error(key, tp, value)
     if origin is Literal:
         if value not in args:
@@ -68,7 +72,7 @@ def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, "a mapping")
-        return _build(tp, value, key + ".")
+        return _build(tp, value, key + ".", defaults=base if isinstance(base, tp) else None)
     if origin in (tuple, list):
         if isinstance(value, str) and args and args[0] is str:
             value = [value]  # `train_files: a.jsonl` means a one-item list
@@ -124,24 +128,43 @@ def _type_error(key, tp, value, expected=None):
         f"`{key}`: expected {expected or _type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _suggest(cls, hints: dict, name: str, prefix: str) -> list[str]:
+    """Keys close to the unknown `name`: in `cls` itself, or one section down (a key that moved)."""
+    here = [f.name for f in dataclasses.fields(cls) if f.init]
+    found = [prefix + n for n in difflib.get_close_matches(name, here, n=3, cutoff=0.75)]
+    for field_name in here:
+        tp = hints[field_name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            names = [f.name for f in dataclasses.fields(inner[0]) if f.init]
+            found += [f"{prefix}{field_name}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.75)]
+    return found[:4]
+
+
+def _build(cls, data: dict, prefix: str = "", defaults=None):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in data:
         if name not in fields:
-            close = [n for n in fields if n.lower().startswith(str(name)[:3].lower())]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = _suggest(cls, hints, str(name), prefix)
+            hint = f" (did you mean {', '.join(hint)}?)" if hint else ""
             raise ConfigError(f"unknown key `{prefix}{name}`{hint}; known keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
+        if defaults is not None:
+            base = getattr(defaults, name)
+        elif f.default_factory is not dataclasses.MISSING:
+            base = f.default_factory()
+        else:
+            base = None
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+            kwargs[name] = _convert(data[name], hints[name], prefix + name, base)
+        elif defaults is not None:
+            kwargs[name] = base
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key `{prefix}{name}`")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks
         # Name the keys of the message by their dotted path (`batch_size` -> `train.batch_size`).
         message = re.sub(r"`(\w+)`", lambda m: f"`{prefix}{m.group(1)}`" if m.group(1) in fields else m.group(0),
@@ -189,13 +212,24 @@ def dump_config(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def config_hash(cfg, *, ignore: tuple[str, ...] = ("output_dir",)) -> str:
-    """A short SHA-256 fingerprint of the config, ignoring the top-level keys in `ignore`.
+def flat_dict(data: dict, prefix: str = "") -> dict:
+    """Nested dicts as `{"a.b.c": leaf}` (an empty dict is a leaf)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
-    Two runs with the same hash train the same thing, so a run folder whose
-    stored hash matches may be resumed.
+
+def config_hash(cfg, *, ignore: tuple[str, ...] = ("output_dir", "run.output_dir")) -> str:
+    """A short SHA-256 fingerprint of the config, ignoring the dotted keys in `ignore`.
+
+    Two configs with the same hash train the same thing in the same way (only
+    where the run is written may differ).
     """
-    data = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+    data = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in ignore}
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -298,6 +332,9 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), cls=None):
     overridden = {".".join(_parse_override(o)[0]): o for o in overrides}
     data = apply_overrides(data, list(overrides))
     try:
+        preprocess = getattr(cls, "preprocess", None)  # e.g. `rl`: the algorithm's preset under `train:`
+        if preprocess is not None:
+            data = preprocess(data)
         cfg = from_dict(cls, data)
         validate = getattr(cfg, "validate", None)
         if validate is not None:
@@ -316,75 +353,35 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), cls=None):
     return cfg
 
 
-def field_help(cls, prefix: str = "", *, extra_help: dict | None = None) -> list[tuple[str, str, str]]:
+def field_help(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]:
     """`(dotted key, type, help)` for every leaf field of a config class (for `--help`).
 
-    The help text is the field's `metadata["help"]`, else the line for that
-    field in the class docstring's `Attributes:` section, else (or when that
-    is a fragment) `extra_help[class name][field]`, else empty.
+    The help text is the field's `metadata["help"]` (see `rlhf_jax.train.options.hyper`)
+    followed by its default (a section's defaults are those of the instance its parent
+    creates, e.g. PPO's own learning rate); a section (a nested dataclass, also
+    `X | None`) lists its own fields.
     """
     hints = typing.get_type_hints(cls)
-    doc = _docstring_attributes(cls)
-    for name, text in (extra_help or {}).get(cls.__name__, {}).items():
-        if len(doc.get(name, "")) < 16:  # missing or a fragment such as "GAE."
-            doc[name] = text
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        text = f.metadata.get("help", "")
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
         if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
-            rows.extend(field_help(inner[0], prefix + f.name + ".", extra_help=extra_help))
+            if _is_optional(tp):  # an optional section: say what null means
+                rows.append((prefix + f.name, "section | null", f"{text} [default: {to_dict(default)!r}]"))
+            section_defaults = default if isinstance(default, inner[0]) else None
+            rows.extend(field_help(inner[0], prefix + f.name + ".", section_defaults))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        text = f.metadata.get("help") or doc.get(f.name, "")
         rows.append((prefix + f.name, _type_name(tp), f"{text} [default: {to_dict(default)!r}]".strip()))
     return rows
-
-
-def _docstring_attributes(cls) -> dict[str, str]:
-    """Parse `name: text` (or `a, b, c: text`) lines of a class docstring's Attributes section."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    pending: list[str] = []  # names of a `a, b,` line whose text follows on the next line
-    for raw in (cls.__doc__ or "").splitlines():
-        line = raw.strip()
-        head, sep, rest = line.partition(":")
-        names = [n.strip() for n in head.split(",")]
-        if line.endswith(",") and all(n.isidentifier() for n in names[:-1]) and not names[-1]:
-            pending += names[:-1]
-            continue
-        names = pending + names
-        pending = []
-        if not line:
-            current = []
-        elif sep and all(n.isidentifier() for n in names):
-            current = names
-            for n in names:
-                out[n] = rest.strip()
-        else:
-            for n in current:
-                out[n] = (out[n] + " " + line).strip()
-    # Several fields on one line ("clip_eps: policy ratio clip. dual_clip: ..."): split them.
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    pattern = re.compile(r"(?<=\.)\s+([a-z_][a-z0-9_]*(?:,\s*[a-z_][a-z0-9_]*)*):\s")
-    for name in list(out):
-        pieces = pattern.split(out[name])
-        owners = [name]
-        out[name] = pieces[0].strip()
-        for i in range(1, len(pieces) - 1, 2):
-            names = [n.strip() for n in pieces[i].split(",")]
-            if not all(n in fields for n in names):
-                for n in owners:
-                    out[n] = f"{out[n]} {pieces[i]}: {pieces[i + 1]}".strip()
-                continue
-            owners = names
-            for n in names:
-                out[n] = pieces[i + 1].strip()
-    return out
-
-
-# Help for trainer-config fields whose docstrings describe them in prose rather than as
-# `name: text` (used only where the docstring gives nothing).

@@ -9,9 +9,10 @@ The column conventions are TRL's, so existing data sets work unchanged:
 - RL prompts (PPO, evaluation): `prompt`, and optionally a reference
   `answer` that a verifier compares against.
 
-Message lists go through `tokenizer.apply_chat_template` when the tokenizer
-has a template and templating is enabled; otherwise they are written as
-plain `role: content` lines. Completions always end with EOS (appended when
+Message lists go through `tokenizer.apply_chat_template`; a tokenizer
+without a chat template meets them with a `DataError` naming the row (set one
+with the CLI's `tokenizer.chat_template`, or `tokenizer.chat_template = ...`),
+never with a made-up format. Completions always end with EOS (appended when
 missing), and PAD must differ from EOS so a model can learn to stop (Huang et
 al. 2024). The arrays follow DESIGN.md: SFT and preference sequences are
 right-padded, RL prompts left-padded, each to the smallest bucket length that
@@ -134,40 +135,41 @@ def _get(row: Row, column: str, *, optional: bool = False):
 class _Renderer:
     """Turns prompts and completions (strings or message lists) into token ids."""
 
-    def __init__(self, tokenizer, *, chat_template: bool, eos_id: int, prompt_template: str | None = None):
+    def __init__(self, tokenizer, *, eos_id: int, prompt_template: str | None = None):
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.prompt_template = prompt_template
-        self.templated = bool(chat_template and getattr(tokenizer, "chat_template", None))
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
 
-    def _plain(self, messages, *, generation_prompt: bool) -> str:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return text + ("assistant: " if generation_prompt else "")
+    def _need_template(self, row: Row):
+        if not self.templated:
+            name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+            raise row.error(f"a message list, but the tokenizer ({name}) has no chat template to render it; set "
+                            "`tokenizer.chat_template` (a Jinja template or a .jinja file), or give the rows as "
+                            "strings")
 
     def prompt_text(self, row: Row, prompt) -> str:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise row.error("empty prompt")
             text = self.prompt_template.replace("{prompt}", prompt) if self.prompt_template else prompt
-        elif self.templated:
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         else:
-            text = self._plain(prompt, generation_prompt=True)
+            self._need_template(row)
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if not text.strip():
             raise row.error("empty prompt")
         return text
 
     def completion_text(self, row: Row, column: str, prompt, prompt_text: str, completion) -> str:
         if isinstance(completion, str):
-            if not isinstance(prompt, str) and self.templated:
+            if not isinstance(prompt, str):
                 raise row.error(f"column `{column}` is a string but the prompt is a message list; give "
                                 "both as strings or both as message lists")
             return completion
         if isinstance(prompt, str):
             raise row.error(f"column `{column}` is a message list but the prompt is a string; give both "
                             "as strings or both as message lists")
-        if not self.templated:
-            return "".join(m["content"] for m in completion)
+        self._need_template(row)
         full = self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
         if not full.startswith(prompt_text):
             raise row.error(f"the chat template of prompt + `{column}` does not extend the prompt's template "
@@ -227,7 +229,7 @@ def _no_rows(rows, dropped):
 
 def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", completion_column="completion",
                  messages_column="messages", max_prompt_length=256, max_length=512, too_long="error",
-                 buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None,
+                 buckets=DEFAULT_BUCKETS, pad_token=None,
                  prompt_template=None) -> Examples:
     """Tokenize SFT rows (`prompt` + `completion`, or `messages`) into right-padded arrays.
 
@@ -239,7 +241,6 @@ def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", comp
       max_length: prompt + completion limit; `too_long` says what happens beyond
         it ("error", "truncate" the completion's end, or "drop" the row).
       buckets: allowed padded lengths.
-      chat_template: use the tokenizer's chat template for message lists.
       pad_token: PAD override (see `special_token_ids`).
       prompt_template: for string prompts, a text with `{prompt}` where the
         prompt goes (e.g. "Question: {prompt}\nAnswer:"); None keeps them as they are.
@@ -249,7 +250,7 @@ def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", comp
       `[N, L]` int32; `loss_mask` is 1 on the completion tokens (EOS included).
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+    render = _Renderer(tokenizer, eos_id=eos_id,
                        prompt_template=prompt_template)
     sequences, masks, kept, prompts, dropped = [], [], [], [], 0
     for row in rows:
@@ -287,7 +288,7 @@ def sft_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", comp
 
 def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", chosen_column="chosen",
                         rejected_column="rejected", max_prompt_length=256, max_length=512, too_long="error",
-                        buckets=DEFAULT_BUCKETS, chat_template=True, pad_token=None,
+                        buckets=DEFAULT_BUCKETS, pad_token=None,
                         prompt_template=None) -> Examples:
     """Tokenize preference rows (`prompt`, `chosen`, `rejected`) into right-padded pairs.
 
@@ -301,7 +302,7 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
       float32 when every row has a numeric `margin`.
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+    render = _Renderer(tokenizer, eos_id=eos_id,
                        prompt_template=prompt_template)
     chosen_seqs, rejected_seqs, margins, kept, prompts, dropped = [], [], [], [], [], 0
     for row in rows:
@@ -344,13 +345,13 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
 
 
 def prompt_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", answer_column="answer",
-                    max_prompt_length=256, buckets=DEFAULT_BUCKETS, chat_template=True,
+                    max_prompt_length=256, buckets=DEFAULT_BUCKETS,
                     pad_token=None, prompt_template=None, too_long="error") -> Examples:
     """Tokenize RL prompts into left-padded arrays, keeping the reference answers.
 
     Args:
       rows: records with a `prompt` (string or messages) and an optional `answer`.
-      tokenizer, max_prompt_length, buckets, chat_template, pad_token, prompt_template:
+      tokenizer, max_prompt_length, buckets, pad_token, prompt_template:
         as in `sft_examples`.
       too_long: "drop" skips prompts longer than `max_prompt_length`; otherwise
         they are an error.
@@ -361,7 +362,7 @@ def prompt_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt", a
       and `answers` (strings, None where a row has none).
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
-    render = _Renderer(tokenizer, chat_template=chat_template, eos_id=eos_id,
+    render = _Renderer(tokenizer, eos_id=eos_id,
                        prompt_template=prompt_template)
     sequences, kept, prompts, answers, dropped = [], [], [], [], 0
     for row in rows:

@@ -34,14 +34,24 @@ class Row:
         """A DataError located at this row."""
         return DataError(f"{self.where}: {message}")
 
+
 def _is_local_file(source: str) -> bool:
     return os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet", ".pq"))
 
 
 def _read_jsonl(path: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

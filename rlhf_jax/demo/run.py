@@ -48,7 +48,19 @@ from rlhf_jax.demo.report import conclusions, markdown_report, plot_training
 from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, format_table, plot_pass_at_k
 from rlhf_jax.models import ModelConfig, from_config, save_pretrained
 from rlhf_jax.rollout import generate
-from rlhf_jax.train import PPOConfig, PPOTrainer, RewardConfig, SFTConfig, normalize_reward_head
+from rlhf_jax.train import (
+    BatchConfig,
+    KLConfig,
+    OptimizerConfig,
+    PPOConfig,
+    PPOTrainer,
+    RewardConfig,
+    RewardShapingConfig,
+    RunOptions,
+    SamplingConfig,
+    SFTConfig,
+    normalize_reward_head,
+)
 from rlhf_jax.train.drivers import fit_ppo, fit_reward, fit_sft
 from rlhf_jax.train.state import optimizer_from_config
 
@@ -181,20 +193,26 @@ _QUIET = dict(log_every=10, print_every=10**9, checkpoint_every=10**9, tensorboa
               async_checkpoint=False, resume=False, progress=False)
 
 
+def _run_options(quiet: dict, output_dir: str, seed: int, **changes) -> RunOptions:
+    return RunOptions(output_dir=output_dir, seed=seed, **{**quiet, **changes})
+
+
 def _sft(lm, params, data, steps, lr, settings, output_dir, seed, quiet):
-    cfg = SFTConfig(batch_size=settings.sft_batch_size, num_epochs=None, learning_rate=lr,
-                    warmup_steps=min(50, steps // 10), schedule="cosine", seed=seed)
-    params, history = fit_sft(lm, params, data, cfg, output_dir=output_dir, max_steps=steps, **quiet)
+    cfg = SFTConfig(batch_size=settings.sft_batch_size, num_epochs=None, optimizer=OptimizerConfig(
+        learning_rate=lr, warmup_steps=min(50, steps // 10), schedule="cosine"))
+    params, history = fit_sft(lm, params, data, cfg, _run_options(quiet, output_dir, seed), max_steps=steps)
     return params, history
 
 
-def _ppo_config(settings, lr, kl_coef, max_new_tokens, tokenizer, seed, **extra):
+def _ppo_config(settings, lr, kl_coef, max_new_tokens, tokenizer, missing_eos_penalty=None):
     return PPOConfig(
-        batch_size=settings.ppo_batch_size, num_minibatches=settings.ppo_minibatches,
-        ppo_epochs=settings.ppo_epochs, max_new_tokens=max_new_tokens,
-        temperature=settings.temperature, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, kl_coef=kl_coef, learning_rate=lr,
-        seed=seed, **extra,
+        batch=BatchConfig(batch_size=settings.ppo_batch_size, num_minibatches=settings.ppo_minibatches,
+                          ppo_epochs=settings.ppo_epochs),
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=settings.temperature,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        kl=KLConfig(kl_coef=kl_coef),
+        rewards=RewardShapingConfig(missing_eos_penalty=missing_eos_penalty),
+        optimizer=OptimizerConfig(learning_rate=lr),
     )
 
 
@@ -222,14 +240,14 @@ def _run_rlvr(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
         f"{_since(t0)}")
 
     rl_ids, rl_mask = _prompt_arrays(tokenizer, task.rl_prompts, prompt_len)
-    cfg = _ppo_config(settings, settings.add_ppo_lr, settings.add_kl_coef, max_new, tokenizer, seed)
-    trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg),
+    cfg = _ppo_config(settings, settings.add_ppo_lr, settings.add_kl_coef, max_new, tokenizer)
+    trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg.optimizer),
                          reward_fn=tasks.make_addition_verifier(tokenizer, task.rl_answers))
     t0 = _now()
     ppo_params, ppo_hist = fit_ppo(trainer, sft_params, sft_params,
                                    {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
-                                   output_dir=os.path.join(out, "ppo"),
-                                   max_steps=settings.add_ppo_iterations, **{**quiet, "log_every": 1})
+                                   _run_options(quiet, os.path.join(out, "ppo"), seed, log_every=1),
+                                   max_steps=settings.add_ppo_iterations)
     log(f"[rlvr] PPO: {settings.add_ppo_iterations} iterations, train accuracy "
         f"{ppo_hist[0]['score_mean']:.3f} -> {ppo_hist[-1]['score_mean']:.3f} {_since(t0)}")
 
@@ -350,9 +368,9 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
 
     rm, rm_params = lm.with_head("scalar", sft_params, seed=seed + 7)
     rm_cfg = RewardConfig(batch_size=settings.rm_batch_size, num_epochs=settings.rm_epochs,
-                          learning_rate=settings.rm_lr, warmup_steps=10, schedule="cosine", seed=seed)
-    rm_params, rm_hist = fit_reward(rm, rm_params, train_pairs, rm_cfg, eval_data=heldout_pairs,
-                                    output_dir=os.path.join(out, "reward"), **quiet)
+                          optimizer=OptimizerConfig(learning_rate=settings.rm_lr, warmup_steps=10, schedule="cosine"))
+    rm_run = _run_options(quiet, os.path.join(out, "reward"), seed)
+    rm_params, rm_hist = fit_reward(rm, rm_params, train_pairs, rm_cfg, rm_run, eval_data=heldout_pairs)
     heldout = {k[len("eval/"):]: float(v) for k, v in rm_hist[-1].items() if k.startswith("eval/")}
     # Agreement with the noise-free gold ordering on held-out pairs with distinct gold scores.
     score = jax.jit(rm.scores)
@@ -379,14 +397,13 @@ def _run_rlhf(tokenizer, settings: DemoSettings, out: str, seed: int, log, quiet
                 "gold_success": float(np.mean(gold >= task.annotator.accept_threshold))}
 
     def run_ppo(kl_coef, folder):
-        cfg = _ppo_config(settings, settings.mood_ppo_lr, kl_coef, max_new, tokenizer, seed,
-                          missing_eos_penalty=1.0)
-        trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg), reward_model=rm)
+        cfg = _ppo_config(settings, settings.mood_ppo_lr, kl_coef, max_new, tokenizer, missing_eos_penalty=1.0)
+        trainer = PPOTrainer(lm, cfg, optimizer_from_config(cfg.optimizer), reward_model=rm)
         t0 = _now()
         params, hist = fit_ppo(trainer, sft_params, sft_params, {"prompt_ids": rl_ids, "prompt_mask": rl_mask},
-                               reward_params=rm_params, output_dir=os.path.join(out, folder),
-                               max_steps=settings.mood_ppo_iterations, on_rollout=watch_gold,
-                               **{**quiet, "log_every": 1})
+                               _run_options(quiet, os.path.join(out, folder), seed, log_every=1),
+                               reward_params=rm_params, max_steps=settings.mood_ppo_iterations,
+                               on_rollout=watch_gold)
         log(f"[rlhf] PPO (kl_coef {kl_coef}): {settings.mood_ppo_iterations} iterations, RM score "
             f"{hist[0]['score_mean']:.3f} -> {hist[-1]['score_mean']:.3f}, gold score "
             f"{hist[0]['gold_score']:.3f} -> {hist[-1]['gold_score']:.3f} {_since(t0)}")

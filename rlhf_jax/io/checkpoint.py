@@ -50,9 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax.errors import ConfigMismatchError
+from rlhf_jax.errors import ConfigMismatchError, LoadError
 
-__all__ = ["Checkpointer", "ConfigMismatchError", "config_to_dict", "config_hash"]
+__all__ = ["Checkpointer", "ConfigMismatchError", "CorruptCheckpointError", "config_to_dict", "config_hash"]
+
+
+class CorruptCheckpointError(LoadError):
+    """A checkpoint whose files cannot be read (a partial or damaged write); names its folder."""
 
 _FORMAT_VERSION = 1
 
@@ -232,10 +236,20 @@ class Checkpointer:
             state=ocp.args.StandardSave(leaves), host=ocp.args.JsonSave(host)))
 
     def read_host_state(self, step: int | None = None) -> dict:
-        """The JSON item of checkpoint `step` (default: the latest) without the arrays."""
+        """The JSON item of checkpoint `step` (default: the latest) without the arrays.
+
+        Raises:
+          CorruptCheckpointError: the item cannot be read or is not a checkpoint of ours.
+        """
         step = self._resolve_step(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
-        return dict(restored["host"])
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+            host = dict(restored["host"])
+        except Exception as e:  # orbax raises many types for missing or damaged files
+            raise self._corrupt(step, e) from None
+        if not isinstance(host.get("leaf_paths"), list) or "data" not in host:
+            raise self._corrupt(step, "its host item lacks the leaf list")
+        return host
 
     def restore(self, template: Any, *, step: int | None = None) -> tuple[Any, dict]:
         """Restore checkpoint `step` (default: the latest) into the structure of `template`.
@@ -255,6 +269,7 @@ class Checkpointer:
           ConfigMismatchError: the stored config hash differs from this
             run's and `allow_config_mismatch` is False.
           ValueError: the template's leaves differ from the saved ones.
+          CorruptCheckpointError: the checkpoint's files cannot be read.
         """
         step = self._resolve_step(step)
         host = self.read_host_state(step)
@@ -263,10 +278,17 @@ class Checkpointer:
         paths, shapes, dtypes = _describe(leaves_with_paths)
         self._check_structure(host, paths, shapes, dtypes, step)
         abstract = [_leaf_to_abstract(leaf) for _, leaf in leaves_with_paths]
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as e:  # a truncated or missing array file
+            raise self._corrupt(step, e) from None
         leaves = [_leaf_from_restored(r, t) for r, (_, t) in zip(restored, leaves_with_paths)]
         return jax.tree_util.tree_unflatten(treedef, leaves), dict(host["data"])
+
+    def reload(self) -> None:
+        """Re-read the list of checkpoints from disk (after one was moved away)."""
+        self._manager.reload()
 
     # --- lifecycle -------------------------------------------------------
     def wait_until_finished(self) -> None:
@@ -295,6 +317,12 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; available: {sorted(steps)}")
         return int(step)
+
+    def _corrupt(self, step: int, cause) -> CorruptCheckpointError:
+        detail = " ".join(str(cause).split())[:200] if not isinstance(cause, str) else cause
+        kind = type(cause).__name__ + ": " if not isinstance(cause, str) else ""
+        return CorruptCheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be read "
+                                      f"({kind}{detail})")
 
     def _check_config(self, host: dict, step: int) -> None:
         stored = host.get("config_hash")

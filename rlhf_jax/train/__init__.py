@@ -10,9 +10,12 @@ the config) and return pure `(state, batch) -> (state, metrics)` functions:
     state, metrics = step(state, batch)
 
 PPO is a small object with three jitted phases (`PPOTrainer.iteration`).
-The drivers (fit_*), sharding and checkpointing live in `train/loop.py`,
-`train/sharding.py` and `rlhf_jax/checkpoint.py`.
+`OptimizerConfig` (nested in every trainer config) and `RunOptions` (what every driver
+shares: output folder, checkpoints, logging, seed, mesh) are in `train/options.py`; the
+drivers (fit_*) in `train/drivers.py`, sharding in `train/sharding.py`, checkpoints in
+`rlhf_jax/io/checkpoint.py`.
 """
+from rlhf_jax.train.options import MeshOptions, OptimizerConfig, RunOptions
 from rlhf_jax.train.reward import (
     RewardConfig,
     evaluate_reward_model,
@@ -21,10 +24,16 @@ from rlhf_jax.train.reward import (
     reward_init,
 )
 from rlhf_jax.train.rl.ppo import (
+    AdvantageConfig,
+    BatchConfig,
+    KLConfig,
+    LossConfig,
     PPOBatch,
     PPOConfig,
     PPOState,
     PPOTrainer,
+    RewardShapingConfig,
+    SamplingConfig,
     ppo_advantages,
     ppo_minibatch_loss,
 )
@@ -44,6 +53,15 @@ from rlhf_jax.train.state import (
 )
 
 __all__ = [
+    "OptimizerConfig",
+    "RunOptions",
+    "MeshOptions",
+    "BatchConfig",
+    "SamplingConfig",
+    "LossConfig",
+    "KLConfig",
+    "RewardShapingConfig",
+    "AdvantageConfig",
     "PPOBatch",
     "PPOConfig",
     "PPOState",

@@ -20,12 +20,26 @@ Output directory layout:
     output_dir/tb/               TensorBoard events
     output_dir/checkpoints/<step>/   orbax checkpoints (state + host JSON)
 
-Resuming. With `resume=True` (the default) a driver restores the newest
-checkpoint in `output_dir/checkpoints` (after checking that its config and
-data fingerprint equal this run's), truncates `metrics.jsonl` to the steps it
-covers, and continues. A fresh run (no checkpoint) empties an old
-`metrics.jsonl`. `resume=False` with existing checkpoints is an error: use a
-new `output_dir` or delete the old one.
+Run options. Every driver takes a `RunOptions` (`rlhf_jax.train.options`):
+output folder, seed (data order and PRNG), checkpoint period and count, logging
+sinks and periods, and the device mesh.
+
+Resuming. With `run.resume=True` (the default) a driver restores the newest
+readable checkpoint in `output_dir/checkpoints` (after checking that its
+config, seed and data fingerprint equal this run's), truncates `metrics.jsonl`
+to the steps it covers, and continues. The checked config is the math of the
+steps: the trainer config without its run length (`num_epochs`), with the
+schedule length it resolved, so a run may be extended when its schedule does
+not depend on the run length. A checkpoint that cannot be read (a partial or
+corrupted write) is moved to `output_dir/corrupt_checkpoints/` with a warning
+naming it, and the next older one is tried; only when none is readable is it
+an error naming the folder. A fresh run (no checkpoint) empties an old
+`metrics.jsonl`. `run.resume=False` with existing checkpoints is an error.
+
+Interruption. SIGINT and SIGTERM (in the main thread) let the current step
+finish, save a checkpoint of it, and raise `RunInterrupted` (exit status
+128 + signal number at the CLI); the same command resumes it exactly. A second
+signal stops at once (KeyboardInterrupt).
 
 Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
 placed with `param_shardings` (FSDP when the mesh's "fsdp" axis is larger
@@ -44,17 +58,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from rlhf_jax.errors import TrainingStalledError
-from rlhf_jax.io.checkpoint import Checkpointer
+from rlhf_jax.errors import LoadError, RunInterrupted, TrainingStalledError
+from rlhf_jax.io.checkpoint import Checkpointer, CorruptCheckpointError
 from rlhf_jax.io.metrics import KLSignMonitor, MetricsLogger, to_python
 from rlhf_jax.io.metrics import logger as _log
-from rlhf_jax.train.sharding import FSDP_AXIS, param_shardings, replicated, shard_batch
+from rlhf_jax.train.options import RunOptions
+from rlhf_jax.train.sharding import FSDP_AXIS, make_mesh, param_shardings, replicated, shard_batch
 
 __all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
 
@@ -142,47 +160,87 @@ def _num_steps(per_epoch: int, num_epochs: int | None, max_steps: int | None) ->
     return min(total, int(max_steps)) if max_steps is not None else total
 
 
-def _with_schedule_length(cfg, total_steps: int):
-    """`cfg` with `total_steps` filled in when a decaying schedule needs it."""
-    if getattr(cfg, "total_steps", 0) is None and getattr(cfg, "schedule", "constant") != "constant":
-        return dataclasses.replace(cfg, total_steps=total_steps)
+def _with_schedule_length(cfg, total_updates: int):
+    """`cfg` with `optimizer.total_steps` filled in when a decaying schedule needs it."""
+    opt = cfg.optimizer
+    if opt.total_steps is None and opt.schedule != "constant":
+        return dataclasses.replace(cfg, optimizer=dataclasses.replace(opt, total_steps=int(total_updates)))
     return cfg
+
+
+def _math_config(kind: str, cfg, seed: int, fingerprint: dict) -> dict:
+    """What a checkpoint must share with a run that resumes it: the config without its run
+    length (a run may be extended), the seed and the data."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "num_epochs"}
+    return {"driver": kind, "cfg": fields, "seed": int(seed), "data": fingerprint}
+
+
+def mesh_from_options(run: RunOptions):
+    """The `make_mesh` mesh of `run.mesh`, or None for one device without sharding."""
+    if run.mesh.single_device:
+        return None
+    return make_mesh(data=None if run.mesh.data == -1 else run.mesh.data, fsdp=run.mesh.fsdp)
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag that the loop reads after each step (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt  # a second signal: stop now
+        self.received = signum
+        _log.warning(f"{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                     "(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 # --------------------------------------------------------------------------- the engine
 
 
 class _Run:
-    """Shared set-up and bookkeeping of the three drivers (checkpointing, logging, mesh)."""
+    """Shared set-up and bookkeeping of the three drivers (checkpointing, logging, mesh, signals)."""
 
-    def __init__(self, *, kind: str, cfg, fingerprint: dict, output_dir, mesh, keep: int,
-                 resume: bool, allow_config_mismatch: bool, log_every: int, print_every: int | None,
-                 checkpoint_every: int | None, total_steps: int, stdout: bool, tensorboard: bool,
-                 progress: bool | None, async_checkpoint: bool):
-        named = [("log_every", log_every), ("keep", keep)]
-        if checkpoint_every is not None:
-            named.append(("checkpoint_every", checkpoint_every))
-        for name, value in named:
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if output_dir is None:
-            raise ValueError("`output_dir` is required")
-        self.output_dir = os.fspath(output_dir)
+    def __init__(self, *, kind: str, cfg, fingerprint: dict, run: RunOptions, mesh, total_steps: int,
+                 allow_config_mismatch: bool, on_checkpoint: Callable | None):
+        if not isinstance(run, RunOptions):
+            raise TypeError(f"`run` must be a RunOptions, got {type(run).__name__}")
+        if run.output_dir is None:
+            raise ValueError("`run.output_dir` is required")
+        self.output_dir = os.fspath(run.output_dir)
         self.mesh = mesh
-        self.log_every = int(log_every)
-        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
+        self.log_every = run.log_every
+        self.checkpoint_every = run.checkpoint_every
         self.total_steps = total_steps
-        self.resume = resume
+        self.resume = run.resume
         self.ckpt = Checkpointer(
-            os.path.join(self.output_dir, "checkpoints"), max_to_keep=keep,
-            async_save=async_checkpoint, config={"driver": kind, "cfg": cfg, "data": fingerprint},
+            os.path.join(self.output_dir, "checkpoints"), max_to_keep=run.keep,
+            async_save=run.async_checkpoint, config=_math_config(kind, cfg, run.seed, fingerprint),
             allow_config_mismatch=allow_config_mismatch)
-        self._logger_kwargs = dict(stdout=stdout, tensorboard=tensorboard,
-                                   print_every=print_every or 10 * self.log_every,
-                                   total_steps=total_steps, progress=progress)
-        self._stdout = stdout
+        self._logger_kwargs = dict(stdout=run.stdout, tensorboard=run.tensorboard,
+                                   print_every=run.print_every or 10 * self.log_every,
+                                   total_steps=total_steps, progress=run.progress)
+        self._stdout = run.stdout
+        self._on_checkpoint = on_checkpoint
+        self._saved: int | None = None
         self.logger: MetricsLogger | None = None
         self._last_time = None
+        self.signals = _StopSignals()
 
     # -- state placement and resume ------------------------------------------------
     def shardings(self, tree):
@@ -213,23 +271,46 @@ class _Run:
     def restore_or_start(self, state) -> tuple[Any, int]:
         """The restored state and its step (or `state` and 0); opens the logger."""
         start = 0
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            if not self.resume:
-                self.ckpt.close()
-                raise ValueError(
-                    f"`output_dir` {self.output_dir} already holds checkpoints (newest: step {latest}) "
-                    "and resume=False; use a new output_dir or delete the old one")
-            state, host = self.ckpt.restore(state)
-            start = int(host.get("step", latest))
+        steps = self.ckpt.all_steps()
+        if steps and not self.resume:
+            self.ckpt.close()
+            raise ValueError(
+                f"`output_dir` {self.output_dir} already holds checkpoints (newest: step {steps[-1]}) "
+                "and resume=False; use a new output_dir or delete the old one")
+        for step in reversed(steps):
+            try:
+                restored, host = self.ckpt.restore(state, step=step)
+            except CorruptCheckpointError as e:
+                moved = self._quarantine(step)
+                _log.warning(f"{e}; moved it to {moved}, trying the previous checkpoint")
+                if self._stdout:
+                    print(f"warning: {e}; moved it to {moved}", flush=True)
+                continue
+            state, start = restored, int(host.get("step", step))
             message = (f"resuming from checkpoint step {start} (epoch {host.get('epoch')}, "
                        f"index {host.get('index')}) in {self.output_dir}")
             _log.info(message)
             if self._stdout:
                 print(message, flush=True)
+            break
+        else:
+            if steps:
+                self.ckpt.close()
+                raise LoadError(f"no readable checkpoint in {self.ckpt.directory} (all of steps {steps} are "
+                                f"corrupted; moved to {os.path.join(self.output_dir, 'corrupt_checkpoints')})")
         self.logger = MetricsLogger(self.output_dir, resume_step=start, **self._logger_kwargs)
         self._last_time = time.perf_counter()
         return state, start
+
+    def _quarantine(self, step: int) -> str:
+        """Move an unreadable checkpoint out of orbax's sight (never delete what a user may inspect)."""
+        source = os.path.join(self.ckpt.directory, str(step))
+        target_dir = os.path.join(self.output_dir, "corrupt_checkpoints")
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(source, target)
+        self.ckpt.reload()
+        return target
 
     # -- per step ------------------------------------------------------------------
     def should_log(self, step: int) -> bool:
@@ -260,10 +341,20 @@ class _Run:
         return self.logger.log(step, host)
 
     def maybe_save(self, step: int, state, position: dict) -> None:
-        if self.checkpoint_every is None:
-            return
-        if step % self.checkpoint_every == 0 or step == self.total_steps:
+        """Save on the schedule and at the end; on a stop signal save and raise `RunInterrupted`."""
+        due = self.checkpoint_every is not None and (step % self.checkpoint_every == 0 or step == self.total_steps)
+        stop = self.signals.received
+        if due or stop is not None:
             self.ckpt.save(step, state, host_state={"step": step, **position})
+            if self._saved is None or stop is not None:
+                # the first checkpoint (the CLI's --overwrite waits for it) and an interrupted
+                # run's last one must be on disk before anything else happens
+                self.ckpt.wait_until_finished()
+                if self._saved is None and self._on_checkpoint is not None:
+                    self._on_checkpoint(step)
+            self._saved = step
+        if stop is not None and step < self.total_steps:
+            raise RunInterrupted(stop, step=step, where=os.path.join(self.output_dir, "checkpoints"))
 
     def close(self) -> None:
         self.ckpt.close()
@@ -292,10 +383,9 @@ def _jit_step(step_fn, run: _Run, state):
                    out_shardings=(run.shardings(state), replicated(run.mesh)))
 
 
-def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step, output_dir, tx,
-                    mesh, log_every, print_every, checkpoint_every, keep, resume, max_steps,
-                    on_step, stdout, tensorboard, progress, allow_config_mismatch,
-                    async_checkpoint, eval_fn=None, eval_every=None, return_state=False):
+def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
+                    on_step, on_checkpoint, allow_config_mismatch, eval_fn=None, eval_every=None,
+                    return_state=False):
     from rlhf_jax.train.state import optimizer_from_config
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
@@ -303,15 +393,17 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
     if n < batch_size:
         raise ValueError(f"the data has {n} rows, fewer than `batch_size` ({batch_size}): "
                          "no full batch can be formed")
+    if mesh is None:
+        mesh = mesh_from_options(run)
     if mesh is not None:
         n_dev = mesh.devices.size
         if batch_size % n_dev:
             raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's {n_dev} devices")
-    order = _Order(n, batch_size, cfg.seed)
+    order = _Order(n, batch_size, run.seed)
     total = _num_steps(order.per_epoch, cfg.num_epochs, max_steps)
     if tx is None:
         cfg = _with_schedule_length(cfg, total)
-        tx = optimizer_from_config(cfg)
+        tx = optimizer_from_config(cfg.optimizer)
     optional = ("margin",) if kind == "reward" and "margin" in arrays else ()
     arrays = {k: arrays[k] for k in keys + optional}
     if kind == "sft":
@@ -320,35 +412,33 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
         _check_model_inputs(model, [(arrays["chosen_ids"], arrays["chosen_mask"]),
                                     (arrays["rejected_ids"], arrays["rejected_mask"])])
 
-    run = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), output_dir=output_dir,
-               mesh=mesh, keep=keep, resume=resume, allow_config_mismatch=allow_config_mismatch,
-               log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
-               total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
-               async_checkpoint=async_checkpoint)
+    driver = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
+                  allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     try:
-        state = run.place(init_fn(model, params, tx, seed=cfg.seed), copy=True)
-        state, start = run.restore_or_start(state)
-        step_fn = _jit_step(make_step(model, tx, cfg), run, state)
-        for step in range(start, total):
-            epoch, _, rows = order.rows(step)
-            batch = {k: v[rows] for k, v in arrays.items()}
-            if mesh is not None:
-                batch = shard_batch(batch, mesh)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            if run.should_log(done):
-                host = run.fetch(metrics)
-                host["epoch"] = epoch
-                if "tokens" in host:
-                    host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
-                if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
-                    host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
-                run.warn_if_skipped(done, host)
-                run.log(done, host, on_step)
-            run.maybe_save(done, state, _position(done, order.per_epoch))
-        history = list(run.logger.history)
+        state = driver.place(init_fn(model, params, tx, seed=run.seed), copy=True)
+        state, start = driver.restore_or_start(state)
+        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
+        with driver.signals:
+            for step in range(start, total):
+                epoch, _, rows = order.rows(step)
+                batch = {k: v[rows] for k, v in arrays.items()}
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh)
+                state, metrics = step_fn(state, batch)
+                done = step + 1
+                if driver.should_log(done):
+                    host = driver.fetch(metrics)
+                    host["epoch"] = epoch
+                    if "tokens" in host:
+                        host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
+                    if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
+                        host.update({f"eval/{k}": v for k, v in eval_fn(state.params).items()})
+                    driver.warn_if_skipped(done, host)
+                    driver.log(done, host, on_step)
+                driver.maybe_save(done, state, _position(done, order.per_epoch))
+        history = list(driver.logger.history)
     finally:
-        run.close()
+        driver.close()
     if return_state:
         return state.params, history, state
     return state.params, history
@@ -357,33 +447,31 @@ def _fit_supervised(*, kind, model, params, data, cfg, keys, init_fn, make_step,
 # --------------------------------------------------------------------------- public drivers
 
 _COMMON_DOC = """
-      output_dir: directory for metrics.jsonl, tb/ and checkpoints/ (required).
-      tx: the optimizer; default `optimizer_from_config(cfg)` (with `total_steps`
+      run: `RunOptions`: output_dir (required), seed (data order and PRNG), checkpoint_every,
+        keep, log_every, print_every, the logging sinks (stdout, tensorboard, progress),
+        async_checkpoint, resume, mesh.
+      tx: the optimizer; default `optimizer_from_config(cfg.optimizer)` (with `total_steps`
         filled in from the run length when a decaying schedule needs it).
-      mesh: a `make_mesh` mesh to run data-parallel / FSDP; None = one device.
-      log_every: fetch, log and check metrics every this many steps (and at the end).
-      print_every: stdout period in steps (default 10 * log_every).
-      checkpoint_every: save a checkpoint every this many steps and at the end
-        (None: never save; an existing checkpoint is still resumed from).
-      keep: how many checkpoints to keep.
-      resume: continue from the newest checkpoint in output_dir.
+      mesh: a `make_mesh` mesh; default: the one `run.mesh` describes (None for one device).
       max_steps: stop after this many steps in total (counting restored ones).
       on_step: `on_step(step, metrics) -> dict | None`, called at each logged step
         with the host metrics before they are written; a returned dict is added to
         the step's record (values must be deterministic for resumes to match).
-      stdout, tensorboard, progress: logging sinks (see `MetricsLogger`).
-      allow_config_mismatch: resume even if cfg / data differ from the checkpoint's.
-      async_checkpoint: write checkpoints in the background.
+      on_checkpoint: `on_checkpoint(step)`, called once, when the run's first checkpoint
+        is on disk (the CLI's `--overwrite` removes the old run then).
+      allow_config_mismatch: resume even if cfg / seed / data differ from the checkpoint's.
       return_state: also return the final train state (3-tuple).
+
+    Raises:
+      RunInterrupted: SIGINT / SIGTERM arrived; the step it interrupted finished and was
+        checkpointed, so calling again with the same arguments resumes it.
 """
 
 
-def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=None, mesh=None,
-            log_every: int = 1, print_every: int | None = None, checkpoint_every: int | None = 500,
-            keep: int = 3, resume: bool = True, max_steps: int | None = None,
-            on_step: Callable | None = None, stdout: bool = True, tensorboard: bool = True,
-            progress: bool | None = None, allow_config_mismatch: bool = False,
-            async_checkpoint: bool = True, return_state: bool = False):
+def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, tx=None, mesh=None,
+            max_steps: int | None = None, on_step: Callable | None = None,
+            on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
+            return_state: bool = False):
     """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
 
     Args:
@@ -391,7 +479,7 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=N
       params: its initial parameters.
       data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
         (right-padded; `loss_mask` is 1 on completion tokens).
-      cfg: `SFTConfig` (batch_size, num_epochs, seed, optimizer settings).
+      cfg: `SFTConfig` (batch_size, num_epochs, optimizer, ...).
     {common}
     Returns:
       `(params, history)`: final params, and the list of logged records (the
@@ -400,21 +488,15 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, *, output_dir, tx=N
     from rlhf_jax.train.sft import make_sft_step, sft_init
 
     return _fit_supervised(
-        kind="sft", model=lm, params=params, data=data, cfg=cfg, keys=_SFT_KEYS, init_fn=sft_init,
-        make_step=make_sft_step, output_dir=output_dir, tx=tx, mesh=mesh, log_every=log_every,
-        print_every=print_every, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
-        max_steps=max_steps, on_step=on_step, stdout=stdout, tensorboard=tensorboard,
-        progress=progress, allow_config_mismatch=allow_config_mismatch,
-        async_checkpoint=async_checkpoint, return_state=return_state)
+        kind="sft", model=lm, params=params, data=data, cfg=cfg, run=run, keys=_SFT_KEYS, init_fn=sft_init,
+        make_step=make_sft_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state)
 
 
-def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_data=None,
-               eval_every: int | None = None, eval_batch_size: int | None = None, output_dir,
-               tx=None, mesh=None, log_every: int = 1, print_every: int | None = None,
-               checkpoint_every: int | None = 500, keep: int = 3, resume: bool = True,
-               max_steps: int | None = None, on_step: Callable | None = None, stdout: bool = True,
-               tensorboard: bool = True, progress: bool | None = None,
-               allow_config_mismatch: bool = False, async_checkpoint: bool = True,
+def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
+               eval_every: int | None = None, eval_batch_size: int | None = None, tx=None, mesh=None,
+               max_steps: int | None = None, on_step: Callable | None = None,
+               on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
                return_state: bool = False):
     """Bradley-Terry reward-model training on preference pairs.
 
@@ -448,39 +530,31 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, *, eval_da
         eval_fn = evaluate
 
     return _fit_supervised(
-        kind="reward", model=rm, params=params, data=train_data, cfg=cfg, keys=_PAIR_KEYS,
-        init_fn=reward_init, make_step=make_reward_step, output_dir=output_dir, tx=tx, mesh=mesh,
-        log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
-        keep=keep, resume=resume, max_steps=max_steps, on_step=on_step, stdout=stdout,
-        tensorboard=tensorboard, progress=progress, allow_config_mismatch=allow_config_mismatch,
-        async_checkpoint=async_checkpoint, eval_fn=eval_fn, eval_every=eval_every,
-        return_state=return_state)
+        kind="reward", model=rm, params=params, data=train_data, cfg=cfg, run=run, keys=_PAIR_KEYS,
+        init_fn=reward_init, make_step=make_reward_step, tx=tx, mesh=mesh, max_steps=max_steps,
+        on_step=on_step, on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch,
+        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state)
 
 
-def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], cfg=None, *,
-            value_params=None, reward_params=None, output_dir, num_epochs: int | None = None,
-            mesh=None, log_every: int = 1, print_every: int | None = None,
-            checkpoint_every: int | None = 50, keep: int = 3, resume: bool = True,
+def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,
+            value_params=None, reward_params=None, num_epochs: int | None = None, mesh=None,
             max_steps: int | None = None, on_step: Callable | None = None,
-            on_rollout: Callable | None = None, kl_warn_window: int = 10, stdout: bool = True,
-            tensorboard: bool = True, progress: bool | None = None,
-            allow_config_mismatch: bool = False, async_checkpoint: bool = True,
-            return_state: bool = False):
+            on_rollout: Callable | None = None, on_checkpoint: Callable | None = None,
+            kl_warn_window: int = 10, allow_config_mismatch: bool = False, return_state: bool = False):
     """PPO-RLHF: `trainer.iteration` over batches of prompts.
 
-    One step is one PPO iteration on `cfg.batch_size` prompts (rollout, score,
-    `ppo_epochs x num_minibatches` updates). Run length: `num_epochs` passes
+    One step is one PPO iteration on `trainer.cfg.batch.batch_size` prompts (rollout,
+    score, `ppo_epochs x num_minibatches` updates). Run length: `num_epochs` passes
     over the prompts (capped by `max_steps`); with `num_epochs=None`,
     `max_steps` iterations (cycling over the prompts in per-epoch seeded
     orders), or one pass when `max_steps` is None too.
 
     Args:
-      trainer: a `PPOTrainer` (its optimizers, models and reward are used).
+      trainer: a `PPOTrainer` (its config, optimizers, models and reward are used).
       policy_params: initial policy params (also the reference's, usually).
       ref_params: the frozen reference policy's params.
       prompts: {"prompt_ids", "prompt_mask"} `[N, P]` left-padded prompts.
         The rows of each batch are passed to a host `reward_fn` as `prompt_index`.
-      cfg: the `PPOConfig`; None = `trainer.cfg` (if given it must equal it).
       value_params: the separate value network's params (trainers with a `value_model`).
       reward_params: the reward model's params (trainers with a `reward_model`).
       num_epochs: passes over the prompts (see above).
@@ -495,91 +569,88 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
       `(policy_params, history)`; with `return_state=True` also the final
       `PPOState` (value params, optimizer and KL-controller states).
     """
-    if cfg is None:
-        cfg = trainer.cfg
-    elif cfg != trainer.cfg:
-        raise ValueError("`cfg` differs from `trainer.cfg`; build the trainer with this cfg or pass cfg=None")
+    cfg = trainer.cfg
     if ref_params is None:
         raise ValueError("`ref_params` (the frozen reference policy) is required")
     arrays, n = _check_data(prompts, _PROMPT_KEYS, "prompts")
     arrays = {k: arrays[k] for k in _PROMPT_KEYS}
-    batch_size = int(cfg.batch_size)
+    batch_size = int(cfg.batch.batch_size)
     if n < batch_size:
         raise ValueError(f"`prompts` has {n} rows, fewer than `batch_size` ({batch_size})")
+    if mesh is None:
+        mesh = mesh_from_options(run)
     if mesh is not None and batch_size % mesh.devices.size:
         raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's "
                          f"{mesh.devices.size} devices")
     _check_model_inputs(trainer.policy, [(arrays["prompt_ids"], arrays["prompt_mask"])])
     trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
-    order = _Order(n, batch_size, cfg.seed)
+    order = _Order(n, batch_size, run.seed)
     total = _num_steps(order.per_epoch, num_epochs, max_steps)
 
-    run = _Run(kind="ppo", cfg=cfg, fingerprint=_fingerprint(arrays), output_dir=output_dir,
-               mesh=mesh, keep=keep, resume=resume, allow_config_mismatch=allow_config_mismatch,
-               log_every=log_every, print_every=print_every, checkpoint_every=checkpoint_every,
-               total_steps=total, stdout=stdout, tensorboard=tensorboard, progress=progress,
-               async_checkpoint=async_checkpoint)
+    driver = _Run(kind="ppo", cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
+                  allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     monitor = KLSignMonitor(window=kl_warn_window, key="kl_k1")
     rl_cfg = getattr(trainer, "rl_cfg", None)
     stall_limit = rl_cfg.rewards.max_stalled_iterations if rl_cfg is not None else None
     dynamic = rl_cfg is not None and rl_cfg.rewards.dynamic_sampling
     stalled = 0
     try:
-        state = run.place(trainer.init(policy_params, value_params, seed=cfg.seed))
-        state_sh = run.shardings(state)
-        ref_params = run.place(ref_params)
-        reward_params = run.place(reward_params)
-        state, start = run.restore_or_start(state)
-        monitor.replay(run.logger.history)
-        for step in range(start, total):
-            epoch, _, rows = order.rows(step)
-            ids, mask = arrays["prompt_ids"][rows], arrays["prompt_mask"][rows]
-            if mesh is not None:
-                ids, mask = shard_batch((ids, mask), mesh)
-            extra = {}
-            if dynamic:
-                def more_prompts(attempt, _step=step):
-                    # Fresh prompts for DAPO's refill: a seeded draw per (seed, step, try), so a
-                    # resumed run refills exactly as the uninterrupted one.
-                    fresh = np.random.default_rng([cfg.seed, _step, attempt]).choice(n, batch_size, replace=False)
-                    return arrays["prompt_ids"][fresh], arrays["prompt_mask"][fresh], fresh
+        state = driver.place(trainer.init(policy_params, value_params, seed=run.seed))
+        state_sh = driver.shardings(state)
+        ref_params = driver.place(ref_params)
+        reward_params = driver.place(reward_params)
+        state, start = driver.restore_or_start(state)
+        monitor.replay(driver.logger.history)
+        with driver.signals:
+            for step in range(start, total):
+                epoch, _, rows = order.rows(step)
+                ids, mask = arrays["prompt_ids"][rows], arrays["prompt_mask"][rows]
+                if mesh is not None:
+                    ids, mask = shard_batch((ids, mask), mesh)
+                extra = {}
+                if dynamic:
+                    def more_prompts(attempt, _step=step):
+                        # Fresh prompts for DAPO's refill: a seeded draw per (seed, step, try), so a
+                        # resumed run refills exactly as the uninterrupted one.
+                        fresh = np.random.default_rng([run.seed, _step, attempt]).choice(n, batch_size, replace=False)
+                        return arrays["prompt_ids"][fresh], arrays["prompt_mask"][fresh], fresh
 
-                extra["more_prompts"] = more_prompts
-            state, metrics, rollout = trainer.iteration(
-                state, ids, mask, ref_params=ref_params, reward_params=reward_params,
-                prompt_index=rows, **extra)
-            if stall_limit is not None:
-                # Nothing to learn from: every score non-finite, or every minibatch skipped
-                # for non-finite gradients. N in a row stops the run (`max_stalled_iterations`).
-                no_scores = float(metrics["skipped_nonfinite"]) == 1.0
-                no_grads = float(metrics["skipped_minibatch"]) == 1.0
-                stalled = stalled + 1 if (no_scores or no_grads) else 0
-                if stalled >= stall_limit:
-                    why = ("every score was non-finite (NaN or inf)" if no_scores
-                           else "every update was skipped for non-finite gradients")
-                    raise TrainingStalledError(
-                        f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with nothing "
-                        f"to learn from ({why}); check the reward source {trainer.reward_source} "
-                        f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
-            if state_sh is not None:
-                state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
-            done = step + 1
-            if run.should_log(done):
-                host = run.fetch(metrics)
-                host["epoch"] = epoch
-                if on_rollout is not None:
-                    extra = on_rollout(done, rows, rollout)
-                    if extra is not None:
-                        host.update({k: to_python(v) for k, v in jax.device_get(dict(extra)).items()})
-                run.warn_if_skipped(done, host)
-                message = monitor.update(host)
-                if message:
-                    run.logger.warn(f"step {done}: {message}")
-                run.log(done, host, on_step)
-            run.maybe_save(done, state, _position(done, order.per_epoch))
-        history = list(run.logger.history)
+                    extra["more_prompts"] = more_prompts
+                state, metrics, rollout = trainer.iteration(
+                    state, ids, mask, ref_params=ref_params, reward_params=reward_params,
+                    prompt_index=rows, **extra)
+                if stall_limit is not None:
+                    # Nothing to learn from: every score non-finite, or every minibatch skipped
+                    # for non-finite gradients. N in a row stops the run (`max_stalled_iterations`).
+                    no_scores = float(metrics["skipped_nonfinite"]) == 1.0
+                    no_grads = float(metrics["skipped_minibatch"]) == 1.0
+                    stalled = stalled + 1 if (no_scores or no_grads) else 0
+                    if stalled >= stall_limit:
+                        why = ("every score was non-finite (NaN or inf)" if no_scores
+                               else "every update was skipped for non-finite gradients")
+                        raise TrainingStalledError(
+                            f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with "
+                            f"nothing to learn from ({why}); check the reward source {trainer.reward_source} "
+                            f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
+                if state_sh is not None:
+                    state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
+                done = step + 1
+                if driver.should_log(done):
+                    host = driver.fetch(metrics)
+                    host["epoch"] = epoch
+                    if on_rollout is not None:
+                        extra = on_rollout(done, rows, rollout)
+                        if extra is not None:
+                            host.update({k: to_python(v) for k, v in jax.device_get(dict(extra)).items()})
+                    driver.warn_if_skipped(done, host)
+                    message = monitor.update(host)
+                    if message:
+                        driver.logger.warn(f"step {done}: {message}")
+                    driver.log(done, host, on_step)
+                driver.maybe_save(done, state, _position(done, order.per_epoch))
+        history = list(driver.logger.history)
     finally:
-        run.close()
+        driver.close()
     if return_state:
         return state.params, history, state
     return state.params, history

@@ -19,6 +19,7 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.losses import bradley_terry_loss
+from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
@@ -42,38 +43,25 @@ _PAIR_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Hyper-parameters of Bradley-Terry reward-model training.
+    """Hyper-parameters of Bradley-Terry reward-model training (seed and output folder: `RunOptions`)."""
 
-    Attributes:
-      batch_size: preference pairs per optimizer update (used by the driver).
-      num_epochs: passes over the pairs (used by the driver); about one is the
-        recommendation of the N+ paper (reward models overfit after).
-      grad_accum_steps: micro-batches per update (pairs weighted equally).
-      center_rewards_coef: coefficient of the centering term
-        `coef * mean((chosen + rejected)^2)` (0 disables it).
-      use_margin: use `batch["margin"]` when present.
-      learning_rate, warmup_steps, total_steps, schedule, weight_decay, max_grad_norm,
-        b1, b2: optimizer settings (see `make_optimizer`).
-      seed: PRNG seed of the state.
-    """
-
-    batch_size: int = 16
-    num_epochs: int = 1
-    grad_accum_steps: int = 1
-    center_rewards_coef: float = 0.0
-    use_margin: bool = True
-    learning_rate: float = 5e-5
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    seed: int = 0
+    batch_size: int = hyper(16, "preference pairs per optimizer update (>= 1, at most the number of pairs)")
+    num_epochs: int | None = hyper(
+        1, "passes over the pairs (>= 1; about one is the N+ paper's advice: reward models overfit after; null: as "
+           "many as the driver's max_steps needs)")
+    grad_accum_steps: int = hyper(1, "micro-batches per update (divides batch_size; pairs weighted equally)")
+    center_rewards_coef: float = hyper(
+        0.0, "coefficient of the centering term coef * mean((chosen + rejected)^2) (>= 0; 0 disables it)")
+    use_margin: bool = hyper(True, "use the rows' `margin` column when every row has one")
+    optimizer: OptimizerConfig = hyper(help="optimizer", factory=lambda: OptimizerConfig(learning_rate=5e-5))
 
     def __post_init__(self):
+        check_choices(self)
+        check_positive_int(self, "batch_size", "grad_accum_steps")
+        if self.num_epochs is not None:
+            check_positive_int(self, "num_epochs")
         check_grad_accum(self.batch_size, self.grad_accum_steps)
+        check(self.center_rewards_coef >= 0, f"`center_rewards_coef` must be >= 0, got {self.center_rewards_coef}")
 
 
 def reward_init(rm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:

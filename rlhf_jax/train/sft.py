@@ -7,6 +7,7 @@ builds its `TrainState`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.losses import aggregation_weight, sft_loss
+from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
@@ -26,46 +28,31 @@ from rlhf_jax.train.state import (
 
 __all__ = ["SFTConfig", "sft_init", "make_sft_step", "sft_loss_fn"]
 
-_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """Hyper-parameters of supervised fine-tuning.
+    """Hyper-parameters of supervised fine-tuning (the seed and output folder are `RunOptions`)."""
 
-    Attributes:
-      batch_size: sequences per optimizer update (used by the driver).
-      num_epochs: passes over the data (used by the driver).
-      grad_accum_steps: micro-batches per update; `batch_size` must be divisible by it.
-        Micro-batch gradients are weighted by their share of the loss's normaliser
-        (valid tokens for "token-mean"), so the update equals the full-batch one.
-      loss_agg: loss aggregation over completion tokens, one of "token-mean",
-        "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm".
-      norm_constant: the constant of "seq-mean-token-sum-norm" (None: the length).
-      learning_rate, warmup_steps, total_steps, schedule, weight_decay, max_grad_norm,
-        b1, b2: optimizer settings, see `make_optimizer` / `optimizer_from_config`.
-      seed: PRNG seed of the state.
-    """
-
-    batch_size: int = 16
-    num_epochs: int = 1
-    grad_accum_steps: int = 1
-    loss_agg: str = "token-mean"
-    norm_constant: float | None = None
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    seed: int = 0
+    batch_size: int = hyper(16, "sequences per optimizer update (>= 1, at most the number of rows)")
+    num_epochs: int | None = hyper(
+        1, "passes over the data (>= 1; a resumed run may extend it; null: as many as the driver's max_steps needs)")
+    grad_accum_steps: int = hyper(
+        1, "micro-batches per update (divides batch_size); gradients weighted by each micro-batch's share of "
+           "the loss normaliser, so the update equals the full-batch one")
+    loss_agg: LossAgg = hyper("token-mean", "loss aggregation over completion tokens (see rlhf_jax.aggregate)")
+    norm_constant: float | None = hyper(None, "the constant of seq-mean-token-sum-norm (null: the length)")
+    optimizer: OptimizerConfig = hyper(help="optimizer", factory=OptimizerConfig)
 
     def __post_init__(self):
+        check_choices(self)
+        check_positive_int(self, "batch_size", "grad_accum_steps")
+        if self.num_epochs is not None:
+            check_positive_int(self, "num_epochs")
         check_grad_accum(self.batch_size, self.grad_accum_steps)
-        if self.loss_agg not in _AGGS:
-            raise ValueError(f"`loss_agg` must be one of {_AGGS}, got {self.loss_agg!r}")
+        check(self.norm_constant is None or self.norm_constant > 0,
+              f"`norm_constant` must be > 0 or null, got {self.norm_constant}")
 
 
 def sft_init(lm, params, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:

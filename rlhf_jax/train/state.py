@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax.train.options import OptimizerConfig
+
 __all__ = [
     "TrainState",
+    "OptimizerConfig",
     "make_optimizer",
     "optimizer_from_config",
     "learning_rate_from_state",
@@ -76,6 +79,7 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     end_learning_rate_ratio: float = 0.0,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up, then cosine / linear decay (or constant), and clipping.
 
@@ -96,6 +100,7 @@ def make_optimizer(
       max_grad_norm: global-norm clip; None or <= 0 disables it.
       b1, b2, eps: Adam moments and epsilon.
       end_learning_rate_ratio: final learning rate as a fraction of the peak.
+      mu_dtype: dtype of Adam's first moment (optax's `mu_dtype`; None: the params').
 
     Returns:
       An `optax.GradientTransformation`.
@@ -133,34 +138,37 @@ def make_optimizer(
     def decay_mask(params):
         return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
-    adam = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
+    adam = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
+        learning_rate=lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
+        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
     )
     if max_grad_norm is None or max_grad_norm <= 0:
         return adam
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam)
 
 
-def optimizer_from_config(cfg, *, prefix: str = "") -> optax.GradientTransformation:
-    """`make_optimizer` from the optimizer fields of a config dataclass.
+def optimizer_from_config(opt: OptimizerConfig, *, total_steps: int | None = None) -> optax.GradientTransformation:
+    """`make_optimizer` from an `OptimizerConfig`.
 
-    Reads `{prefix}learning_rate`, `warmup_steps`, `total_steps`, `schedule`,
-    `weight_decay`, `max_grad_norm`, `b1`, `b2` (the fields every step config has;
-    `prefix="value_"` reads the value network's learning rate from a `PPOConfig`,
-    falling back to `learning_rate` when it is None).
+    Args:
+      opt: the optimizer settings.
+      total_steps: the schedule length to use when `opt.total_steps` is None (the run
+        length, which a driver knows); ignored for a constant schedule.
     """
-    lr = getattr(cfg, f"{prefix}learning_rate", None)
-    if lr is None:
-        lr = cfg.learning_rate
+    if not isinstance(opt, OptimizerConfig):
+        raise TypeError(f"`opt` must be an OptimizerConfig, got {type(opt).__name__}")
     return make_optimizer(
-        lr,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.total_steps,
-        schedule=cfg.schedule,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        b1=cfg.b1,
-        b2=cfg.b2,
+        opt.learning_rate,
+        warmup_steps=opt.warmup_steps,
+        total_steps=opt.total_steps if opt.total_steps is not None else total_steps,
+        schedule=opt.schedule,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        end_learning_rate_ratio=opt.end_learning_rate_ratio,
+        mu_dtype=opt.mu_dtype,
     )
 
 

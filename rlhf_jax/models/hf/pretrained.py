@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from rlhf_jax.errors import LoadError
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lm import HEADS, LM
 
@@ -114,21 +115,73 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-def read_safetensors(path):
-    """Yield ``(name, np.ndarray)`` for each tensor of a ``.safetensors`` file (memory-mapped)."""
-    path = str(path)
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The header of a ``.safetensors`` file and the size of its data section, checked.
+
+    Raises:
+      LoadError: naming the file (and tensor) when the header is unreadable or the file is
+        shorter than the header says (a truncated download or copy).
+    """
+    if not os.path.isfile(path):
+        raise LoadError(f"{path}: no such safetensors file")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LoadError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise LoadError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes, "
+                            f"file of {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LoadError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    data_size = size - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if info.get("dtype") not in _ST_DTYPES:
+            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+        if end > data_size or end - start != want:
+            raise LoadError(f"{path}: truncated or corrupted: tensor {name!r} {tuple(info['shape'])} needs bytes "
+                            f"{start}..{start + want} of the data, the file holds {data_size}")
+    return header, data_size
+
+
+def read_safetensors(path):
+    """Yield ``(name, np.ndarray)`` for each tensor of a ``.safetensors`` file (memory-mapped).
+
+    Raises:
+      LoadError: naming the file (and tensor) when the file is truncated or damaged.
+    """
+    path = str(path)
+    header, data_size = _safetensors_header(path)
+    offset = os.path.getsize(path) - data_size
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if data_size else np.zeros(0, np.uint8)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
         start, end = info["data_offsets"]
         arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
         yield name, arr.reshape(info["shape"])
+
+
+def check_checkpoint(path) -> dict:
+    """Check a local HF folder without loading it: `config.json` parses and every safetensors
+    file is complete. Returns the config dict; errors (`LoadError`) name the file."""
+    folder = Path(os.fspath(path))
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LoadError(f"{folder} has no config.json (not an HF model folder)")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    for file in _checkpoint_files(folder):
+        _safetensors_header(str(file))
+    return config
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
@@ -159,13 +212,23 @@ def _checkpoint_files(folder: Path):
     if single.exists():
         return [single]
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: no `weight_map` object")
         return [folder / name for name in sorted(set(weight_map.values()))]
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} "
                             "(PyTorch .bin checkpoints are not supported: convert them to safetensors)")
+
+
+def _read_json(path: Path):
+    """A JSON file of a checkpoint folder; errors name the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LoadError(f"{path}: cannot read it as JSON ({e})") from None
 
 
 def _open_checkpoint(path):
@@ -176,13 +239,16 @@ def _open_checkpoint(path):
     if gguf.is_gguf(path):
         file = gguf.gguf_file(path)
         hf_config, named_arrays = gguf.read_gguf(file)
-        return file.parent, hf_config, [(file.name, named_arrays)]
+        return file.parent, hf_config, [(str(file), named_arrays)]
     folder = _resolve(path)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
-    sources = [(file.name, read_safetensors(file)) for file in _checkpoint_files(folder)]
-    return folder, json.loads(config_path.read_text()), sources
+    sources = [(str(file), read_safetensors(file)) for file in _checkpoint_files(folder)]
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise LoadError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    return folder, hf_config, sources
 
 
 def _resolve(path) -> Path:
@@ -246,7 +312,10 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     folder, hf_config, sources = _open_checkpoint(path)
-    config = ModelConfig.from_hf_config(hf_config)
+    try:
+        config = ModelConfig.from_hf_config(hf_config)
+    except (KeyError, TypeError) as e:
+        raise LoadError(f"{folder}: not a usable model config ({type(e).__name__}: {e})") from None
     kind = _architecture_kind(hf_config)
     if kind == "classifier":
         num_labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {0: 0, 1: 1}))
@@ -267,7 +336,7 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                 continue
             ours, transpose = _match(rows, name)
             if ours is None:
-                raise ValueError(f"{source}: unknown tensor {name!r} for model_type "
+                raise LoadError(f"{source}: unknown tensor {name!r} for model_type "
                                  f"{config.model_type!r} with head {head!r}")
             if ours.startswith("lm_head/") and (head == "scalar" or config.tie_word_embeddings):
                 continue  # an LM head we do not need (reward model from SFT) or tied
@@ -275,25 +344,28 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                 raise ValueError(f"tensor {name!r} is a sequence-classification head; "
                                  "load with head='scalar'")
             if ours not in expected:
-                raise ValueError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
+                raise LoadError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
                                  f"model (config: {config.model_type}, head {head!r}); "
                                  "config.json and weights disagree")
             if transpose:
                 array = array.T
             want = tuple(expected[ours].shape)
             if tuple(array.shape) != want:
-                raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)} "
-                                 f"(after transpose: {transpose}) but the config needs {want}")
+                raise LoadError(f"{source}: tensor {name!r}: shape {tuple(array.shape)} "
+                                f"(after transpose: {transpose}) but the model's config needs {want}")
             loaded[ours] = jax.device_put(np.asarray(array).astype(jnp.dtype(param_dtype)))
     fresh = _fresh_heads(expected, loaded, config, head, seed, param_dtype)
     loaded.update(fresh)
     missing = [p for p in expected if p not in loaded]
     if missing:
         names = [_to_hf(rows, p)[0] or p for p in missing]
-        raise ValueError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
+        raise LoadError(f"{folder}: missing tensor(s) {names[:8]}{' ...' if len(names) > 8 else ''}")
     bias_file = folder / SCORE_BIAS_FILE
     if head == "scalar" and bias_file.is_file():
-        bias = float(json.loads(bias_file.read_text())["bias"])
+        try:
+            bias = float(_read_json(bias_file)["bias"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LoadError(f"{bias_file}: no number `bias` ({e})") from None
         loaded["score/bias"] = jnp.full((1,), bias, jnp.dtype(param_dtype))
     return lm, _unflatten(loaded)
 

@@ -78,16 +78,17 @@ def ppo_advantages(
         ref_logprobs,
         mask,
         kl_coef=kl_coef,
-        estimator=cfg.kl_estimator,
+        estimator=cfg.kl.kl_estimator,
         eos_mask=eos_mask,
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        reward_clip=cfg.reward_clip,
+        missing_eos_penalty=cfg.rewards.missing_eos_penalty,
+        reward_clip=cfg.rewards.reward_clip,
     )
-    if cfg.whiten_rewards:
+    if cfg.advantages.whiten_rewards:
         rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, method=cfg.gae_method)
+    gae_cfg = cfg.advantages
+    advantages, returns = gae(rewards, values, mask, gamma=gae_cfg.gamma, lam=gae_cfg.lam, method=gae_cfg.gae_method)
     raw = advantages
-    if cfg.whiten_advantages:
+    if cfg.advantages.whiten_advantages:
         advantages = ops.masked_whiten(advantages, mask)
     return {"rewards": rewards, "kl": kl, "advantages": advantages, "raw_advantages": raw, "returns": returns}
 
@@ -105,7 +106,7 @@ def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg):
     loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy, with the clipped
     surrogate (optionally dual-clipped) and the clipped value loss
     `0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2)`, all aggregated by
-    `cfg.loss_agg` over the valid response tokens.
+    `cfg.loss.loss_agg` over the valid response tokens.
 
     Args:
       logprobs, values, entropy: `[B, N]` from the current networks (entropy may be None).
@@ -118,17 +119,18 @@ def ppo_minibatch_loss(logprobs, values, entropy, batch: PPOBatch, *, cfg):
     """
     mask = batch.response_mask
     pg_kwargs = dict(
-        clip_eps=cfg.clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant, dual_clip=cfg.dual_clip
+        clip_eps=cfg.loss.clip_eps, agg=cfg.loss.loss_agg, norm_constant=cfg.loss.norm_constant,
+        dual_clip=cfg.loss.dual_clip,
     )
     pg_loss, pg_aux = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, **pg_kwargs)
     vf_loss, vf_aux = ppo_value_loss(
         values, batch.old_values, batch.returns, mask,
-        clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg, norm_constant=cfg.norm_constant,
+        clip_eps=cfg.loss.value_clip_eps, agg=cfg.loss.loss_agg, norm_constant=cfg.loss.norm_constant,
     )
-    loss = pg_loss + cfg.vf_coef * vf_loss
-    if entropy is not None and cfg.entropy_coef:
-        ent = aggregate(entropy, mask, agg=cfg.loss_agg, norm_constant=cfg.norm_constant)
-        loss = loss - cfg.entropy_coef * ent
+    loss = pg_loss + cfg.loss.vf_coef * vf_loss
+    if entropy is not None and cfg.loss.entropy_coef:
+        ent = aggregate(entropy, mask, agg=cfg.loss.loss_agg, norm_constant=cfg.loss.norm_constant)
+        loss = loss - cfg.loss.entropy_coef * ent
     elif entropy is not None:
         # Only a metric: no gradient through the softmax over the vocabulary.
         entropy = jax.lax.stop_gradient(entropy)

@@ -1,10 +1,10 @@
 """PPO for RLHF: the `RLTrainer` preset (GAE with a critic, the KL in the reward).
 
 `PPOTrainer(policy, cfg, tx, ...)` is `RLTrainer` (train/rl/trainer.py) with the
-`RLConfig` that `rl_config_from_ppo(cfg)` maps the flat `PPOConfig` to; its three
-jitted phases:
+`RLConfig` that `rl_config_from_ppo(cfg)` maps the `PPOConfig` to (the same sections,
+plus the optimizers); its three jitted phases:
 
-1. rollout: `rlhf_jax.generate` with the policy at `cfg.temperature`;
+1. rollout: `rlhf_jax.generate` with the policy at `cfg.sampling.temperature`;
 2. score: a reward model's `scores` on [prompt | response] (on device), or a host
    `reward_fn` (NumPy in, NumPy out: programmatic verifiers, RLVR);
 3. update: reference log-probs (frozen `ref_params`, an argument), old log-probs and
@@ -18,7 +18,7 @@ The array math (`shaped_rewards`, `gae`, `masked_whiten`, `ppo_policy_loss`,
 `ppo_advantages` and `ppo_minibatch_loss` (in `train/ppo_batch.py`, re-exported here) are
 the two pure pieces, public so a researcher (and the TRL golden test) can call them alone.
 
-Batch semantics: one iteration samples one response for each of `cfg.batch_size`
+Batch semantics: one iteration samples one response for each of `cfg.batch.batch_size`
 prompts; those `batch_size` sequences are the PPO batch, split into `num_minibatches`
 minibatches (one optimizer update each) per epoch, each minibatch into
 `grad_accum_steps` micro-batches whose gradients are accumulated. So one iteration
@@ -37,16 +37,23 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Literal
 
 import optax
 
+from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.rl.batch import PPOBatch, ppo_advantages, ppo_minibatch_loss
 from rlhf_jax.train.rl.presets import rl_config_from_ppo
 from rlhf_jax.train.rl.trainer import RLState, RLTrainer
 
 __all__ = [
     "PPOConfig",
+    "BatchConfig",
+    "SamplingConfig",
+    "LossConfig",
+    "KLConfig",
+    "RewardShapingConfig",
+    "AdvantageConfig",
     "PPOState",
     "PPOTrainer",
     "PPOBatch",
@@ -54,111 +61,26 @@ __all__ = [
     "ppo_minibatch_loss",
 ]
 
-_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-_ESTIMATORS = ("k1", "k2", "k3")
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """Hyper-parameters of a PPO-RLHF iteration.
+class BatchConfig:
+    """Batch semantics: one response per prompt, so `batch_size` prompts are the PPO batch."""
 
-    Batch semantics:
-      batch_size: prompts per iteration; one response is sampled per prompt, so this is
-        also the number of sequences in the PPO batch.
-      num_minibatches: optimizer updates per epoch; minibatch = batch_size / num_minibatches.
-      ppo_epochs: passes over the batch per iteration (a fresh permutation each).
-      grad_accum_steps: micro-batches per minibatch (gradients accumulated, weighted by
-        the loss normaliser); `batch_size` must be divisible by
-        `num_minibatches * grad_accum_steps`.
-
-    Sampling (the same temperature divides the logits in the training forward):
-      max_new_tokens, temperature, top_k (0 = off), top_p (1 = off), eos_token_id,
-      pad_token_id. The PPO ratio uses log-probs of the full tempered distribution
-      (before top-k / top-p filtering), as TRL does and as `generate` reports them.
-
-    Losses:
-      clip_eps: policy ratio clip. dual_clip: dual-clip constant c > 1 (None = off).
-      value_clip_eps: value clip around the old values. vf_coef: value-loss weight.
-      entropy_coef: entropy bonus weight (loss -= coef * entropy).
-      loss_agg, norm_constant: token aggregation of all three losses (see `aggregate`).
-
-    Rewards and advantages:
-      gamma, lam, gae_method: GAE. kl_coef: initial KL coefficient. kl_target: adaptive
-      controller target (None = fixed coefficient), compared with the batch mean of the
-      per-sequence KL sums (of `kl_estimator`); the controller steps by `batch_size`
-      samples per iteration. kl_horizon: its horizon.
-      kl_estimator: "k1" | "k2" | "k3" in the shaped reward. whiten_rewards (no mean
-      shift, as OpenAI), whiten_advantages. missing_eos_penalty: subtracted from the score
-      of responses that did not end with EOS (None = off). reward_clip: clip scores to
-      [-c, c] (None = off).
-
-    Optimizer (policy; the value network uses `value_learning_rate` or the same):
-      learning_rate, value_learning_rate, warmup_steps, total_steps, schedule,
-      weight_decay, max_grad_norm, b1, b2.
-
-    seed: PRNG seed of the state.
-    """
-
-    batch_size: int = 64
-    num_minibatches: int = 4
-    ppo_epochs: int = 4
-    grad_accum_steps: int = 1
-    max_new_tokens: int = 32
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_token_id: int | None = None
-    pad_token_id: int = 0
-    clip_eps: float = 0.2
-    dual_clip: float | None = None
-    value_clip_eps: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"
-    norm_constant: float | None = None
-    gamma: float = 1.0
-    lam: float = 0.95
-    gae_method: str = "auto"
-    kl_coef: float = 0.05
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    missing_eos_penalty: float | None = None
-    reward_clip: float | None = None
-    learning_rate: float = 1e-5
-    value_learning_rate: float | None = None
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    seed: int = 0
+    batch_size: int = hyper(64, "prompts per iteration (one response each: the sequences of the PPO batch)")
+    num_minibatches: int = hyper(4, "optimizer updates per PPO epoch (minibatch = batch_size / num_minibatches)")
+    ppo_epochs: int = hyper(4, "passes over the batch per iteration (a fresh permutation each)")
+    grad_accum_steps: int = hyper(
+        1, "micro-batches per minibatch (gradients accumulated, weighted by the loss normaliser); batch_size "
+           "must be divisible by num_minibatches * grad_accum_steps")
 
     def __post_init__(self):
-        positive = ("batch_size", "num_minibatches", "ppo_epochs", "grad_accum_steps", "max_new_tokens")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        check_positive_int(self, "batch_size", "num_minibatches", "ppo_epochs", "grad_accum_steps")
         per = self.num_minibatches * self.grad_accum_steps
-        if self.batch_size % per:
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) must be divisible by `num_minibatches` * "
-                f"`grad_accum_steps` ({self.num_minibatches} * {self.grad_accum_steps} = {per})"
-            )
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature}")
-        if self.loss_agg not in _AGGS:
-            raise ValueError(f"`loss_agg` must be one of {_AGGS}, got {self.loss_agg!r}")
-        if self.kl_estimator not in _ESTIMATORS:
-            raise ValueError(f"`kl_estimator` must be one of {_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise ValueError(f"`dual_clip` must be > 1 (or None), got {self.dual_clip}")
-        if self.kl_target is not None and not self.kl_target > 0:
-            raise ValueError(f"`kl_target` must be > 0 (or None), got {self.kl_target}")
+        check(self.batch_size % per == 0,
+              f"`batch_size` ({self.batch_size}) must be divisible by `num_minibatches` * `grad_accum_steps` "
+              f"({self.num_minibatches} * {self.grad_accum_steps} = {per})")
 
     @property
     def minibatch_size(self) -> int:
@@ -167,6 +89,128 @@ class PPOConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.minibatch_size // self.grad_accum_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The rollout sampler (the same temperature divides the logits in the training forward).
+
+    The PPO ratio uses log-probs of the full tempered distribution (before top-k / top-p
+    filtering), as TRL does and as `generate` reports them.
+    """
+
+    max_new_tokens: int = hyper(32, "response length limit of the sampler (>= 1)")
+    temperature: float = hyper(0.7, "sampling temperature (> 0; the training forward divides the logits by it)")
+    top_k: int = hyper(0, "top-k sampling (0 = off)")
+    top_p: float = hyper(1.0, "nucleus sampling, in (0, 1] (1 = off)")
+    eos_token_id: int | None = hyper(None, "EOS id (null: the tokenizer's; the CLI writes the id it uses)")
+    pad_token_id: int | None = hyper(None, "PAD id (null: the tokenizer's from the CLI, 0 in library use)")
+
+    def __post_init__(self):
+        check_positive_int(self, "max_new_tokens")
+        check(self.temperature > 0, f"`temperature` must be > 0, got {self.temperature}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, f"`top_k` must be an int >= 0, got {self.top_k!r}")
+        check(0 < self.top_p <= 1, f"`top_p` must lie in (0, 1], got {self.top_p}")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 0),
+                  f"`{name}` must be an int >= 0 or null, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The clipped policy and value losses, the entropy bonus and their aggregation."""
+
+    clip_eps: float = hyper(0.2, "policy ratio clip (> 0)")
+    dual_clip: float | None = hyper(None, "dual-clip constant c > 1 for negative advantages (null = off)")
+    value_clip_eps: float = hyper(0.2, "value clip around the old values (> 0)")
+    vf_coef: float = hyper(0.1, "value-loss weight (>= 0)")
+    entropy_coef: float = hyper(0.0, "entropy bonus weight (>= 0; loss -= coef * entropy)")
+    loss_agg: LossAgg = hyper("token-mean", "token aggregation of all three losses (see rlhf_jax.aggregate)")
+    norm_constant: float | None = hyper(None, "the constant of seq-mean-token-sum-norm (null: the length)")
+
+    def __post_init__(self):
+        check_choices(self)
+        check(self.clip_eps > 0, f"`clip_eps` must be > 0, got {self.clip_eps}")
+        check(self.dual_clip is None or self.dual_clip > 1, f"`dual_clip` must be > 1 or null, got {self.dual_clip}")
+        check(self.value_clip_eps > 0, f"`value_clip_eps` must be > 0, got {self.value_clip_eps}")
+        check(self.vf_coef >= 0, f"`vf_coef` must be >= 0, got {self.vf_coef}")
+        check(self.entropy_coef >= 0, f"`entropy_coef` must be >= 0, got {self.entropy_coef}")
+        check(self.norm_constant is None or self.norm_constant > 0,
+              f"`norm_constant` must be > 0 or null, got {self.norm_constant}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    """The KL penalty in the shaped reward and its controller."""
+
+    kl_coef: float = hyper(0.05, "initial (or fixed) KL coefficient (>= 0)")
+    kl_target: float | None = hyper(
+        None, "adaptive controller target (null = fixed coefficient), compared with the batch mean of the "
+              "per-sequence KL sums of kl_estimator; the controller steps by batch_size samples per iteration")
+    kl_horizon: int = hyper(10000, "horizon of the adaptive KL controller (>= 1)")
+    kl_estimator: Literal["k1", "k2", "k3"] = hyper("k1", "KL estimator in the shaped reward: k1, k2 or k3")
+
+    def __post_init__(self):
+        check_choices(self)
+        check(self.kl_coef >= 0, f"`kl_coef` must be >= 0, got {self.kl_coef}")
+        check(self.kl_target is None or self.kl_target > 0, f"`kl_target` must be > 0 or null, got {self.kl_target}")
+        check_positive_int(self, "kl_horizon")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardShapingConfig:
+    """What happens to the scores before they enter the per-token rewards."""
+
+    missing_eos_penalty: float | None = hyper(
+        None, "subtracted from the score of responses that did not end with EOS (>= 0; null = off)")
+    reward_clip: float | None = hyper(None, "clip scores to [-c, c] (c > 0; null = off)")
+
+    def __post_init__(self):
+        check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+              f"`missing_eos_penalty` must be >= 0 or null, got {self.missing_eos_penalty}")
+        check(self.reward_clip is None or self.reward_clip > 0,
+              f"`reward_clip` must be > 0 or null, got {self.reward_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    """GAE and whitening (the field names and sections are `RLConfig`'s)."""
+
+    gamma: float = hyper(1.0, "GAE discount, in [0, 1]")
+    lam: float = hyper(0.95, "GAE lambda, in [0, 1]")
+    gae_method: Literal["auto", "scan", "associative"] = hyper("auto", "GAE implementation: auto, scan or associative")
+    whiten_advantages: bool = hyper(True, "whiten the advantages over valid tokens")
+    whiten_rewards: bool = hyper(False, "whiten the shaped rewards without shifting the mean (OpenAI)")
+
+    def __post_init__(self):
+        check_choices(self)
+        check(0 <= self.gamma <= 1, f"`gamma` must lie in [0, 1], got {self.gamma}")
+        check(0 <= self.lam <= 1, f"`lam` must lie in [0, 1], got {self.lam}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Hyper-parameters of a PPO-RLHF iteration, in sections (the seed is `RunOptions.seed`).
+
+    One iteration samples one response for each of `batch.batch_size` prompts and makes
+    `batch.ppo_epochs * batch.num_minibatches` optimizer updates on them.
+    """
+
+    batch: BatchConfig = hyper(help="batch semantics", factory=BatchConfig)
+    sampling: SamplingConfig = hyper(help="the rollout sampler", factory=SamplingConfig)
+    loss: LossConfig = hyper(help="losses", factory=LossConfig)
+    kl: KLConfig = hyper(help="KL penalty and controller", factory=KLConfig)
+    rewards: RewardShapingConfig = hyper(help="score shaping", factory=RewardShapingConfig)
+    advantages: AdvantageConfig = hyper(help="GAE and whitening", factory=AdvantageConfig)
+    optimizer: OptimizerConfig = hyper(help="policy optimizer", factory=lambda: OptimizerConfig(learning_rate=1e-5))
+    value_optimizer: OptimizerConfig | None = hyper(
+        None, "optimizer of a separate value network (null: the same settings as `optimizer`)")
+
+    @property
+    def value_optimizer_config(self) -> OptimizerConfig:
+        """The value network's optimizer settings (`value_optimizer`, else `optimizer`)."""
+        return self.value_optimizer if self.value_optimizer is not None else self.optimizer
 
 
 # The PPO state is the RL trainer's state (same fields; checkpoints are interchangeable).
@@ -181,7 +225,7 @@ class PPOTrainer(RLTrainer):
         for a value head on the shared trunk).
       cfg: `PPOConfig` (mapped to the equal `RLConfig` by `rl_config_from_ppo`; `self.cfg`
         stays the `PPOConfig`, `self.rl_cfg` is the `RLConfig`).
-      tx: the policy optimizer (e.g. `optimizer_from_config(cfg)`).
+      tx: the policy optimizer (e.g. `optimizer_from_config(cfg.optimizer)`).
       value_model: a scalar-head `LM` used as a separate value network (may be
         initialised from the reward model, as in the N+ paper), or None to use the
         policy's own value head (one loss: policy + vf_coef * value).

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.train.options import OptimizerConfig
 from rlhf_jax.train.rl.config import (
     PolicyLossConfig,
     RLAdvantageConfig,
@@ -32,7 +33,7 @@ from rlhf_jax.train.rl.config import (
     RLSamplingConfig,
 )
 
-__all__ = ["PRESETS", "ALGORITHMS", "rl_config", "rl_config_from_ppo", "SECTIONS"]
+__all__ = ["PRESETS", "ALGORITHMS", "rl_config", "rl_config_from_ppo", "preset_train_section", "SECTIONS"]
 
 SECTIONS = {
     "batch": RLBatchConfig,
@@ -41,6 +42,8 @@ SECTIONS = {
     "loss": PolicyLossConfig,
     "kl": RLKLConfig,
     "rewards": RLRewardConfig,
+    "optimizer": OptimizerConfig,
+    "value_optimizer": OptimizerConfig,
 }
 
 _GROUP = {"batch": {"num_minibatches": 1, "ppo_epochs": 1}}
@@ -100,6 +103,13 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     return out
 
 
+def preset_train_section(algorithm: str, overrides: dict) -> dict:
+    """The nested `train:` mapping of `algorithm`'s preset with `overrides` laid over it (for the CLI)."""
+    if algorithm not in PRESETS:
+        raise ConfigError(f"`algorithm` must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    return _merge(PRESETS[algorithm], dict(overrides), "train.")
+
+
 def rl_config(algorithm: str = "ppo", overrides: dict | None = None, *, prefix: str = "") -> RLConfig:
     """The `RLConfig` of `algorithm`'s preset with the nested `overrides` laid over it.
 
@@ -122,6 +132,9 @@ def rl_config(algorithm: str = "ppo", overrides: dict | None = None, *, prefix: 
         if key not in SECTIONS:
             raise ConfigError(f"unknown key `{prefix}{key}`; the sections are {sorted(SECTIONS)} (and `seed`)")
         cls = SECTIONS[key]
+        if value is None and key == "value_optimizer":
+            kwargs[key] = None
+            continue
         if not isinstance(value, dict):
             raise ConfigError(f"`{prefix}{key}` must be a mapping of {cls.__name__} keys, got {value!r}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -136,19 +149,24 @@ def rl_config(algorithm: str = "ppo", overrides: dict | None = None, *, prefix: 
 
 
 def rl_config_from_ppo(c) -> RLConfig:
-    """The `RLConfig` equal to a `PPOConfig` (GAE with a critic, the KL in the reward, one sample per prompt)."""
+    """The `RLConfig` equal to a `PPOConfig` (GAE with a critic, the KL in the reward, one sample per
+    prompt). The optimizers are not part of it (the trainer takes them); the seed comes from the
+    driver (`RunOptions.seed`, passed to `init`)."""
+    b, s, a, lo, k, r = c.batch, c.sampling, c.advantages, c.loss, c.kl, c.rewards
     return RLConfig(
-        batch=RLBatchConfig(batch_size=c.batch_size, group_size=1, num_minibatches=c.num_minibatches,
-                            ppo_epochs=c.ppo_epochs, grad_accum_steps=c.grad_accum_steps),
-        sampling=RLSamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                                  top_p=c.top_p, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id),
-        advantages=RLAdvantageConfig(estimator="gae", gamma=c.gamma, lam=c.lam, gae_method=c.gae_method,
-                                     whiten_advantages=c.whiten_advantages, whiten_rewards=c.whiten_rewards),
-        loss=PolicyLossConfig(clip_eps=c.clip_eps, dual_clip=c.dual_clip, ratio="token", loss_agg=c.loss_agg,
-                              norm_constant=c.norm_constant, value_clip_eps=c.value_clip_eps, vf_coef=c.vf_coef,
-                              entropy_coef=c.entropy_coef),
-        kl=RLKLConfig(placement="in_reward", kl_coef=c.kl_coef, kl_estimator=c.kl_estimator, kl_target=c.kl_target,
-                      kl_horizon=c.kl_horizon),
-        rewards=RLRewardConfig(reward_clip=c.reward_clip, missing_eos_penalty=c.missing_eos_penalty),
-        seed=c.seed,
+        batch=RLBatchConfig(batch_size=b.batch_size, group_size=1, num_minibatches=b.num_minibatches,
+                            ppo_epochs=b.ppo_epochs, grad_accum_steps=b.grad_accum_steps),
+        sampling=RLSamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                  top_p=s.top_p, eos_token_id=s.eos_token_id,
+                                  pad_token_id=0 if s.pad_token_id is None else s.pad_token_id),
+        advantages=RLAdvantageConfig(estimator="gae", gamma=a.gamma, lam=a.lam, gae_method=a.gae_method,
+                                     whiten_advantages=a.whiten_advantages, whiten_rewards=a.whiten_rewards),
+        loss=PolicyLossConfig(clip_eps=lo.clip_eps, dual_clip=lo.dual_clip, ratio="token", loss_agg=lo.loss_agg,
+                              norm_constant=lo.norm_constant, value_clip_eps=lo.value_clip_eps, vf_coef=lo.vf_coef,
+                              entropy_coef=lo.entropy_coef),
+        kl=RLKLConfig(placement="in_reward", kl_coef=k.kl_coef, kl_estimator=k.kl_estimator, kl_target=k.kl_target,
+                      kl_horizon=k.kl_horizon),
+        rewards=RLRewardConfig(reward_clip=r.reward_clip, missing_eos_penalty=r.missing_eos_penalty),
+        optimizer=c.optimizer,
+        value_optimizer=c.value_optimizer,
     )

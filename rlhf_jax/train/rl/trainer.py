@@ -39,8 +39,8 @@ import optax
 from flax import struct
 
 from rlhf_jax.core import ops
-from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.core.importance import truncated_importance_weights
+from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
@@ -166,7 +166,7 @@ class RLTrainer:
         s = cfg.sampling
         self._sampling = dict(
             policy=policy, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
+            top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=0 if s.pad_token_id is None else s.pad_token_id,
             num_samples=cfg.batch.group_size,
         )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
@@ -531,7 +531,8 @@ class RLTrainer:
         index = None if prompt_index is None else np.stack([c[2] for c in chosen])
         ro = jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs, axis=0)), *[c[3] for c in chosen])
         sc = jnp.asarray(np.concatenate([c[4] for c in chosen]), jnp.float32)
-        metrics = {"dynamic_sampling/tries": float(tries), "dynamic_sampling/informative_groups": float(informative_total),
+        metrics = {"dynamic_sampling/tries": float(tries),
+                   "dynamic_sampling/informative_groups": float(informative_total),
                    "dynamic_sampling/filled_groups": float(filled)}
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), index, ro, sc, metrics
 
