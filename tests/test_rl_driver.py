@@ -13,7 +13,7 @@ import pytest
 
 from rlhf_jax.errors import TrainingStalledError
 from rlhf_jax.models import ModelConfig, from_config
-from rlhf_jax.train import make_optimizer
+from rlhf_jax.train import RunOptions, make_optimizer
 from rlhf_jax.train.drivers import fit_ppo
 from rlhf_jax.train.rl.estimators import shape_scores
 from rlhf_jax.train.rl.presets import rl_config
@@ -55,9 +55,7 @@ def target_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
     return ((tokens == 5) * mask).sum(1) / np.maximum(mask.sum(1), 1)
 
 
-def _run(output_dir):
-    from rlhf_jax.train import RunOptions
-
+def _quiet(output_dir):
     return RunOptions(output_dir=str(output_dir), stdout=False, tensorboard=False, checkpoint_every=None,
                       async_checkpoint=False)
 
@@ -67,7 +65,7 @@ def test_nan_reward_stalls_the_run_naming_the_reward_source(policy, prompts, tmp
     trainer = RLTrainer(lm, _cfg(), make_optimizer(1e-3, schedule="constant"), reward_fn=nan_reward,
                         reward_source="reward.function=tests:nan_reward")
     with pytest.raises(TrainingStalledError, match=r"iteration 2: 2 consecutive.*non-finite.*tests:nan_reward"):
-        fit_ppo(trainer, params, params, prompts, _run(tmp_path / "nan"), max_steps=5)
+        fit_ppo(trainer, params, params, prompts, _quiet(tmp_path / "nan"), max_steps=5)
 
 
 def test_nonfinite_gradients_stall_the_run(policy, prompts, tmp_path):
@@ -78,7 +76,7 @@ def test_nonfinite_gradients_stall_the_run(policy, prompts, tmp_path):
     trainer = RLTrainer(lm, _cfg(kl={"placement": "none"}), make_optimizer(1e-3, schedule="constant"),
                         reward_fn=target_reward)
     with pytest.raises(TrainingStalledError, match="non-finite gradients"):
-        fit_ppo(trainer, broken, params, prompts, _run(tmp_path / "grad"), max_steps=5)
+        fit_ppo(trainer, broken, params, prompts, _quiet(tmp_path / "grad"), max_steps=5)
 
 
 def test_dynamic_sampling_drops_equal_groups_and_refills(policy, prompts):

@@ -629,8 +629,8 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                         why = ("every score was non-finite (NaN or inf)" if no_scores
                                else "every update was skipped for non-finite gradients")
                         raise TrainingStalledError(
-                            f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with "
-                            f"nothing to learn from ({why}); check the reward source {trainer.reward_source} "
+                            f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with nothing "
+                            f"to learn from ({why}); check the reward source {trainer.reward_source} "
                             f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
                 if state_sh is not None:
                     state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
