@@ -180,6 +180,24 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
+def test_rl_grpo_runs_and_a_nan_reward_stops_with_exit_2(workdir, sft_run, capsys):
+    """`rlhf-jax rl` (GRPO preset, no critic) from the SFT run; a reward function returning NaN
+    stops the run after `train.rewards.max_stalled_iterations` iterations: exit 2, one line naming it."""
+    assert run("rl", "--config", tiny_config("grpo")) == 0
+    out = workdir / "tiny_run" / "grpo"
+    assert (out / "hf" / "config.json").exists()
+    resolved = (out / "resolved_config.yaml").read_text()
+    assert "algorithm: grpo" in resolved and "group_size: 4" in resolved and "placement: in_loss" in resolved
+    capsys.readouterr()
+    nan = workdir / "nan_reward.py"
+    nan.write_text("def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
+    code = run("rl", "--config", tiny_config("grpo"), f"reward.function={nan}:nan", "run.output_dir=tiny_run/grpo_nan",
+               "num_iterations=4", "train.rewards.max_stalled_iterations=2")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "stalled" in err and "nan_reward.py:nan" in err, err
+
+
 def test_same_config_resumes_and_different_config_is_refused(workdir, sft_run, capsys):
     sft = sft_run
     before = (sft / "run.json").read_text()

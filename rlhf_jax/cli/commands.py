@@ -64,6 +64,7 @@ __all__ = [
     "run_reward",
     "run_dpo",
     "run_ppo",
+    "run_rl",
     "run_eval",
     "run_export",
     "load_run_model",
@@ -348,8 +349,8 @@ def prepare(command: str, cfg) -> Plan:
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     hf_config = _model_hf_config(cfg.model)
     _check_vocab_size(tok, hf_config, "model.path" if cfg.model.path else "model.random_init")
-    if command == "ppo":
-        return _prepare_ppo(cfg, tok)
+    if command in ("ppo", "rl"):
+        return _prepare_ppo(cfg, tok, command)
     kind = "sft" if command == "sft" else "preference"
     train, held_out = _load_examples(cfg.data, tok, kind=kind, pad_token=cfg.tokenizer.pad_token)
     what = "examples" if command == "sft" else "preference pairs"
@@ -363,7 +364,7 @@ def prepare(command: str, cfg) -> Plan:
     return Plan(command, dataclasses.replace(cfg, train=train_cfg), tok, train, held_out)
 
 
-def _prepare_ppo(cfg, tok) -> Plan:
+def _prepare_ppo(cfg, tok, command: str = "ppo") -> Plan:
     prompts, held_out = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
     _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data, key="train.batch.batch_size")
     for key, path in (("reference", cfg.reference),
@@ -393,7 +394,7 @@ def _prepare_ppo(cfg, tok) -> Plan:
     train = dataclasses.replace(cfg.train, sampling=sampling,
                                 optimizer=_schedule_length(cfg.train.optimizer, updates),
                                 value_optimizer=_schedule_length(cfg.train.value_optimizer, updates))
-    return Plan("ppo", dataclasses.replace(cfg, train=train), tok, prompts, held_out, reward_fn=reward_fn)
+    return Plan(command, dataclasses.replace(cfg, train=train), tok, prompts, held_out, reward_fn=reward_fn)
 
 
 def _prepare_eval(cfg) -> Plan:
@@ -420,7 +421,7 @@ def _reward_export(path: str) -> str:
 def execute(plan: Plan, *, overwrite: bool = False) -> str:
     """Run a prepared command; returns what it wrote (the hf/ folder, eval.json, the export)."""
     runner = {"sft": _execute_sft, "reward": _execute_reward, "dpo": _execute_dpo, "ppo": _execute_ppo,
-              "eval": _execute_eval, "export": _execute_export}[plan.command]
+              "rl": _execute_ppo, "eval": _execute_eval, "export": _execute_export}[plan.command]
     return runner(plan, overwrite=overwrite)
 
 
@@ -452,6 +453,11 @@ def run_dpo(cfg, *, overwrite: bool = False) -> str:
 def run_ppo(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
     return execute(prepare("ppo", cfg), overwrite=overwrite)
+
+
+def run_rl(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax rl`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("rl", cfg), overwrite=overwrite)
 
 
 def run_eval(cfg, *, overwrite: bool = False) -> str:
@@ -590,11 +596,15 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     import jax.numpy as jnp
 
     from rlhf_jax.rewards.functions import host_reward_fn, load_reward_model
+    from rlhf_jax.train.rl.config import RLConfig
     from rlhf_jax.train.rl.ppo import PPOTrainer
+    from rlhf_jax.train.rl.trainer import RLTrainer
     from rlhf_jax.train.state import optimizer_from_config
 
     ppo_cfg = cfg.train
-    shared = cfg.value_model is None
+    rl = isinstance(ppo_cfg, RLConfig)
+    critic = ppo_cfg.advantages.needs_critic if rl else True
+    shared = critic and cfg.value_model is None
     head = "lm+value" if shared else "lm"
     model_cfg = cfg.model
     compute, frozen = _dtype(model_cfg.dtype), _dtype(getattr(model_cfg, "frozen_dtype", model_cfg.param_dtype))
@@ -607,7 +617,7 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
         _, ref_params = load_pretrained(cfg.reference, head=head, dtype=compute, param_dtype=frozen,
                                         mesh=mesh)
     value_model = value_params = value_tx = None
-    if not shared:
+    if critic and not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
         value_model, value_params = load_pretrained(
             value_path, head="scalar", seed=cfg.run.seed + 1, dtype=compute,
@@ -620,8 +630,11 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     else:
         host_fn = host_reward_fn(reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
                                  prompts=prompts.prompts, answers=prompts.answers, name=cfg.reward.function)
-    trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model,
-                         value_tx=value_tx, reward_model=reward_model, reward_fn=host_fn)
+    source = (f"reward.model_path={cfg.reward.model_path}" if cfg.reward.model_path is not None
+              else f"reward.function={cfg.reward.function}")
+    trainer = (RLTrainer if rl else PPOTrainer)(
+        policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model, value_tx=value_tx,
+        reward_model=reward_model, reward_fn=host_fn, reward_source=source)
     return trainer, policy, policy_params, ref_params, value_params, reward_params
 
 
@@ -629,7 +642,7 @@ def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
     from rlhf_jax.train.drivers import fit_ppo, mesh_from_options
 
     cfg, tok, prompts = plan.cfg, plan.tokenizer, plan.train
-    _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
+    _report(f"{plan.command}: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
     with _claim(plan, overwrite=overwrite) as folder:
         mesh = mesh_from_options(cfg.run)
         trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(
@@ -701,7 +714,7 @@ def _restored_params(command: str, run_cfg, params, tok):
     from rlhf_jax.train.state import TrainState, optimizer_from_config
 
     ckpt_dir = os.path.join(run_cfg.run.output_dir, "checkpoints")
-    if command == "ppo":
+    if command in ("ppo", "rl"):
         class _Prompts:  # the export needs the trainer's state layout, not its data
             prompts, answers = ("",), (None,)
 
@@ -738,8 +751,9 @@ def load_run_model(run_dir: str):
     command, run_cfg = read_run(run_dir)
     run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, output_dir=run_dir))
     tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
-    if command == "ppo":
-        head = "lm+value" if run_cfg.value_model is None else "lm"
+    if command in ("ppo", "rl"):
+        critic = command == "ppo" or run_cfg.train.advantages.needs_critic
+        head = "lm+value" if (critic and run_cfg.value_model is None) else "lm"
     else:
         head = "lm" if command in ("sft", "dpo") else "scalar"
     lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed)

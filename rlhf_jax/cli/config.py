@@ -36,7 +36,9 @@ from rlhf_jax.train.dpo import DPOConfig
 from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
 from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.ppo import PPOConfig
+from rlhf_jax.train.rl.presets import ALGORITHMS, preset_train_section
 from rlhf_jax.train.sft import SFTConfig
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "RewardRunConfig",
     "DPORunConfig",
     "PPORunConfig",
+    "RLRunConfig",
     "EvalModel",
     "EvalConfig",
     "ExportConfig",
@@ -283,6 +286,64 @@ class PPORunConfig:
                  f"`num_iterations` must be >= 1, got {self.num_iterations}")
 
 
+Algorithm = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dapo", "gspo"]
+
+
+@dataclass(frozen=True)
+class RLRunConfig:
+    """`rlhf-jax rl`: the RL trainer (an `algorithm:` preset of `train:`, then your keys over it)."""
+
+    algorithm: Algorithm = hyper(
+        "grpo", "preset of the train section: ppo | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | "
+                "dapo | gspo (rlhf_jax.train.rl.presets); keys given under train override it")
+    model: ModelSection = hyper(help="the policy's starting point (usually the SFT run's hf/ folder)",
+                                factory=ModelSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: a copy of the starting policy)")
+    value_model: str | None = hyper(
+        None, "the critic (advantages.estimator gae only): null = a value head on the policy trunk; "
+              "`reward_model`: a separate value network from reward.model_path; or a model folder")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
+    reward: RewardSection = hyper(help="reward source", factory=RewardSection)
+    train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
+    num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
+
+    @classmethod
+    def preprocess(cls, data: dict) -> dict:
+        """The YAML mapping with the `algorithm`'s preset laid under its `train:` keys."""
+        data = dict(data)
+        algorithm = data.get("algorithm", "grpo")
+        _require(algorithm in ALGORITHMS, f"`algorithm` must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        train = data.get("train") or {}
+        _require(isinstance(train, dict), f"`train` must be a mapping, got {train!r}")
+        data["train"] = preset_train_section(algorithm, train)
+        return data
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data, prompts_only=True)
+        _check_common(self, self.train.batch.batch_size)
+        _require((self.reward.model_path is None) != (self.reward.function is None),
+                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+        if self.reward.function is not None:
+            _require(":" in self.reward.function,
+                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        critic = self.train.advantages.needs_critic
+        _require(critic or self.value_model is None,
+                 f"`value_model`: train.advantages.estimator {self.train.advantages.estimator!r} has no critic; "
+                 "set value_model to null")
+        if self.value_model == "reward_model":
+            _require(self.reward.model_path is not None, "`value_model`: `reward_model` needs `reward.model_path`")
+        _require(self.value_model is not None or self.train.value_optimizer is None,
+                 "`train.value_optimizer`: there is no separate value network (value_model is null)")
+        _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+                 f"`num_iterations` must be >= 1, got {self.num_iterations}")
+
+
 @dataclass(frozen=True)
 class EvalModel:
     """One model to evaluate."""
@@ -352,6 +413,7 @@ COMMAND_CONFIGS = {
     "reward": RewardRunConfig,
     "dpo": DPORunConfig,
     "ppo": PPORunConfig,
+    "rl": RLRunConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }

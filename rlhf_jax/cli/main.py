@@ -4,6 +4,7 @@
     rlhf-jax reward --config configs/tiny/reward.yaml [key=value ...]
     rlhf-jax dpo    --config configs/tiny/dpo.yaml    [key=value ...]
     rlhf-jax ppo    --config configs/tiny/ppo.yaml    [key=value ...]
+    rlhf-jax rl     --config configs/tiny/grpo.yaml   [key=value ...]
     rlhf-jax eval   --config configs/tiny/eval.yaml   [key=value ...]
     rlhf-jax export --config configs/tiny/export.yaml [key=value ...]
     rlhf-jax demo   [--output_dir DIR] [--seed N] [--quick] [--overwrite]
@@ -49,6 +50,8 @@ _DESCRIPTIONS = {
     "dpo": "DPO (or IPO, hinge, SimPO) on prompt/chosen/rejected rows against a frozen reference; writes "
            "output_dir/hf (*ForCausalLM)",
     "ppo": "PPO against a reward model or a reward function, with a frozen reference; writes output_dir/hf",
+    "rl": "the RL trainer (algorithm: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, dapo, gspo); "
+          "writes output_dir/hf",
     "eval": "pass@k (k = 1..n, bootstrap CIs) of models on a prompt set with a verifier; writes eval.json "
             "and pass_at_k.png",
     "export": "write a run's newest checkpoint as an HF folder (config.json, model.safetensors, tokenizer)",
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, DPO, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,dpo,ppo,eval,export,plan,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,dpo,ppo,rl,eval,export,plan,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],

@@ -274,7 +274,7 @@ def read_run(run_dir: str) -> tuple[str, object]:
     except (OSError, ValueError) as e:
         raise RunError(f"{run_path} cannot be read ({e})") from None
     command = info.get("command")
-    if command not in ("sft", "reward", "dpo", "ppo"):
+    if command not in ("sft", "reward", "dpo", "ppo", "rl"):
         raise RunError(f"{run_path}: this is an `rlhf-jax {command}` run, which has no trained model to export")
     try:
         cfg = from_dict(COMMAND_CONFIGS[command], info["config"])
