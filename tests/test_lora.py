@@ -18,7 +18,16 @@ import transformers
 
 from rlhf_jax.models import LoRAConfig, ModelConfig, add_lora, from_config, from_pretrained, lora, save_pretrained
 from rlhf_jax.models.hf.peft import load_peft_adapter, save_peft_adapter
-from rlhf_jax.train import PPOConfig, PPOTrainer, optimizer_from_config
+from rlhf_jax.train import (
+    BatchConfig,
+    KLConfig,
+    OptimizerConfig,
+    PPOConfig,
+    PPOTrainer,
+    RunOptions,
+    SamplingConfig,
+    optimizer_from_config,
+)
 from rlhf_jax.train.reward import RewardConfig, make_reward_step, reward_init
 from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init
 
@@ -178,8 +187,8 @@ def sft_setup():
 
 def test_sft_trains_only_the_adapters_and_reduces_the_loss(sft_setup):
     base_lm, lm, base, adapters, batch = sft_setup
-    cfg = SFTConfig(batch_size=4, learning_rate=3e-3)
-    tx = optimizer_from_config(cfg)
+    cfg = SFTConfig(batch_size=4, optimizer=OptimizerConfig(learning_rate=3e-3))
+    tx = optimizer_from_config(cfg.optimizer)
     state = sft_init(lm, adapters, tx)
     # the trained pytree (and its optimizer state) is the adapters only
     n_trained, n_base = lora.num_params(state.params), lora.num_params(base)
@@ -213,9 +222,10 @@ def test_fit_sft_with_a_frozen_base_returns_the_adapters(sft_setup, tmp_path):
 
     _, lm, base, adapters, batch = sft_setup
     data = {k: np.concatenate([v, v]) for k, v in batch.items()}
-    cfg = SFTConfig(batch_size=4, learning_rate=3e-3)
-    trained, history = fit_sft(lm, adapters, data, cfg, output_dir=tmp_path, frozen=base, max_steps=2,
-                               checkpoint_every=None, stdout=False, tensorboard=False, progress=False)
+    cfg = SFTConfig(batch_size=4, optimizer=OptimizerConfig(learning_rate=3e-3))
+    run = RunOptions(output_dir=str(tmp_path), checkpoint_every=None, stdout=False, tensorboard=False,
+                     progress=False)
+    trained, history = fit_sft(lm, adapters, data, cfg, run, frozen=base, max_steps=2)
     assert jax.tree.structure(trained) == jax.tree.structure(adapters)
     assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
 
@@ -226,8 +236,8 @@ def test_reward_model_trains_adapters_and_the_new_head():
     rm, adapters = add_lora(rm0, LoRAConfig(rank=2, alpha=4, targets=lora.GPT2_TARGETS))
     trainable, frozen = lora.partition(lora.combine(rm_params, adapters), heads=("score",))
     assert "score" in trainable and "score" not in frozen and "trunk" in frozen
-    cfg = RewardConfig(batch_size=4, learning_rate=1e-2)
-    tx = optimizer_from_config(cfg)
+    cfg = RewardConfig(batch_size=4, optimizer=OptimizerConfig(learning_rate=1e-2))
+    tx = optimizer_from_config(cfg.optimizer)
     state = reward_init(rm, trainable, tx)
     rs = np.random.RandomState(0)
     ids = rs.randint(1, VOCAB, (8, 10)).astype(np.int32)
@@ -249,9 +259,10 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     base_lm, base = from_config(config, head="lm+value", seed=0)
     policy, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets="c_attn|c_fc"))
     trainable, frozen = lora.partition(lora.combine(base, adapters), heads=("value_head",))
-    cfg = PPOConfig(batch_size=b, num_minibatches=2, ppo_epochs=2, max_new_tokens=n, temperature=1.0,
-                    eos_token_id=2, pad_token_id=0, learning_rate=1e-2, kl_coef=0.05)
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg),
+    cfg = PPOConfig(batch=BatchConfig(batch_size=b, num_minibatches=2, ppo_epochs=2),
+                    sampling=SamplingConfig(max_new_tokens=n, temperature=1.0, eos_token_id=2, pad_token_id=0),
+                    kl=KLConfig(kl_coef=0.05), optimizer=OptimizerConfig(learning_rate=1e-2))
+    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer),
                          reward_fn=lambda pi, pm, tok, m, idx: ((tok == 5) * m).sum(1) / np.maximum(m.sum(1), 1))
     assert trainer.reference == lora.reference_lm(policy) and trainer.reference.lora is None
     state = trainer.init(trainable)
