@@ -37,7 +37,7 @@ from rlhf_jax.core.passk import pass_at_k, pass_at_k_bootstrap, pass_at_k_curve
 from rlhf_jax.core.preference import dpo_loss, simpo_loss
 from rlhf_jax.core.shaping import shaped_rewards
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {"generate": "rlhf_jax.rollout", "Rollout": "rlhf_jax.rollout"}
 

@@ -112,7 +112,6 @@ def run_grpo(args):
         "batch": {"batch_size": 2, "group_size": 4, "num_minibatches": 2, "ppo_epochs": 2},
         "sampling": {"max_new_tokens": 4, "temperature": 1.0, "eos_token_id": 2},
         "rewards": {"dynamic_sampling": True, "dynamic_sampling_max_tries": 3},
-        "seed": 3,
     })
     trainer = RLTrainer(policy, cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=reward_fn)
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""End-to-end tests of `rlhf-jax` on the tiny configs: sft -> reward -> ppo -> eval -> export.
+"""End-to-end tests of `rlhf-jax` on the tiny configs: sft -> reward -> ppo -> eval -> export, sft -> dpo -> eval.
 
 The tiny configs (configs/tiny/*.yaml) use paths relative to the working
 directory under `tiny_run/`; the fixture builds that folder with
@@ -143,10 +143,59 @@ def test_sft_reward_ppo_eval_export_chain(workdir, sft_run, capsys):
     assert run("export", "--config", tiny_config("export")) == 2
 
 
+def test_sft_dpo_eval_chain(workdir, sft_run):
+    # DPO from the tiny SFT export, the same model as the frozen reference (reference log-probs
+    # precomputed and kept in the run folder), then pass@k of both.
+    assert run("dpo", "--config", tiny_config("dpo")) == 0
+    dpo = workdir / "tiny_run" / "dpo"
+    for name in ("resolved_config.yaml", "run.json", "metrics.jsonl", "reference_logprobs.npz",
+                 "hf/model.safetensors", "hf/config.json"):
+        assert (dpo / name).exists(), name
+    records = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))  # 32 pairs / 8, 2 epochs
+    assert abs(records[0]["loss"] - np.log(2.0)) < 1e-5  # policy = reference at the start
+    assert records[-1]["margin"] > records[0]["margin"] and records[-1]["accuracy"] >= 0.5
+    ref = np.load(dpo / "reference_logprobs.npz")
+    assert ref["ref_chosen_logps"].shape == (32,) and np.all(ref["ref_chosen_logps"] < 0)
+    # the export loads as a causal LM and differs from the SFT model
+    from rlhf_jax.models import from_pretrained
+
+    _, sft_params = from_pretrained(str(sft_run / "hf"))
+    _, dpo_params = from_pretrained(str(dpo / "hf"))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax_leaves(sft_params), jax_leaves(dpo_params)))
+    # the same command again resumes the finished run and changes nothing
+    before = (dpo / "metrics.jsonl").read_text()
+    assert run("dpo", "--config", tiny_config("dpo")) == 0
+    assert (dpo / "metrics.jsonl").read_text() == before
+
+    assert run("eval", "--config", tiny_config("eval"), "reward_model=null", "output_dir=tiny_run/eval_dpo",
+               "models=[{name: sft, path: tiny_run/sft/hf}, {name: dpo, path: tiny_run/dpo}]") == 0
+    results = json.loads((workdir / "tiny_run" / "eval_dpo" / "eval.json").read_text())
+    assert set(results["models"]) == {"sft", "dpo"}
+
+
 def jax_leaves(tree):
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+def test_rl_grpo_runs_and_a_nan_reward_stops_with_exit_2(workdir, sft_run, capsys):
+    """`rlhf-jax rl` (GRPO preset, no critic) from the SFT run; a reward function returning NaN
+    stops the run after `train.rewards.max_stalled_iterations` iterations: exit 2, one line naming it."""
+    assert run("rl", "--config", tiny_config("grpo")) == 0
+    out = workdir / "tiny_run" / "grpo"
+    assert (out / "hf" / "config.json").exists()
+    resolved = (out / "resolved_config.yaml").read_text()
+    assert "algorithm: grpo" in resolved and "group_size: 4" in resolved and "placement: in_loss" in resolved
+    capsys.readouterr()
+    nan = workdir / "nan_reward.py"
+    nan.write_text("def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
+    code = run("rl", "--config", tiny_config("grpo"), f"reward.function={nan}:nan", "run.output_dir=tiny_run/grpo_nan",
+               "num_iterations=4", "train.rewards.max_stalled_iterations=2")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "stalled" in err and "nan_reward.py:nan" in err, err
 
 
 def test_same_config_resumes_and_different_config_is_refused(workdir, sft_run, capsys):

@@ -22,24 +22,17 @@ from rlhf_jax.cli.config import (
     load_config,
 )
 from rlhf_jax.train import PPOConfig, SFTConfig
+from rlhf_jax.train.rl.presets import ALGORITHMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-# Recipes of the RL trainer's presets (`algorithm: grpo`) that no CLI command reads yet.
-NOT_WIRED = [p for p in SHIPPED if os.path.basename(p).startswith("grpo")]
-ALL_CONFIGS = [p for p in SHIPPED if p not in NOT_WIRED]
-
-
-def test_only_the_grpo_recipes_wait_for_a_command():
-    """Every shipped config but the GRPO ones has a command; this fails once they get one (then drop the list)."""
-    assert "grpo" not in COMMAND_CONFIGS
-    assert sorted(os.path.relpath(p, ROOT) for p in NOT_WIRED) == ["configs/grpo_gsm8k_qwen05b.yaml",
-                                                                    "configs/tiny/grpo.yaml"]
+ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 
 def config_class(path):
     """The command of a config file is the first word of its name (sft, reward, ppo, eval, export)."""
     command = os.path.basename(path).split(".")[0].split("_")[0]
+    if command not in COMMAND_CONFIGS and command in ALGORITHMS:  # grpo_*.yaml, ...: `rlhf-jax rl` recipes
+        command = "rl"
     return COMMAND_CONFIGS[command]
 
 
@@ -291,6 +284,27 @@ def test_duplicate_keys_are_errors(tmp_path):
     path = write(tmp_path, MINIMAL_SFT + "train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
     with pytest.raises(ConfigError, match=r"line 8: duplicate key `train.batch_size` \(first set on line 6\)"):
         load_config(path, [], SFTRunConfig)
+
+
+def test_rl_algorithm_presets_and_errors(tmp_path):
+    from rlhf_jax.cli.config import RLRunConfig
+
+    base = "model:\n  path: m\nreward:\n  function: a:b\ndata:\n  train_files: [a.jsonl]\n"
+    cfg = load_config(write(tmp_path, base + "algorithm: dapo\n"), [], RLRunConfig)
+    assert cfg.train.loss.clip_eps_high == 0.28 and cfg.train.rewards.dynamic_sampling
+    assert cfg.train.kl.placement == "none" and cfg.train.advantages.estimator == "grpo"
+    cfg = load_config(write(tmp_path, base + "algorithm: gspo\ntrain:\n  batch:\n    group_size: 2\n"), [],
+                      RLRunConfig)
+    assert cfg.train.loss.ratio == "sequence" and cfg.train.batch.group_size == 2
+    assert cfg.train.batch.ppo_epochs == 1  # the preset's, kept next to the user's key
+    with pytest.raises(ConfigError, match="`algorithm`"):
+        load_config(write(tmp_path, base + "algorithm: a2c\n"), [], RLRunConfig)
+    with pytest.raises(ConfigError, match="train.loss.clip"):
+        load_config(write(tmp_path, base), ["train.loss.clip=0.1"], RLRunConfig)
+    with pytest.raises(ConfigError, match="`value_model`.*no critic"):
+        load_config(write(tmp_path, base), ["value_model=some/folder"], RLRunConfig)
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(write(tmp_path, base), ["train.batch.group_size=1"], RLRunConfig)
 
 
 def test_a_partial_section_keeps_the_commands_own_defaults():

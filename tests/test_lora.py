@@ -15,11 +15,19 @@ import peft  # the test extras pin it: a missing peft is a failure, not a skip
 import pytest
 import torch
 import transformers
-from helpers import ppo_config
 
 from rlhf_jax.models import LoRAConfig, ModelConfig, add_lora, from_config, from_pretrained, lora, save_pretrained
 from rlhf_jax.models.hf.peft import load_peft_adapter, save_peft_adapter
-from rlhf_jax.train import OptimizerConfig, PPOTrainer, RunOptions, optimizer_from_config
+from rlhf_jax.train import (
+    BatchConfig,
+    KLConfig,
+    OptimizerConfig,
+    PPOConfig,
+    PPOTrainer,
+    RunOptions,
+    SamplingConfig,
+    optimizer_from_config,
+)
 from rlhf_jax.train.reward import RewardConfig, make_reward_step, reward_init
 from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init
 
@@ -251,8 +259,9 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     base_lm, base = from_config(config, head="lm+value", seed=0)
     policy, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets="c_attn|c_fc"))
     trainable, frozen = lora.partition(lora.combine(base, adapters), heads=("value_head",))
-    cfg = ppo_config(batch_size=b, num_minibatches=2, ppo_epochs=2, max_new_tokens=n, temperature=1.0,
-                     eos_token_id=2, pad_token_id=0, learning_rate=1e-2, kl_coef=0.05)
+    cfg = PPOConfig(batch=BatchConfig(batch_size=b, num_minibatches=2, ppo_epochs=2),
+                    sampling=SamplingConfig(max_new_tokens=n, temperature=1.0, eos_token_id=2, pad_token_id=0),
+                    kl=KLConfig(kl_coef=0.05), optimizer=OptimizerConfig(learning_rate=1e-2))
     trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer),
                          reward_fn=lambda pi, pm, tok, m, idx: ((tok == 5) * m).sum(1) / np.maximum(m.sum(1), 1))
     assert trainer.reference == lora.reference_lm(policy) and trainer.reference.lora is None

@@ -48,7 +48,6 @@ from rlhf_jax.data.datasets import (
     special_token_ids,
 )
 from rlhf_jax.errors import LoadError
-from rlhf_jax.train.drivers import mesh_from_options
 
 __all__ = [
     "RunError",
@@ -63,7 +62,9 @@ __all__ = [
     "load_model",
     "run_sft",
     "run_reward",
+    "run_dpo",
     "run_ppo",
+    "run_rl",
     "run_eval",
     "run_export",
     "load_run_model",
@@ -303,6 +304,20 @@ def _check_answers(fn, spec: str, key: str, examples, data_cfg):
                         f"`{key}` {spec} reads ({len(missing)} of {len(examples)} rows lack it)")
 
 
+def _check_run_sinks(command: str, cfg):
+    """The logging sinks and periods of `run:` can work: the wandb package, held-out data to evaluate."""
+    import importlib.util
+
+    run = cfg.run
+    if run.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("`run.wandb.enabled` is true but the `wandb` package is not installed; "
+                          "`pip install 'rlhf_jax[wandb]'` (or `pip install wandb`), or set run.wandb.enabled=false")
+    if run.eval_every is not None and not cfg.data.eval_files:
+        raise ConfigError(f"`run.eval_every` ({run.eval_every}) needs held-out data: set `data.eval_files`")
+    if run.log_samples_every is not None and command == "reward":
+        raise ConfigError("`run.log_samples_every`: a reward-model run samples no completions; set it to null")
+
+
 def _schedule_length(opt, total_updates: int):
     if opt is None or opt.total_steps is not None or opt.schedule == "constant":
         return opt
@@ -330,22 +345,27 @@ def prepare(command: str, cfg) -> Plan:
         return Plan(command, cfg)
     if command == "eval":
         return _prepare_eval(cfg)
+    _check_run_sinks(command, cfg)
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     hf_config = _model_hf_config(cfg.model)
     _check_vocab_size(tok, hf_config, "model.path" if cfg.model.path else "model.random_init")
-    if command == "ppo":
-        return _prepare_ppo(cfg, tok)
+    if command in ("ppo", "rl"):
+        return _prepare_ppo(cfg, tok, command)
     kind = "sft" if command == "sft" else "preference"
     train, held_out = _load_examples(cfg.data, tok, kind=kind, pad_token=cfg.tokenizer.pad_token)
     what = "examples" if command == "sft" else "preference pairs"
     _check_batch(cfg.train.batch_size, train, what, cfg.data)
+    if command == "dpo" and cfg.reference is not None:
+        _check_exists(cfg.reference, "`reference`: model folder")
+        if os.path.isdir(cfg.reference):
+            _check_vocab_size(tok, _read_hf_config(cfg.reference, "reference"), "reference")
     updates = (len(train) // cfg.train.batch_size) * cfg.train.num_epochs
     train_cfg = dataclasses.replace(cfg.train, optimizer=_schedule_length(cfg.train.optimizer, updates))
     return Plan(command, dataclasses.replace(cfg, train=train_cfg), tok, train, held_out)
 
 
-def _prepare_ppo(cfg, tok) -> Plan:
-    prompts, _ = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
+def _prepare_ppo(cfg, tok, command: str = "ppo") -> Plan:
+    prompts, held_out = _load_examples(cfg.data, tok, kind="prompt", pad_token=cfg.tokenizer.pad_token)
     _check_batch(cfg.train.batch.batch_size, prompts, "prompts", cfg.data, key="train.batch.batch_size")
     for key, path in (("reference", cfg.reference),
                       ("value_model", None if cfg.value_model in (None, "reward_model") else cfg.value_model)):
@@ -359,6 +379,8 @@ def _prepare_ppo(cfg, tok) -> Plan:
     else:
         reward_fn = _load_function(cfg.reward.function, "reward.function")
         _check_answers(reward_fn, cfg.reward.function, "reward.function", prompts, cfg.data)
+        if held_out is not None:
+            _check_answers(reward_fn, cfg.reward.function, "reward.function", held_out, cfg.data)
     # The ids the sampler uses are the tokenizer's, written into the config before it is hashed.
     pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
     sampling = cfg.train.sampling
@@ -372,7 +394,7 @@ def _prepare_ppo(cfg, tok) -> Plan:
     train = dataclasses.replace(cfg.train, sampling=sampling,
                                 optimizer=_schedule_length(cfg.train.optimizer, updates),
                                 value_optimizer=_schedule_length(cfg.train.value_optimizer, updates))
-    return Plan("ppo", dataclasses.replace(cfg, train=train), tok, prompts, reward_fn=reward_fn)
+    return Plan(command, dataclasses.replace(cfg, train=train), tok, prompts, held_out, reward_fn=reward_fn)
 
 
 def _prepare_eval(cfg) -> Plan:
@@ -398,8 +420,8 @@ def _reward_export(path: str) -> str:
 
 def execute(plan: Plan, *, overwrite: bool = False) -> str:
     """Run a prepared command; returns what it wrote (the hf/ folder, eval.json, the export)."""
-    runner = {"sft": _execute_sft, "reward": _execute_reward, "ppo": _execute_ppo, "eval": _execute_eval,
-              "export": _execute_export}[plan.command]
+    runner = {"sft": _execute_sft, "reward": _execute_reward, "dpo": _execute_dpo, "ppo": _execute_ppo,
+              "rl": _execute_ppo, "eval": _execute_eval, "export": _execute_export}[plan.command]
     return runner(plan, overwrite=overwrite)
 
 
@@ -423,9 +445,19 @@ def run_reward(cfg, *, overwrite: bool = False) -> str:
     return execute(prepare("reward", cfg), overwrite=overwrite)
 
 
+def run_dpo(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax dpo`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("dpo", cfg), overwrite=overwrite)
+
+
 def run_ppo(cfg, *, overwrite: bool = False) -> str:
     """`rlhf-jax ppo`: returns the HF export folder of the policy (a *ForCausalLM)."""
     return execute(prepare("ppo", cfg), overwrite=overwrite)
+
+
+def run_rl(cfg, *, overwrite: bool = False) -> str:
+    """`rlhf-jax rl`: returns the HF export folder of the policy (a *ForCausalLM)."""
+    return execute(prepare("rl", cfg), overwrite=overwrite)
 
 
 def run_eval(cfg, *, overwrite: bool = False) -> str:
@@ -448,7 +480,7 @@ def _check_model_vocab(tok, lm):
 
 
 def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
-    from rlhf_jax.train.drivers import fit_sft
+    from rlhf_jax.train.drivers import fit_sft, mesh_from_options
 
     cfg, tok, train = plan.cfg, plan.tokenizer, plan.train
     _report(f"sft: {len(train)} examples of length {train.arrays['input_ids'].shape[1]}"
@@ -457,15 +489,46 @@ def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
         mesh = mesh_from_options(cfg.run)
         lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
         _check_model_vocab(tok, lm)
+        sample_fn = _sft_sample_fn(cfg, tok, lm, plan.held_out or train) if cfg.run.log_samples_every else None
         params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
+                            eval_data=plan.held_out.arrays if plan.held_out else None, sample_fn=sample_fn,
                             on_checkpoint=folder.commit_overwrite)
         out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
 
 
+def _decoder(tok):
+    from rlhf_jax.data.tokenizers import decode_tokens
+
+    def decode(ids, mask):
+        return decode_tokens(tok, ids, mask)
+
+    return decode
+
+
+def _sft_sample_fn(cfg, tok, lm, examples):
+    """Greedy completions of the first `run.num_logged_samples` prompts of `examples` (held-out first)."""
+    from rlhf_jax.eval.training_eval import sft_sample_fn
+
+    k = min(cfg.run.num_logged_samples, len(examples))
+    ids, attn, loss = (np.asarray(examples.arrays[name][:k]) for name in ("input_ids", "attention_mask", "loss_mask"))
+    prompt_tokens = [row[(a > 0) & (m == 0)] for row, a, m in zip(ids, attn, loss)]
+    pad_id, eos_id = special_token_ids(tok, pad_token=cfg.tokenizer.pad_token)
+    width = max(len(t) for t in prompt_tokens)
+    prompt_ids = np.full((k, width), pad_id, np.int32)
+    prompt_mask = np.zeros((k, width), np.int32)
+    for i, tokens in enumerate(prompt_tokens):  # left-padded, as the sampler wants
+        prompt_ids[i, width - len(tokens):] = tokens
+        prompt_mask[i, width - len(tokens):] = 1
+    references = _decoder(tok)(ids, ((attn > 0) & (loss > 0)).astype(np.int32))
+    return sft_sample_fn(lm, prompt_ids, prompt_mask, decode=_decoder(tok),
+                         max_new_tokens=max(cfg.data.max_length - width, 1), references=references,
+                         eos_token_id=eos_id, pad_token_id=pad_id)
+
+
 def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
-    from rlhf_jax.train.drivers import fit_reward
+    from rlhf_jax.train.drivers import fit_reward, mesh_from_options
     from rlhf_jax.train.reward import evaluate_reward_model, normalize_reward_head
 
     cfg, tok, train, held_out = plan.cfg, plan.tokenizer, plan.train, plan.held_out
@@ -474,8 +537,8 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
         mesh = mesh_from_options(cfg.run)
         rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed, mesh=mesh)
         _check_model_vocab(tok, rm)
-        params, _ = fit_reward(rm, params, train.arrays, cfg.train, cfg.run,
-                               eval_data=held_out.arrays if held_out else None, mesh=mesh,
+        params, _ = fit_reward(rm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
+                               eval_data=held_out.arrays if held_out else None,
                                on_checkpoint=folder.commit_overwrite)
         if cfg.normalize:
             # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
@@ -494,23 +557,54 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
     return out
 
 
+def _execute_dpo(plan: Plan, *, overwrite: bool) -> str:
+    from rlhf_jax.train.drivers import fit_dpo, mesh_from_options
+
+    cfg, tok, train = plan.cfg, plan.tokenizer, plan.train
+    _report(f"dpo: {len(train)} preference pairs of length {train.arrays['chosen_ids'].shape[1]}"
+            + (f" ({train.dropped} dropped as too long)" if train.dropped else "")
+            + (f"; reference {cfg.reference}" if cfg.reference else "; reference: the starting model"))
+    with _claim(plan, overwrite=overwrite) as folder:
+        mesh = mesh_from_options(cfg.run)
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
+        _check_model_vocab(tok, lm)
+        ref_params = None
+        if cfg.reference is not None and cfg.train.needs_reference:
+            import jax
+
+            _, ref_params = load_pretrained(cfg.reference, head="lm", dtype=lm.dtype, param_dtype=lm.param_dtype,
+                                            mesh=mesh)
+            shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+            if shapes(ref_params) != shapes(params):
+                raise ConfigError(f"`reference`: {cfg.reference} does not have the starting model's architecture "
+                                  "(its parameters differ in names or shapes)")
+        params, _ = fit_dpo(lm, params, train.arrays, cfg.train, cfg.run, ref_params=ref_params, mesh=mesh,
+                            on_checkpoint=folder.commit_overwrite)
+        out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        folder.commit_overwrite()
+    return out
+
+
 def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     """The PPO trainer, its models and params, from a resolved PPORunConfig.
 
     Dtypes: the policy and a separate value network train with `model.param_dtype` master
     weights; the frozen reference and reward model are stored in `model.frozen_dtype`; every
-    network computes in `model.dtype`. With `mesh`, checkpoints load straight into their shards
-    (the frozen networks FSDP-sharded like the trained ones).
+    network computes in `model.dtype`. With `mesh`, checkpoints load straight into their shards.
     """
     import jax
     import jax.numpy as jnp
 
     from rlhf_jax.rewards.functions import host_reward_fn, load_reward_model
+    from rlhf_jax.train.rl.config import RLConfig
     from rlhf_jax.train.rl.ppo import PPOTrainer
+    from rlhf_jax.train.rl.trainer import RLTrainer
     from rlhf_jax.train.state import optimizer_from_config
 
     ppo_cfg = cfg.train
-    shared = cfg.value_model is None
+    rl = isinstance(ppo_cfg, RLConfig)
+    critic = ppo_cfg.advantages.needs_critic if rl else True
+    shared = critic and cfg.value_model is None
     head = "lm+value" if shared else "lm"
     model_cfg = cfg.model
     compute, frozen = _dtype(model_cfg.dtype), _dtype(getattr(model_cfg, "frozen_dtype", model_cfg.param_dtype))
@@ -523,7 +617,7 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
         _, ref_params = load_pretrained(cfg.reference, head=head, dtype=compute, param_dtype=frozen,
                                         mesh=mesh)
     value_model = value_params = value_tx = None
-    if not shared:
+    if critic and not shared:
         value_path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
         value_model, value_params = load_pretrained(
             value_path, head="scalar", seed=cfg.run.seed + 1, dtype=compute,
@@ -536,28 +630,54 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     else:
         host_fn = host_reward_fn(reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
                                  prompts=prompts.prompts, answers=prompts.answers, name=cfg.reward.function)
-    source = f"reward.model_path={cfg.reward.model_path}" if cfg.reward.model_path else \
-        f"reward.function={cfg.reward.function}"
-    trainer = PPOTrainer(policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model,
-                         value_tx=value_tx, reward_model=reward_model, reward_fn=host_fn, reward_source=source)
+    source = (f"reward.model_path={cfg.reward.model_path}" if cfg.reward.model_path is not None
+              else f"reward.function={cfg.reward.function}")
+    trainer = (RLTrainer if rl else PPOTrainer)(
+        policy, ppo_cfg, optimizer_from_config(ppo_cfg.optimizer), value_model=value_model, value_tx=value_tx,
+        reward_model=reward_model, reward_fn=host_fn, reward_source=source)
     return trainer, policy, policy_params, ref_params, value_params, reward_params
 
 
 def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
-    from rlhf_jax.train.drivers import fit_ppo
+    from rlhf_jax.train.drivers import fit_ppo, mesh_from_options
 
     cfg, tok, prompts = plan.cfg, plan.tokenizer, plan.train
-    _report(f"ppo: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
+    _report(f"{plan.command}: {len(prompts)} prompts of length {prompts.arrays['prompt_ids'].shape[1]}")
     with _claim(plan, overwrite=overwrite) as folder:
         mesh = mesh_from_options(cfg.run)
         trainer, policy, policy_params, ref_params, value_params, reward_params = _build_ppo(
-            cfg, tok, prompts, plan.reward_fn, mesh)
-        params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, cfg.run, value_params=value_params,
-                            reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations, mesh=mesh,
-                            on_checkpoint=folder.commit_overwrite)
+            cfg, tok, prompts, plan.reward_fn, mesh=mesh)
+        eval_fn = None
+        if plan.held_out is not None:
+            eval_fn = _ppo_eval_fn(cfg, tok, plan, trainer, policy, ref_params, reward_params)
+        params, _ = fit_ppo(trainer, policy_params, ref_params, prompts.arrays, cfg.run, mesh=mesh,
+                            value_params=value_params,
+                            reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
+                            on_checkpoint=folder.commit_overwrite, eval_fn=eval_fn, decode=_decoder(tok))
         out = export_model(policy, params, tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
+
+
+def _ppo_eval_fn(cfg, tok, plan: Plan, trainer, policy, ref_params, reward_params):
+    """`eval_fn(params)` on the held-out prompts: verifier pass@1 and score, or RM score; KL to the reference."""
+    from rlhf_jax.eval.training_eval import rl_eval_fn
+    from rlhf_jax.rewards.functions import host_reward_fn
+
+    held_out = plan.held_out
+    reward_fn = reward_model = None
+    if trainer.reward_model is not None:
+        reward_model = (trainer.reward_model, reward_params)
+    else:
+        reward_fn = host_reward_fn(plan.reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
+                                   prompts=held_out.prompts, answers=held_out.answers, name=cfg.reward.function)
+    sampling = cfg.train.sampling
+    return rl_eval_fn(policy, held_out.arrays["prompt_ids"], held_out.arrays["prompt_mask"],
+                      max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, reward_model=reward_model,
+                      ref=(policy, ref_params), temperature=sampling.temperature,
+                      eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,
+                      seed=cfg.run.seed + 1, batch_size=cfg.train.batch.batch_size,
+                      prompt_index=np.arange(len(held_out)))
 
 
 def _execute_eval(plan: Plan, *, overwrite: bool) -> str:
@@ -594,7 +714,7 @@ def _restored_params(command: str, run_cfg, params, tok):
     from rlhf_jax.train.state import TrainState, optimizer_from_config
 
     ckpt_dir = os.path.join(run_cfg.run.output_dir, "checkpoints")
-    if command == "ppo":
+    if command in ("ppo", "rl"):
         class _Prompts:  # the export needs the trainer's state layout, not its data
             prompts, answers = ("",), (None,)
 
@@ -631,10 +751,11 @@ def load_run_model(run_dir: str):
     command, run_cfg = read_run(run_dir)
     run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, output_dir=run_dir))
     tok = load_tokenizer(run_cfg.tokenizer, run_cfg.model)
-    if command == "ppo":
-        head = "lm+value" if run_cfg.value_model is None else "lm"
+    if command in ("ppo", "rl"):
+        critic = command == "ppo" or run_cfg.train.advantages.needs_critic
+        head = "lm+value" if (critic and run_cfg.value_model is None) else "lm"
     else:
-        head = "lm" if command == "sft" else "scalar"
+        head = "lm" if command in ("sft", "dpo") else "scalar"
     lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed)
     params, step = _restored_params(command, run_cfg, params, tok)
     return command, lm, params, tok, step

@@ -2,7 +2,7 @@
 
 Every `rlhf-jax` subcommand reads one config class from this module. The
 training commands compose the trainers' own hyper-parameter dataclasses
-(`SFTConfig`, `RewardConfig`, `PPOConfig` from `rlhf_jax.train`, each with a
+(`SFTConfig`, `RewardConfig`, `DPOConfig`, `PPOConfig` from `rlhf_jax.train`, each with a
 nested `OptimizerConfig`) with the sections a run needs around them: the
 model, the tokenizer, the data, the reward, and `run` (`RunOptions`: output
 folder, seed, checkpoints, logging, mesh), the same object the drivers take.
@@ -32,10 +32,13 @@ from rlhf_jax.cli.yaml_config import (  # noqa: F401  (re-exported)
     load_config,
     to_dict,
 )
+from rlhf_jax.train.dpo import DPOConfig
 from rlhf_jax.train.options import RESUMABLE_RUN_OPTIONS, MeshOptions, RunOptions, hyper
 from rlhf_jax.train.options import check as _require
 from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.ppo import PPOConfig
+from rlhf_jax.train.rl.presets import ALGORITHMS, preset_train_section
 from rlhf_jax.train.sft import SFTConfig
 
 __all__ = [
@@ -47,7 +50,9 @@ __all__ = [
     "RunOptions",
     "SFTRunConfig",
     "RewardRunConfig",
+    "DPORunConfig",
     "PPORunConfig",
+    "RLRunConfig",
     "EvalModel",
     "EvalConfig",
     "ExportConfig",
@@ -132,8 +137,9 @@ class RewardSection:
     model_path: str | None = _help(
         "folder of a reward model (ours, from `rlhf-jax reward`, or an HF *ForSequenceClassification)", None)
     function: str | None = _help(
-        "`module:function` reward, called as f(prompts, completions, answer=[...]) -> list of floats "
-        "(e.g. rlhf_jax.rewards.verifiers:math_reward)", None)
+        "`module:function` or `path/to/file.py:function` reward, called as f(prompts, completions, answer=[...]) "
+        "-> list of floats (e.g. rlhf_jax.rewards.verifiers:math_reward). RUNS USER CODE: the module is imported "
+        "(a .py file executed) with your permissions; name only code you trust", None)
 
 
 # --------------------------------------------------------------------------- run configs
@@ -220,6 +226,27 @@ class RewardRunConfig:
 
 
 @dataclass(frozen=True)
+class DPORunConfig:
+    """`rlhf-jax dpo`: DPO (or IPO, hinge, SimPO) on prompt/chosen/rejected rows against a frozen reference."""
+
+    model: ModelSection = hyper(help="starting policy (usually the SFT run's hf/ folder)", factory=ModelSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: the starting model; unused by simpo)")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
+    train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
+                                                       mesh=_ALL_DEVICES))
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data)
+        _check_common(self, self.train.batch_size)
+        _require(self.reference is None or bool(self.reference), "`reference` must be a model folder or null")
+
+
+@dataclass(frozen=True)
 class PPORunConfig:
     """`rlhf-jax ppo`: PPO against a reward model or a reward function, with a frozen reference."""
 
@@ -259,6 +286,64 @@ class PPORunConfig:
                  f"`num_iterations` must be >= 1, got {self.num_iterations}")
 
 
+Algorithm = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dapo", "gspo"]
+
+
+@dataclass(frozen=True)
+class RLRunConfig:
+    """`rlhf-jax rl`: the RL trainer (an `algorithm:` preset of `train:`, then your keys over it)."""
+
+    algorithm: Algorithm = hyper(
+        "grpo", "preset of the train section: ppo | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | "
+                "dapo | gspo (rlhf_jax.train.rl.presets); keys given under train override it")
+    model: ModelSection = hyper(help="the policy's starting point (usually the SFT run's hf/ folder)",
+                                factory=ModelSection)
+    reference: str | None = hyper(None, "frozen reference model folder (null: a copy of the starting policy)")
+    value_model: str | None = hyper(
+        None, "the critic (advantages.estimator gae only): null = a value head on the policy trunk; "
+              "`reward_model`: a separate value network from reward.model_path; or a model folder")
+    tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
+    data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
+    reward: RewardSection = hyper(help="reward source", factory=RewardSection)
+    train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
+    num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
+    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                            factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
+                                                       mesh=_ALL_DEVICES))
+
+    @classmethod
+    def preprocess(cls, data: dict) -> dict:
+        """The YAML mapping with the `algorithm`'s preset laid under its `train:` keys."""
+        data = dict(data)
+        algorithm = data.get("algorithm", "grpo")
+        _require(algorithm in ALGORITHMS, f"`algorithm` must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        train = data.get("train") or {}
+        _require(isinstance(train, dict), f"`train` must be a mapping, got {train!r}")
+        data["train"] = preset_train_section(algorithm, train)
+        return data
+
+    def validate(self):
+        """Cross-field checks; raises ConfigError naming the keys."""
+        _check_model(self.model, self.tokenizer)
+        _check_data(self.data, prompts_only=True)
+        _check_common(self, self.train.batch.batch_size)
+        _require((self.reward.model_path is None) != (self.reward.function is None),
+                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+        if self.reward.function is not None:
+            _require(":" in self.reward.function,
+                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        critic = self.train.advantages.needs_critic
+        _require(critic or self.value_model is None,
+                 f"`value_model`: train.advantages.estimator {self.train.advantages.estimator!r} has no critic; "
+                 "set value_model to null")
+        if self.value_model == "reward_model":
+            _require(self.reward.model_path is not None, "`value_model`: `reward_model` needs `reward.model_path`")
+        _require(self.value_model is not None or self.train.value_optimizer is None,
+                 "`train.value_optimizer`: there is no separate value network (value_model is null)")
+        _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+                 f"`num_iterations` must be >= 1, got {self.num_iterations}")
+
+
 @dataclass(frozen=True)
 class EvalModel:
     """One model to evaluate."""
@@ -275,8 +360,10 @@ class EvalConfig:
     models: tuple[EvalModel, ...] = _help("models to compare: list of {name, path}", ())
     tokenizer: TokenizerSection = _help("tokenizer (default: the first model's folder)", factory=TokenizerSection)
     data: DataSection = _help("prompt set (`prompt` + `answer` columns)", factory=DataSection)
-    verifier: str = _help("`module:function` scoring completions, as in reward.function; a score > 0 "
-                          "counts as correct", "rlhf_jax.rewards.verifiers:math_reward")
+    verifier: str = _help("`module:function` or `path/to/file.py:function` scoring completions, as in "
+                          "reward.function; a score > 0.5 counts as correct. RUNS USER CODE: the module is imported "
+                          "(a .py file executed) with your permissions; name only code you trust",
+                          "rlhf_jax.rewards.verifiers:math_reward")
     num_samples: int = _help("n, samples per prompt (pass@k for k = 1..n)", 16)
     max_new_tokens: int = _help("response length limit", 64)
     temperature: float = _help("sampling temperature", 1.0)
@@ -312,7 +399,7 @@ class EvalConfig:
 class ExportConfig:
     """`rlhf-jax export`: write a run's newest checkpoint as an HF folder."""
 
-    run_dir: str = _help("the run folder of `rlhf-jax sft|reward|ppo` (holds resolved_config.yaml)", "")
+    run_dir: str = _help("the run folder of `rlhf-jax sft|reward|dpo|ppo` (holds resolved_config.yaml)", "")
     output_dir: str = _help("where to write config.json, model.safetensors and the tokenizer", "runs/export")
     dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype of the written weights", "float32")
 
@@ -324,7 +411,9 @@ class ExportConfig:
 COMMAND_CONFIGS = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
+    "dpo": DPORunConfig,
     "ppo": PPORunConfig,
+    "rl": RLRunConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }

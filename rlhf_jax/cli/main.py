@@ -1,8 +1,10 @@
-"""The `rlhf-jax` command line: sft, reward, ppo, eval, export and demo.
+"""The `rlhf-jax` command line: sft, reward, dpo, ppo, eval, export and demo.
 
     rlhf-jax sft    --config configs/tiny/sft.yaml    [key=value ...] [--overwrite]
     rlhf-jax reward --config configs/tiny/reward.yaml [key=value ...]
+    rlhf-jax dpo    --config configs/tiny/dpo.yaml    [key=value ...]
     rlhf-jax ppo    --config configs/tiny/ppo.yaml    [key=value ...]
+    rlhf-jax rl     --config configs/tiny/grpo.yaml   [key=value ...]
     rlhf-jax eval   --config configs/tiny/eval.yaml   [key=value ...]
     rlhf-jax export --config configs/tiny/export.yaml [key=value ...]
     rlhf-jax demo   [--output_dir DIR] [--seed N] [--quick] [--overwrite]
@@ -45,7 +47,11 @@ _DESCRIPTIONS = {
     "sft": "supervised fine-tuning on prompt/completion or messages rows; writes output_dir/hf (*ForCausalLM)",
     "reward": "train a Bradley-Terry reward model on prompt/chosen/rejected rows; writes output_dir/hf "
               "(*ForSequenceClassification)",
+    "dpo": "DPO (or IPO, hinge, SimPO) on prompt/chosen/rejected rows against a frozen reference; writes "
+           "output_dir/hf (*ForCausalLM)",
     "ppo": "PPO against a reward model or a reward function, with a frozen reference; writes output_dir/hf",
+    "rl": "the RL trainer (algorithm: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, dapo, gspo); "
+          "writes output_dir/hf",
     "eval": "pass@k (k = 1..n, bootstrap CIs) of models on a prompt set with a verifier; writes eval.json "
             "and pass_at_k.png",
     "export": "write a run's newest checkpoint as an HF folder (config.json, model.safetensors, tokenizer)",
@@ -76,9 +82,9 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `rlhf-jax` (every config key is listed in each subcommand's --help)."""
     parser = argparse.ArgumentParser(
-        prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, PPO, pass@k evaluation.")
+        prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, DPO, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,ppo,eval,export,plan,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,dpo,ppo,rl,eval,export,plan,demo}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],

@@ -91,10 +91,11 @@ def _lm(hf_config, model_cfg, head, *, param_dtype=None):
 
 
 def _optimizer(opt):
-    """The optimizer of an `OptimizerConfig` (a schedule length stands in when the run would set it)."""
+    """The optax transformation of an `OptimizerConfig` (a schedule without a length gets one:
+    planning compiles, and the schedule's length changes no shape)."""
     from rlhf_jax.train.state import optimizer_from_config
 
-    return optimizer_from_config(opt, total_steps=opt.warmup_steps + 1000)
+    return optimizer_from_config(opt, total_steps=(opt.warmup_steps or 0) + 1000)
 
 
 def _seq_len(data, key):
@@ -127,7 +128,7 @@ def run_plan(args, argv) -> int:
     tensor = getattr(mesh_cfg, "tensor", 1)
     inner = mesh_cfg.fsdp * tensor
     if n % inner:
-        raise ConfigError(f"`run.mesh.fsdp` x `run.mesh.tensor` = {inner} does not divide the {n} devices")
+        raise ConfigError(f"`mesh.fsdp` x `mesh.tensor` = {inner} does not divide the {n} devices")
     data = n // inner if mesh_cfg.data == -1 else mesh_cfg.data
     if data * inner != n:
         raise ConfigError(f"a {data} x {mesh_cfg.fsdp} x {tensor} mesh is not {n} devices (--devices)")
@@ -140,8 +141,7 @@ def run_plan(args, argv) -> int:
     if command == "sft":
         lm = _lm(policy_config, model_cfg, "lm")
         result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train.optimizer),
-                                  seq_len=_seq_len(cfg.data, "max_length"),
-                                  mesh=mesh, device_memory_bytes=memory)
+                                  seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory)
     elif command == "reward":
         rm = _lm(policy_config, model_cfg, "scalar")
         result = planner.plan_reward(rm, cfg.train, _optimizer(cfg.train.optimizer),
@@ -175,11 +175,12 @@ def _plan_ppo(cfg, policy_config, args, mesh, memory, planner):
                            model_cfg, "scalar")
     else:
         reward_fn = _no_reward  # a host function: no compiled score phase
-    eos = cfg.train.sampling.eos_token_id
+    sampling = cfg.train.sampling
+    eos = sampling.eos_token_id
     if eos is None:
         eos = policy_config.get("eos_token_id") or 0
         eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-    train = dataclasses.replace(cfg.train, sampling=dataclasses.replace(cfg.train.sampling, eos_token_id=eos))
+    train = dataclasses.replace(cfg.train, sampling=dataclasses.replace(sampling, eos_token_id=eos))
     trainer = PPOTrainer(policy, train, _optimizer(train.optimizer), value_model=value_model, value_tx=value_tx,
                          reward_model=reward_model, reward_fn=reward_fn)
     return planner.plan_ppo(trainer, prompt_len=_seq_len(cfg.data, "max_prompt_length"), mesh=mesh,

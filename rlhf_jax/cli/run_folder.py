@@ -174,7 +174,7 @@ def claim_run_folder(command: str, cfg, out: str, *, overwrite: bool) -> RunFold
     """Lock `out` for this run, check it against the run it may hold, and write the config into it.
 
     Args:
-      command: the subcommand (sft, reward, ppo, eval).
+      command: the subcommand (sft, reward, dpo, ppo, eval).
       cfg: its resolved, validated config.
       out: the output folder.
       overwrite: replace a run with another config (moved aside until `commit_overwrite`).
@@ -274,7 +274,7 @@ def read_run(run_dir: str) -> tuple[str, object]:
     except (OSError, ValueError) as e:
         raise RunError(f"{run_path} cannot be read ({e})") from None
     command = info.get("command")
-    if command not in ("sft", "reward", "ppo"):
+    if command not in ("sft", "reward", "dpo", "ppo", "rl"):
         raise RunError(f"{run_path}: this is an `rlhf-jax {command}` run, which has no trained model to export")
     try:
         cfg = from_dict(COMMAND_CONFIGS[command], info["config"])

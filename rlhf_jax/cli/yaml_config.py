@@ -332,6 +332,9 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), cls=None):
     overridden = {".".join(_parse_override(o)[0]): o for o in overrides}
     data = apply_overrides(data, list(overrides))
     try:
+        preprocess = getattr(cls, "preprocess", None)  # e.g. `rl`: the algorithm's preset under `train:`
+        if preprocess is not None:
+            data = preprocess(data)
         cfg = from_dict(cls, data)
         validate = getattr(cfg, "validate", None)
         if validate is not None:

@@ -298,13 +298,16 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
 
     Returns:
       `Examples` with arrays `chosen_ids`, `chosen_mask`, `rejected_ids`,
-      `rejected_mask` (`[N, L]` int32, one L for both sides) and `margin` `[N]`
-      float32 when every row has a numeric `margin`.
+      `rejected_mask` (`[N, L]` int32, one L for both sides), `chosen_loss_mask`,
+      `rejected_loss_mask` (`[N, L]` int32, 1 on the completion tokens: what DPO's
+      sequence log-probs sum over) and `margin` `[N]` float32 when every row has a
+      numeric `margin`.
     """
     pad_id, eos_id = special_token_ids(tokenizer, pad_token=pad_token)
     render = _Renderer(tokenizer, eos_id=eos_id,
                        prompt_template=prompt_template)
     chosen_seqs, rejected_seqs, margins, kept, prompts, dropped = [], [], [], [], [], 0
+    chosen_masks, rejected_masks = [], []
     for row in rows:
         chosen, rejected = _get(row, chosen_column), _get(row, rejected_column)
         prompt = _get(row, prompt_column, optional=True)
@@ -331,14 +334,19 @@ def preference_examples(rows: Sequence[Row], tokenizer, *, prompt_column="prompt
                        else None)
         chosen_seqs.append(prompt_ids + pair[0])
         rejected_seqs.append(prompt_ids + pair[1])
+        chosen_masks.append([0] * len(prompt_ids) + [1] * len(pair[0]))
+        rejected_masks.append([0] * len(prompt_ids) + [1] * len(pair[1]))
         kept.append(row.where)
         prompts.append(text)
     _no_rows(kept, dropped)
     length = _padded_length([len(s) for s in chosen_seqs + rejected_seqs], buckets, "sequence")
     chosen_ids, chosen_mask = right_pad(chosen_seqs, length, pad_id)
     rejected_ids, rejected_mask = right_pad(rejected_seqs, length, pad_id)
+    chosen_loss_mask, _ = right_pad(chosen_masks, length, 0)
+    rejected_loss_mask, _ = right_pad(rejected_masks, length, 0)
     arrays = {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
-              "rejected_ids": rejected_ids, "rejected_mask": rejected_mask}
+              "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
+              "chosen_loss_mask": chosen_loss_mask, "rejected_loss_mask": rejected_loss_mask}
     if all(m is not None for m in margins):
         arrays["margin"] = np.asarray(margins, np.float32)
     return Examples(arrays, tuple(kept), tuple(prompts), dropped=dropped)

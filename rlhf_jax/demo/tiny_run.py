@@ -3,6 +3,7 @@
     python -m rlhf_jax.demo.tiny_run            # writes ./tiny_run/
     rlhf-jax sft    --config configs/tiny/sft.yaml
     rlhf-jax reward --config configs/tiny/reward.yaml
+    rlhf-jax dpo    --config configs/tiny/dpo.yaml
     rlhf-jax ppo    --config configs/tiny/ppo.yaml
     rlhf-jax eval   --config configs/tiny/eval.yaml
     rlhf-jax export --config configs/tiny/export.yaml

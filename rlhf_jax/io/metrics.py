@@ -1,4 +1,4 @@
-"""Metric logging for the training drivers: stdout, `metrics.jsonl`, TensorBoard.
+"""Metric logging for the training drivers: stdout, `metrics.jsonl`, `samples.jsonl`, sinks.
 
 `MetricsLogger.log(step, metrics)` fetches the whole metrics dict from the
 device with ONE `jax.device_get` (one synchronisation per step), then
@@ -13,7 +13,8 @@ device with ONE `jax.device_get` (one synchronisation per step), then
   they differ between two runs that are otherwise identical; everything else
   is deterministic, so a resumed run's file equals an uninterrupted one's
   once ``"timing"`` is dropped;
-- writes every scalar to TensorBoard (tensorboardX) under its name;
+- hands every numeric scalar to each sink (`rlhf_jax.io.sinks`: TensorBoard by
+  default, Weights & Biases when asked, or any object with the `Sink` methods);
 - prints a compact line every `print_every` steps;
 - advances a tqdm progress bar with ETA when `total_steps` is known and
   stderr is a terminal (never under pytest).
@@ -23,6 +24,11 @@ checkpoint's step) and the lines with ``step > s`` are dropped from
 `metrics.jsonl` (they were written after that checkpoint by the killed run,
 and the resumed run writes them again); TensorBoard gets `purge_step=s+1`.
 A fresh run passes `resume_step=0`, which empties an old file.
+
+Sample completions: `log_samples(step, rows)` appends one JSON line per row to
+``<output_dir>/samples.jsonl`` (``{"iteration": 3, "prompt": ..., "completion": ...,
+"score": ...}``; supervised drivers write ``"step"``) and hands the rows to every sink
+(a TensorBoard text table, a W&B table). A resume truncates it like `metrics.jsonl`.
 
 Warnings (a skipped non-finite update, k1 KL negative over a window) are
 given with `warn(message)`: they go to Python `logging` at once and into the
@@ -37,12 +43,12 @@ import os
 import sys
 import time
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
-__all__ = ["MetricsLogger", "KLSignMonitor", "is_timing_key", "read_metrics", "to_python",
+__all__ = ["MetricsLogger", "KLSignMonitor", "is_timing_key", "read_metrics", "read_samples", "to_python",
            "strip_timing", "logger"]
 
 logger = _pylogging.getLogger("rlhf_jax")
@@ -92,6 +98,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def read_samples(path: str | os.PathLike) -> list[dict]:
+    """The rows of a `samples.jsonl` file (a run folder means its file; a missing file gives [])."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "samples.jsonl")
+    return read_metrics(path)
+
+
+def _step_of(record: Mapping[str, Any]) -> int:
+    return int(record.get("step", record.get("iteration", -1)))
+
+
 def strip_timing(record: Mapping[str, Any]) -> dict:
     """A record without its ``"timing"`` field (for run-to-run comparisons)."""
     return {k: v for k, v in record.items() if k != "timing"}
@@ -108,7 +126,7 @@ def _truncate_jsonl(path: str, keep_until: int) -> int:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 break
-            if int(record.get("step", -1)) <= keep_until:
+            if _step_of(record) <= keep_until:
                 kept.append(line)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -143,12 +161,15 @@ class MetricsLogger:
       stdout_keys: which metrics the stdout line shows (default: at most 8
         non-timing scalars, the usual ones such as loss, score_mean and kl_k1
         first).
+      sinks: more `rlhf_jax.io.sinks.Sink`s (e.g. a `WandbSink`); each gets every
+        logged step's scalars and samples, and is closed with the logger.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, stdout: bool = True,
                  tensorboard: bool = True, print_every: int = 10,
                  total_steps: int | None = None, progress: bool | None = None,
-                 resume_step: int | None = None, stdout_keys: tuple[str, ...] | None = None):
+                 resume_step: int | None = None, stdout_keys: tuple[str, ...] | None = None,
+                 sinks: Sequence[Any] = ()):
         if not isinstance(print_every, int) or print_every < 1:
             raise ValueError(f"`print_every` must be a positive int, got {print_every!r}")
         if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
@@ -161,16 +182,22 @@ class MetricsLogger:
         self.stdout_keys = stdout_keys
         self.history: list[dict] = []
         self._pending_warnings: list[str] = []
+        self.samples_path = os.path.join(self.output_dir, "samples.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             _truncate_jsonl(self.path, resume_step)
             self.history = read_metrics(self.path)  # the resumed run's history is the whole run's
+        if resume_step is not None and os.path.exists(self.samples_path):
+            _truncate_jsonl(self.samples_path, resume_step)
         self._file = open(self.path, "a")
-        self._writer = None
+        self._samples_file = None
+        self.sinks: list = []
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from rlhf_jax.io.sinks import TensorBoardSink
+
             # events of a previous, killed or discarded run after `resume_step` are hidden
             purge = resume_step + 1 if resume_step is not None else None
-            self._writer = SummaryWriter(os.path.join(self.output_dir, "tb"), purge_step=purge)
+            self.sinks.append(TensorBoardSink(os.path.join(self.output_dir, "tb"), purge_step=purge))
+        self.sinks.extend(sinks)
         if progress is None:
             progress = (total_steps is not None and sys.stderr.isatty()
                         and "PYTEST_CURRENT_TEST" not in os.environ)
@@ -210,16 +237,39 @@ class MetricsLogger:
         self.history.append(record)
         scalars = {**{k: v for k, v in record.items() if k not in ("step", "timing", "warnings")},
                    **timing}
-        if self._writer is not None:
-            for name, value in scalars.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(name, value, step)
+        numeric = {name: value for name, value in scalars.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for sink in self.sinks:
+            sink.scalars(step, numeric)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
         if self.stdout and (step % self.print_every == 0 or self._first_print):
             self._first_print = False
             self._print(step, record)
         return record
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]], *, step_key: str = "step") -> list[dict]:
+        """Append sample completions of `step` to `samples.jsonl` and hand them to every sink.
+
+        Args:
+          step: the driver's step (the RL iteration).
+          rows: dicts of JSON-able host values (prompt, completion, score, ...).
+          step_key: the name of the step field of each line ("iteration" for RL).
+
+        Returns:
+          The lines written (each row with `step_key` first).
+        """
+        step = int(step)
+        records = [{step_key: step, **{k: to_python(v) if isinstance(v, (np.ndarray, np.generic, jax.Array))
+                                       else v for k, v in row.items()}} for row in rows]
+        if self._samples_file is None:
+            self._samples_file = open(self.samples_path, "a", encoding="utf-8")
+        for record in records:
+            self._samples_file.write(json.dumps(record) + "\n")
+        self._samples_file.flush()
+        for sink in self.sinks:
+            sink.samples(step, records)
+        return records
 
     def _print(self, step: int, record: dict) -> None:
         keys = self.stdout_keys
@@ -239,12 +289,14 @@ class MetricsLogger:
             print(line, flush=True)
 
     def close(self) -> None:
-        """Flush and close the file, the TensorBoard writer and the bar."""
+        """Flush and close the files, every sink and the bar."""
         if self._file is not None and not self._file.closed:
             self._file.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._samples_file is not None and not self._samples_file.closed:
+            self._samples_file.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

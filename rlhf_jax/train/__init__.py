@@ -1,4 +1,4 @@
-"""Training: pure jittable steps (SFT, reward model, PPO), their states and configs.
+"""Training: pure jittable steps (SFT, reward model, DPO, PPO), their states and configs.
 
 Steps are built by factories that close over static things (the model, the optimizer,
 the config) and return pure `(state, batch) -> (state, metrics)` functions:
@@ -15,6 +15,7 @@ shares: output folder, checkpoints, logging, seed, mesh) are in `train/options.p
 drivers (fit_*) in `train/drivers.py`, sharding in `train/sharding.py`, checkpoints in
 `rlhf_jax/io/checkpoint.py`.
 """
+from rlhf_jax.train.dpo import DPOConfig, dpo_init, make_dpo_step, pair_logprobs, reference_logprobs
 from rlhf_jax.train.options import MeshOptions, OptimizerConfig, RunOptions
 from rlhf_jax.train.reward import (
     RewardConfig,
@@ -53,6 +54,11 @@ from rlhf_jax.train.state import (
 )
 
 __all__ = [
+    "DPOConfig",
+    "dpo_init",
+    "make_dpo_step",
+    "pair_logprobs",
+    "reference_logprobs",
     "OptimizerConfig",
     "RunOptions",
     "MeshOptions",

@@ -1,4 +1,4 @@
-"""Driver loops: `fit_sft`, `fit_reward`, `fit_ppo`.
+"""Driver loops: `fit_sft`, `fit_reward`, `fit_dpo`, `fit_ppo`.
 
 A driver is the thin host-side loop around a jitted step: it orders the data,
 feeds fixed-shape batches, logs (`rlhf_jax.io.metrics.MetricsLogger`), saves
@@ -19,6 +19,7 @@ Output directory layout:
     output_dir/metrics.jsonl     one JSON line per logged step (see MetricsLogger)
     output_dir/tb/               TensorBoard events
     output_dir/checkpoints/<step>/   orbax checkpoints (state + host JSON)
+    output_dir/reference_logprobs.npz   DPO: the precomputed reference log-probs (read back on resume)
 
 Run options. Every driver takes a `RunOptions` (`rlhf_jax.train.options`):
 output folder, seed (data order and PRNG), checkpoint period and count, logging
@@ -85,7 +86,8 @@ from rlhf_jax.train.sharding import (
     shard_batch,
 )
 
-__all__ = ["fit_sft", "fit_reward", "fit_ppo", "epoch_permutation", "batch_rows"]
+__all__ = ["fit_sft", "fit_reward", "fit_dpo", "fit_ppo", "rollout_samples", "REF_LOGPROBS_FILE", "epoch_permutation",
+           "batch_rows"]
 
 _SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _PAIR_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -186,6 +188,19 @@ def _math_config(kind: str, cfg, seed: int, fingerprint: dict) -> dict:
     return {"driver": kind, "cfg": fields, "seed": int(seed), "data": fingerprint}
 
 
+def _plain(value):
+    """A config dataclass as nested dicts / lists of JSON-able values (for the W&B run config)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
 def mesh_from_options(run: RunOptions):
     """The `make_mesh` mesh of `run.mesh`, or None for one device without sharding."""
     if run.mesh.single_device:
@@ -226,7 +241,7 @@ class _StopSignals:
 
 
 class _Run:
-    """Shared set-up and bookkeeping of the three drivers (checkpointing, logging, mesh, signals)."""
+    """Shared set-up and bookkeeping of the drivers (checkpointing, logging, mesh, signals)."""
 
     def __init__(self, *, kind: str, cfg, fingerprint: dict, run: RunOptions, mesh, total_steps: int,
                  allow_config_mismatch: bool, on_checkpoint: Callable | None):
@@ -248,6 +263,8 @@ class _Run:
                                    print_every=run.print_every or 10 * self.log_every,
                                    total_steps=total_steps, progress=run.progress)
         self._stdout = run.stdout
+        self._run_options = run
+        self._wandb_config = {"driver": kind, "train": _plain(cfg), "seed": int(run.seed)}
         self._on_checkpoint = on_checkpoint
         self._saved: int | None = None
         self.logger: MetricsLogger | None = None
@@ -337,9 +354,20 @@ class _Run:
                 self.ckpt.close()
                 raise LoadError(f"no readable checkpoint in {self.ckpt.directory} (all of steps {steps} are "
                                 f"corrupted; moved to {os.path.join(self.output_dir, 'corrupt_checkpoints')})")
-        self.logger = MetricsLogger(self.output_dir, resume_step=start, **self._logger_kwargs)
+        self.logger = MetricsLogger(self.output_dir, resume_step=start, sinks=self._sinks(),
+                                    **self._logger_kwargs)
         self._last_time = time.perf_counter()
         return state, start
+
+    def _sinks(self) -> list:
+        """The sinks `run` asks for beyond metrics.jsonl and TensorBoard (W&B)."""
+        w = self._run_options.wandb
+        if not w.enabled:
+            return []
+        from rlhf_jax.io.sinks import WandbSink
+
+        return [WandbSink(self.output_dir, project=w.project, entity=w.entity, name=w.name, group=w.group,
+                          tags=w.tags, mode=w.mode, config=self._wandb_config, option="run.wandb.enabled")]
 
     def _quarantine(self, step: int) -> str:
         """Move an unreadable checkpoint out of orbax's sight (never delete what a user may inspect)."""
@@ -354,6 +382,19 @@ class _Run:
     # -- per step ------------------------------------------------------------------
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total_steps
+
+    @staticmethod
+    def due(step: int, every: int | None) -> bool:
+        """`step` is a multiple of `every` (None: never)."""
+        return every is not None and step % every == 0
+
+    def eval_due(self, step: int, every: int | None) -> bool:
+        """Evaluate every `every` steps and at the last step."""
+        return step == self.total_steps or self.due(step, every)
+
+    def log_samples(self, step: int, rows, *, step_key: str = "step") -> None:
+        """Sample completions of `step` to samples.jsonl and every sink (see `MetricsLogger.log_samples`)."""
+        self.logger.log_samples(step, rows[:self._run_options.num_logged_samples], step_key=step_key)
 
     def fetch(self, metrics: Mapping[str, Any]) -> dict:
         """One `device_get` of the whole metrics dict (as Python numbers), plus `time/step`."""
@@ -401,6 +442,13 @@ class _Run:
             self.logger.close()
 
 
+def _eval_metrics(values: Mapping[str, Any]) -> dict:
+    """An `eval_fn`'s dict as ``eval/<name>`` host metrics."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"`eval_fn` must return a dict of metrics, got {type(values).__name__}")
+    return {f"eval/{k}": to_python(v) for k, v in jax.device_get(dict(values)).items()}
+
+
 def _position(step_done: int, per_epoch: int) -> dict:
     epoch, index = divmod(step_done, per_epoch)
     return {"epoch": epoch, "index": index}
@@ -424,8 +472,21 @@ def _jit_step(step_fn, run: _Run, state):
 
 def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
                     on_step, on_checkpoint, allow_config_mismatch, eval_fn=None, eval_every=None,
-                    return_state=False, frozen=None):
+                    return_state=False, optional_keys=(), input_pairs=(), setup=None, frozen=None,
+                    sample_fn=None):
+    """The loop of every offline trainer (SFT, reward model, DPO): one jitted step per batch.
+
+    `keys` (+ those of `optional_keys` present) are the data columns a batch carries;
+    `input_pairs` the (ids, mask) columns checked against the model. `setup(driver, arrays,
+    start) -> (arrays, step_args)`, called once the state is restored (start = its step),
+    may add columns (DPO's reference log-probs) and extra step arguments (a frozen
+    reference); the data fingerprint is taken before it, on the given columns. Without
+    `setup` the step's extra argument is `frozen` (LoRA's base weights, or None).
+    """
     from rlhf_jax.train.state import optimizer_from_config
+
+    if eval_every is None:
+        eval_every = run.eval_every
 
     arrays, n = _check_data(data, keys, "data" if kind == "sft" else "train_data")
     batch_size = int(cfg.batch_size)
@@ -444,38 +505,39 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
     if tx is None:
         cfg = _with_schedule_length(cfg, total)
         tx = optimizer_from_config(cfg.optimizer)
-    optional = ("margin",) if kind == "reward" and "margin" in arrays else ()
-    arrays = {k: arrays[k] for k in keys + optional}
-    if kind == "sft":
-        _check_model_inputs(model, [(arrays["input_ids"], arrays["attention_mask"])])
-    else:
-        _check_model_inputs(model, [(arrays["chosen_ids"], arrays["chosen_mask"]),
-                                    (arrays["rejected_ids"], arrays["rejected_mask"])])
+    arrays = {k: arrays[k] for k in tuple(keys) + tuple(k for k in optional_keys if k in arrays)}
+    _check_model_inputs(model, [(arrays[ids], arrays[mask]) for ids, mask in input_pairs])
 
     driver = _Run(kind=kind, cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
                   allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
     try:
         state = driver.init_state(lambda p: init_fn(model, p, tx, seed=run.seed), params)
         state, start = driver.restore_or_start(state)
-        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
         frozen = driver.place(frozen)  # LoRA's base weights: an argument of every step, never trained
+        step_args = (frozen,)
+        if setup is not None:
+            arrays, step_args = setup(driver, arrays, start)
+        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
                 batch = {k: v[rows] for k, v in arrays.items()}
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
-                state, metrics = step_fn(state, batch, frozen)
+                state, metrics = step_fn(state, batch, *step_args)
                 done = step + 1
-                if driver.should_log(done):
+                evaluate = eval_fn is not None and driver.eval_due(done, eval_every)
+                if driver.should_log(done) or evaluate:
                     host = driver.fetch(metrics)
                     host["epoch"] = epoch
                     if "tokens" in host:
                         host["tokens_per_s"] = float(host["tokens"]) / max(host["time/step"], 1e-9)
-                    if eval_fn is not None and (done == total or (eval_every and done % eval_every == 0)):
-                        host.update({f"eval/{k}": v for k, v in eval_fn(combine(frozen, state.params)).items()})
+                    if evaluate:
+                        host.update(_eval_metrics(eval_fn(combine(frozen, state.params))))
                     driver.warn_if_skipped(done, host)
                     driver.log(done, host, on_step)
+                if sample_fn is not None and driver.due(done, run.log_samples_every):
+                    driver.log_samples(done, list(sample_fn(combine(frozen, state.params))))
                 driver.maybe_save(done, state, _position(done, order.per_epoch))
         history = list(driver.logger.history)
     finally:
@@ -489,7 +551,8 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
 
 _COMMON_DOC = """
       run: `RunOptions`: output_dir (required), seed (data order and PRNG), checkpoint_every,
-        keep, log_every, print_every, the logging sinks (stdout, tensorboard, progress),
+        keep, log_every, print_every, the logging sinks (stdout, tensorboard, progress, wandb),
+        log_samples_every and num_logged_samples (samples.jsonl), eval_every,
         async_checkpoint, resume, mesh.
       tx: the optimizer; default `optimizer_from_config(cfg.optimizer)` (with `total_steps`
         filled in from the run length when a decaying schedule needs it).
@@ -498,6 +561,8 @@ _COMMON_DOC = """
       on_step: `on_step(step, metrics) -> dict | None`, called at each logged step
         with the host metrics before they are written; a returned dict is added to
         the step's record (values must be deterministic for resumes to match).
+      eval_every: evaluate (see `eval_data` / `eval_fn`) every N steps and at the last one,
+        logged as ``eval/<name>``; default `run.eval_every` (None: only at the end).
       on_checkpoint: `on_checkpoint(step)`, called once, when the run's first checkpoint
         is on disk (the CLI's `--overwrite` removes the old run then).
       allow_config_mismatch: resume even if cfg / seed / data differ from the checkpoint's.
@@ -509,8 +574,9 @@ _COMMON_DOC = """
 """
 
 
-def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, tx=None, mesh=None,
-            max_steps: int | None = None, on_step: Callable | None = None,
+def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
+            eval_every: int | None = None, eval_batch_size: int | None = None, sample_fn: Callable | None = None,
+            tx=None, mesh=None, max_steps: int | None = None, on_step: Callable | None = None,
             on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
             return_state: bool = False, frozen=None):
     """Supervised fine-tuning of `lm` for `cfg.num_epochs` epochs (or `max_steps` steps).
@@ -523,18 +589,35 @@ def fit_sft(lm, params, data: Mapping[str, np.ndarray], cfg, run: RunOptions, *,
       data: {"input_ids", "attention_mask", "loss_mask"}: `[N, L]` NumPy arrays
         (right-padded; `loss_mask` is 1 on completion tokens).
       cfg: `SFTConfig` (batch_size, num_epochs, optimizer, ...).
+      eval_data: held-out rows (same keys); their token-mean loss and token accuracy
+        (`evaluate_sft`) are logged as "eval/loss", "eval/token_accuracy".
+      eval_batch_size: evaluate in chunks of this many rows (default `cfg.batch_size`).
+      sample_fn: `sample_fn(params) -> list of dicts` (prompt, completion, ...), called
+        every `run.log_samples_every` steps; the rows go to samples.jsonl and the sinks.
     {common}
     Returns:
       `(params, history)`: final params, and the list of logged records (the
       lines of metrics.jsonl, including those of a run this one resumed).
     """
-    from rlhf_jax.train.sft import make_sft_step, sft_init
+    from rlhf_jax.train.sft import evaluate_sft, make_sft_step, sft_init
+
+    eval_fn = None
+    if eval_data is not None:
+        eval_arrays, _ = _check_data(eval_data, _SFT_KEYS, "eval_data")
+        eval_arrays = {k: eval_arrays[k] for k in _SFT_KEYS}
+        _check_model_inputs(lm, [(eval_arrays["input_ids"], eval_arrays["attention_mask"])])
+
+        def evaluate(p):
+            return evaluate_sft(lm, p, eval_arrays, batch_size=eval_batch_size or int(cfg.batch_size))
+
+        eval_fn = evaluate
 
     return _fit_supervised(
         kind="sft", model=lm, params=params, data=data, cfg=cfg, run=run, keys=_SFT_KEYS, init_fn=sft_init,
         make_step=make_sft_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
-        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
-        frozen=frozen)
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, eval_fn=eval_fn,
+        eval_every=eval_every, sample_fn=sample_fn, return_state=return_state,
+        input_pairs=[("input_ids", "attention_mask")], frozen=frozen)
 
 
 def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, eval_data=None,
@@ -555,7 +638,6 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOp
       eval_data: held-out pairs (same keys); evaluated with
         `evaluate_reward_model` at the last step and every `eval_every` steps
         (on logged steps); results logged as "eval/accuracy", "eval/loss", ...
-      eval_every: evaluation period in steps (None: only at the end).
       eval_batch_size: evaluate in chunks of this many pairs.
     {common}
     Returns:
@@ -579,13 +661,105 @@ def fit_reward(rm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOp
         kind="reward", model=rm, params=params, data=train_data, cfg=cfg, run=run, keys=_PAIR_KEYS,
         init_fn=reward_init, make_step=make_reward_step, tx=tx, mesh=mesh, max_steps=max_steps,
         on_step=on_step, on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch,
-        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, frozen=frozen)
+        eval_fn=eval_fn, eval_every=eval_every, return_state=return_state, optional_keys=("margin",),
+        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], frozen=frozen)
+
+
+REF_LOGPROBS_FILE = "reference_logprobs.npz"
+"""Where `fit_dpo` keeps the precomputed reference log-probs, in the run folder."""
+
+
+def _save_ref_logprobs(path: str, ref_logps: Mapping[str, np.ndarray], *, data_hash: str, average: bool) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, data_hash=np.asarray(data_hash), average=np.asarray(bool(average)), **ref_logps)
+    os.replace(tmp, path)  # a crash never leaves half a file under the real name
+
+
+def _load_ref_logprobs(path: str, keys, *, data_hash: str, average: bool, num_rows: int):
+    """The saved reference log-probs, or None when absent, unreadable or of other data."""
+    try:
+        with np.load(path) as f:
+            if str(f["data_hash"]) != data_hash or bool(f["average"]) != bool(average):
+                return None
+            out = {k: np.asarray(f[k], np.float32) for k in keys}
+    except (OSError, KeyError, ValueError):
+        return None
+    if any(v.shape != (num_rows,) for v in out.values()):
+        return None
+    return out
+
+
+def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, ref_params=None,
+            tx=None, mesh=None, max_steps: int | None = None, on_step: Callable | None = None,
+            on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
+            return_state: bool = False):
+    """DPO (or IPO, hinge, SimPO) on preference pairs, against a frozen reference.
+
+    The reference log-probs. With `cfg.reference == "precompute"` (the default) one
+    jitted pass of the reference over all pairs runs before the first step; its result
+    is written to `run.output_dir/reference_logprobs.npz` (with the data's hash) and
+    travels with each batch as two columns. A resumed run reads that file back instead
+    of recomputing, so it continues with exactly the numbers it started with. With
+    `"on_the_fly"` the reference's forward runs inside every step (no file; more
+    compute, no O(N) memory). SimPO uses no reference.
+
+    Args:
+      lm: the `LM` (head "lm").
+      params: the policy's initial parameters.
+      train_data: {"chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
+        "rejected_mask", "rejected_loss_mask"} `[N, L]` arrays (`preference_examples`).
+      cfg: `DPOConfig`.
+      ref_params: the frozen reference's parameters (default: `params`, the starting
+        model, as in the DPO paper).
+    {common}
+    Returns:
+      `(params, history)` as for `fit_sft`.
+    """
+    from rlhf_jax.train.dpo import DPO_PAIR_KEYS, REF_KEYS, dpo_init, make_dpo_step, reference_logprobs
+
+    reference = params if ref_params is None else ref_params
+
+    def setup(driver, arrays, start):
+        if not cfg.needs_reference:
+            return arrays, ()
+        ref = driver.place(reference)
+        if cfg.reference == "on_the_fly":
+            return arrays, (ref,)
+        n = int(arrays["chosen_ids"].shape[0])
+        path = os.path.join(driver.output_dir, REF_LOGPROBS_FILE)
+        data_hash = _fingerprint(arrays)["hash"]
+        ref_logps = None
+        if start > 0:
+            ref_logps = _load_ref_logprobs(path, REF_KEYS, data_hash=data_hash, average=cfg.average_logprobs,
+                                           num_rows=n)
+            if ref_logps is None:
+                driver.logger.warn(f"{path} is missing or belongs to other data: recomputing the reference "
+                                   "log-probs (the resumed steps may differ in the last bits)")
+        if ref_logps is None:
+            place = None if driver.mesh is None else (lambda chunk: shard_batch(chunk, driver.mesh))
+            started = time.perf_counter()
+            ref_logps = reference_logprobs(lm, ref, arrays, batch_size=cfg.ref_batch_size or cfg.batch_size,
+                                           average=cfg.average_logprobs, place=place)
+            _save_ref_logprobs(path, ref_logps, data_hash=data_hash, average=cfg.average_logprobs)
+            message = (f"reference log-probs of {n} pairs computed in {time.perf_counter() - started:.1f} s "
+                       f"-> {path}")
+            _log.info(message)
+            if run.stdout:
+                print(message, flush=True)
+        return {**arrays, **ref_logps}, ()
+
+    return _fit_supervised(
+        kind="dpo", model=lm, params=params, data=train_data, cfg=cfg, run=run, keys=DPO_PAIR_KEYS,
+        init_fn=dpo_init, make_step=make_dpo_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
+        on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
+        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], setup=setup)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,
             value_params=None, reward_params=None, num_epochs: int | None = None, mesh=None,
             max_steps: int | None = None, on_step: Callable | None = None,
             on_rollout: Callable | None = None, on_checkpoint: Callable | None = None,
+            eval_fn: Callable | None = None, eval_every: int | None = None, decode: Callable | None = None,
             kl_warn_window: int = 10, allow_config_mismatch: bool = False, return_state: bool = False):
     """PPO-RLHF: `trainer.iteration` over batches of prompts.
 
@@ -608,6 +782,15 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
         on logged steps with the iteration's `Rollout` (device arrays) and the
         prompt rows; a returned dict is added to the step's metrics (e.g. a gold
         reward of the responses).
+      eval_fn: `eval_fn(policy_params) -> dict` of held-out metrics (e.g.
+        `rlhf_jax.eval.training_eval.rl_eval_fn`: verifier pass@1 or reward-model score,
+        and KL to the reference), logged as ``eval/<name>``; it must draw its own,
+        fixed PRNG keys so a resumed run logs the same values.
+      decode: `decode(token_ids [B, N], mask [B, N]) -> list[str]`, for the sample
+        completions written every `run.log_samples_every` iterations (samples.jsonl:
+        iteration, prompt, completion, score; TensorBoard text; W&B table). Without it
+        the lines hold token ids. The scores are the reward source's, asked again for
+        the logged rows (`trainer.score`).
       kl_warn_window: warn when the k1 KL mean ("kl_k1") is negative over this
         many logged steps.
     {common}
@@ -632,6 +815,8 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
     order = _Order(n, batch_size, run.seed)
     total = _num_steps(order.per_epoch, num_epochs, max_steps)
+    if eval_every is None:
+        eval_every = run.eval_every
 
     driver = _Run(kind="ppo", cfg=cfg, fingerprint=_fingerprint(arrays), run=run, mesh=mesh, total_steps=total,
                   allow_config_mismatch=allow_config_mismatch, on_checkpoint=on_checkpoint)
@@ -647,6 +832,7 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
         reward_params = driver.place(reward_params)
         state, start = driver.restore_or_start(state)
         monitor.replay(driver.logger.history)
+        samples_warned = False
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
@@ -681,9 +867,12 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                 if state_sh is not None:
                     state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
                 done = step + 1
-                if driver.should_log(done):
+                evaluate = eval_fn is not None and driver.eval_due(done, eval_every)
+                if driver.should_log(done) or evaluate:
                     host = driver.fetch(metrics)
                     host["epoch"] = epoch
+                    if evaluate:
+                        host.update(_eval_metrics(eval_fn(state.params)))
                     if on_rollout is not None:
                         extra = on_rollout(done, rows, rollout)
                         if extra is not None:
@@ -693,6 +882,15 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                     if message:
                         driver.logger.warn(f"step {done}: {message}")
                     driver.log(done, host, on_step)
+                if driver.due(done, run.log_samples_every):
+                    if not dynamic:
+                        driver.log_samples(done, rollout_samples(
+                            trainer, reward_params, ids, mask, rollout, rows, decode=decode,
+                            limit=run.num_logged_samples), step_key="iteration")
+                    elif not samples_warned:  # the rollout's rows may come from refilled prompts
+                        driver.logger.warn("`run.log_samples_every`: no samples are logged with "
+                                           "`rewards.dynamic_sampling` (the rollout's prompts are refilled)")
+                        samples_warned = True
                 driver.maybe_save(done, state, _position(done, order.per_epoch))
         history = list(driver.logger.history)
     finally:
@@ -702,11 +900,49 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     return state.params, history
 
 
+def rollout_samples(trainer, reward_params, prompt_ids, prompt_mask, rollout, prompt_index, *,
+                    decode: Callable | None = None, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of an RL iteration as sample records: prompt, completion, score.
+
+    The scores come from `trainer.score(reward_params, prompt_ids, prompt_mask, rollout,
+    prompt_index)` (the iteration's reward source, asked again). A rollout with several
+    samples per prompt (`rows = prompts x group`) repeats each prompt.
+
+    Args:
+      decode: `decode(ids, mask) -> list[str]`; None writes token-id lists instead.
+    """
+    scores = np.asarray(jax.device_get(trainer.score(reward_params, prompt_ids, prompt_mask, rollout,
+                                                      prompt_index)), np.float64)
+    ids, mask, tokens, response_mask, ended = jax.device_get(
+        (prompt_ids, prompt_mask, rollout.tokens, rollout.mask, rollout.ended_with_eos))
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    tokens, response_mask = np.asarray(tokens), np.asarray(response_mask)
+    group = max(tokens.shape[0] // max(ids.shape[0], 1), 1)
+    count = tokens.shape[0] if limit is None else min(int(limit), tokens.shape[0])
+    prompt_rows = np.arange(count) // group
+    ids, mask = ids[prompt_rows], mask[prompt_rows]
+    tokens, response_mask = tokens[:count], response_mask[:count]
+    if decode is not None:
+        prompts, completions = decode(ids, mask), decode(tokens, response_mask)
+    else:
+        prompts = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+        completions = [row[m > 0].tolist() for row, m in zip(tokens, response_mask)]
+    index = None if prompt_index is None else np.asarray(prompt_index)[prompt_rows]
+    records = []
+    for i in range(count):
+        record = {"prompt": prompts[i], "completion": completions[i], "score": float(scores[i]),
+                  "ended_with_eos": bool(np.asarray(ended)[i])}
+        if index is not None:
+            record["prompt_index"] = int(index[i])
+        records.append(record)
+    return records
+
+
 def _fill_docs() -> None:
     common = _COMMON_DOC.strip("\n")
     no_tx = "\n".join(line for line in common.splitlines()
                       if "tx: the optimizer" not in line and "filled in from the run length" not in line)
-    for fn, text in ((fit_sft, common), (fit_reward, common), (fit_ppo, no_tx)):
+    for fn, text in ((fit_sft, common), (fit_reward, common), (fit_dpo, common), (fit_ppo, no_tx)):
         fn.__doc__ = fn.__doc__.replace("    {common}", text.rstrip() + "\n")
 
 

@@ -5,7 +5,8 @@
   `SFTConfig`, `RewardConfig` and `PPOConfig` (which also has an optional
   `value_optimizer`).
 - `RunOptions`: where a driver writes (output folder, checkpoints, logging
-  sinks), the seed of its data order and PRNG, and the device mesh. The same
+  sinks: stdout, TensorBoard, Weights & Biases (`WandbOptions`), sample completions,
+  held-out evaluation during training), the seed of its data order and PRNG, and the device mesh. The same
   object serves `fit_sft`, `fit_reward`, `fit_ppo` and the `run:` section of
   every training command of the CLI.
 
@@ -24,8 +25,8 @@ from typing import Literal
 
 from rlhf_jax.errors import ConfigError
 
-__all__ = ["hyper", "check", "check_choices", "check_positive_int", "OptimizerConfig", "MeshOptions", "RunOptions",
-           "RESUMABLE_RUN_OPTIONS"]
+__all__ = ["hyper", "check", "check_choices", "check_positive_int", "OptimizerConfig", "MeshOptions", "WandbOptions",
+           "RunOptions", "RESUMABLE_RUN_OPTIONS"]
 
 
 def hyper(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):  # noqa: A002
@@ -119,7 +120,7 @@ class OptimizerConfig:
 class MeshOptions:
     """The device mesh (data parallel x FSDP x tensor parallel)."""
 
-    data: int = hyper(1, "devices along the data axis (-1: all that fsdp x tensor leave; the CLI's default)")
+    data: int = hyper(1, "devices along the data axis (-1: all that fsdp x tensor leaves; the CLI's default)")
     fsdp: int = hyper(1, "devices along the FSDP (parameter sharding) axis")
     tensor: int = hyper(1, "devices along the tensor-parallel axis")
 
@@ -139,6 +140,25 @@ class MeshOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbOptions:
+    """An optional Weights & Biases sink (needs the `wandb` package: `pip install 'rlhf_jax[wandb]'`)."""
+
+    enabled: bool = hyper(False, "also log scalars and sample tables to Weights & Biases (files under "
+                                 "output_dir/wandb/)")
+    mode: Literal["online", "offline"] | None = hyper(
+        None, "online, or offline (no network; `wandb sync` later); null: W&B's default, which honours WANDB_MODE")
+    project: str | None = hyper(None, "W&B project (null: W&B's default / WANDB_PROJECT)")
+    entity: str | None = hyper(None, "W&B entity, a user or team (null: W&B's default)")
+    name: str | None = hyper(None, "W&B run name (null: W&B picks one)")
+    group: str | None = hyper(None, "W&B run group")
+    tags: tuple[str, ...] = hyper((), "W&B run tags")
+
+    def __post_init__(self):
+        check_choices(self)
+        check(isinstance(self.enabled, bool), f"`enabled` must be true or false, got {self.enabled!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Where and how a driver runs: output folder, checkpoints, logging, seed, mesh."""
 
@@ -153,6 +173,14 @@ class RunOptions:
     stdout: bool = hyper(True, "print metrics and warnings")
     tensorboard: bool = hyper(True, "write TensorBoard events under tb/")
     progress: bool | None = hyper(None, "show a progress bar (null: when stdout is a terminal)")
+    wandb: WandbOptions = hyper(help="Weights & Biases sink (off by default)", factory=WandbOptions)
+    log_samples_every: int | None = hyper(
+        None, "every N steps (RL: iterations), write a few sampled completions (prompt, completion, score) to "
+              "samples.jsonl, TensorBoard text and W&B (null: never)")
+    num_logged_samples: int = hyper(4, "how many completions each sample log holds")
+    eval_every: int | None = hyper(
+        None, "evaluate on the held-out data (data.eval_files) every N steps (RL: iterations) and at the end, "
+              "logged as eval/...; null: only at the end when there is held-out data")
     async_checkpoint: bool = hyper(True, "write checkpoints in the background")
     resume: bool = hyper(True, "continue from the newest checkpoint in output_dir (false: an existing "
                                "checkpoint is an error)")
@@ -164,11 +192,16 @@ class RunOptions:
         check(_is_int(self.seed), f"`seed` must be an int, got {self.seed!r}")
         check(self.checkpoint_every is None or (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
               f"`checkpoint_every` must be an int >= 1 or null, got {self.checkpoint_every!r}")
-        check_positive_int(self, "keep", "log_every")
+        check_positive_int(self, "keep", "log_every", "num_logged_samples")
+        for name in ("log_samples_every", "eval_every"):
+            value = getattr(self, name)
+            check(value is None or (_is_int(value) and value >= 1), f"`{name}` must be an int >= 1 or null, "
+                                                                    f"got {value!r}")
         check(self.print_every is None or (_is_int(self.print_every) and self.print_every >= 1),
               f"`print_every` must be an int >= 1 or null, got {self.print_every!r}")
 
 
 RESUMABLE_RUN_OPTIONS = ("checkpoint_every", "keep", "log_every", "print_every", "stdout", "tensorboard",
-                         "progress", "async_checkpoint")
+                         "progress", "async_checkpoint", "log_samples_every", "num_logged_samples",
+                         "eval_every") + tuple(f"wandb.{f.name}" for f in dataclasses.fields(WandbOptions))
 """`RunOptions` fields a resumed run may change: they do not change the math of the steps done."""

@@ -2,7 +2,7 @@
 
 `make_sft_step(lm, tx, cfg)` returns a pure `(state, batch) -> (state, metrics)` step
 with gradient accumulation over micro-batches (an explicit `lax.scan`); `sft_init`
-builds its `TrainState`.
+builds its `TrainState`; `evaluate_sft` gives the held-out loss and token accuracy.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax.core import ops
@@ -27,7 +28,7 @@ from rlhf_jax.train.state import (
     split_micro_batches,
 )
 
-__all__ = ["SFTConfig", "sft_init", "make_sft_step", "sft_loss_fn"]
+__all__ = ["SFTConfig", "sft_init", "make_sft_step", "sft_loss_fn", "evaluate_sft"]
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -156,3 +157,37 @@ def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
         return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
     return step
+
+
+def _eval_sums(lm, params, batch):
+    """Summed completion-token NLL, correct argmax predictions and token count of one chunk."""
+    loss, (aux, weight) = sft_loss_fn(lm, params, batch, agg="token-mean")
+    del loss
+    return aux["nll"] * weight, aux["token_accuracy"] * weight, weight
+
+
+_eval_sums_jit = jax.jit(_eval_sums, static_argnames=("lm",))
+
+
+def evaluate_sft(lm, params, data, *, batch_size: int | None = None) -> dict:
+    """Held-out next-token loss and accuracy over every completion token of `data`.
+
+    Args:
+      lm: the `LM`.
+      params: its parameters.
+      data: {"input_ids", "attention_mask", "loss_mask"} `[N, L]` arrays.
+      batch_size: rows per forward (None: all at once); a last, shorter chunk compiles once more.
+
+    Returns:
+      dict of Python floats: `loss` (token-mean NLL over all completion tokens),
+      `token_accuracy`, `tokens` (how many completion tokens were scored).
+    """
+    n = int(np.shape(data["input_ids"])[0])
+    size = n if batch_size is None else max(int(batch_size), 1)
+    nll = correct = tokens = 0.0
+    for start in range(0, n, size):
+        chunk = {k: jnp.asarray(data[k][start:start + size]) for k in ("input_ids", "attention_mask", "loss_mask")}
+        a, b, c = jax.device_get(_eval_sums_jit(lm, params, chunk))
+        nll, correct, tokens = nll + float(a), correct + float(b), tokens + float(c)
+    denominator = max(tokens, 1.0)
+    return {"loss": nll / denominator, "token_accuracy": correct / denominator, "tokens": tokens}

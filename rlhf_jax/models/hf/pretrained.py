@@ -335,8 +335,8 @@ def from_pretrained(path, *, head: str = "lm", dtype=jnp.float32, param_dtype=jn
                                  "load with head='scalar'")
             if ours not in expected or (layer is not None and layer >= config.num_layers):
                 raise LoadError(f"{source}: tensor {name!r} (-> {ours}) has no place in this "
-                                f"model (config: {config.model_type}, {config.num_layers} layers, "
-                                f"head {head!r}); config.json and weights disagree")
+                                 f"model (config: {config.model_type}, {config.num_layers} layers, "
+                                 f"head {head!r}); config.json and weights disagree")
             if transpose:
                 array = array.T
             full = tuple(expected[ours].shape)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rlhf_jax.train.options import check, hyper
+from rlhf_jax.train.options import OptimizerConfig, check, hyper
 
 __all__ = [
     "RLConfig",
@@ -114,7 +114,8 @@ class RLSamplingConfig:
     top_k: int = hyper(0, "top-k sampling (0 = off)")
     top_p: float = hyper(1.0, "nucleus sampling, in (0, 1] (1 = off)")
     eos_token_id: int | None = hyper(None, "EOS id (null: none, fixed-length responses)")
-    pad_token_id: int = hyper(0, "PAD id written after EOS")
+    pad_token_id: int | None = hyper(None, "PAD id written after EOS (null: the tokenizer's from the CLI, 0 in "
+                                           "library use)")
 
     def __post_init__(self):
         _positive_int(self, "max_new_tokens")
@@ -123,8 +124,8 @@ class RLSamplingConfig:
         check(0 < self.top_p <= 1, f"`top_p` must lie in (0, 1], got {self.top_p}")
         check(self.eos_token_id is None or (_is_int(self.eos_token_id) and self.eos_token_id >= 0),
               f"`eos_token_id` must be an int >= 0 or null, got {self.eos_token_id!r}")
-        check(_is_int(self.pad_token_id) and self.pad_token_id >= 0,
-              f"`pad_token_id` must be an int >= 0, got {self.pad_token_id!r}")
+        check(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
+              f"`pad_token_id` must be an int >= 0 or null, got {self.pad_token_id!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +262,16 @@ class RLConfig:
     kl: RLKLConfig = hyper(help="KL penalty to the reference", factory=RLKLConfig)
     rewards: RLRewardConfig = hyper(help="score shaping, DAPO data-side pieces, non-finite guard",
                                   factory=RLRewardConfig)
-    seed: int = hyper(0, "PRNG seed of the state and the prompt order")
+    optimizer: OptimizerConfig = hyper(help="policy optimizer (the CLI builds the trainer's from it)",
+                                       factory=lambda: OptimizerConfig(learning_rate=1e-6))
+    value_optimizer: OptimizerConfig | None = hyper(
+        None, "optimizer of a separate value network (gae only; null: the same settings as `optimizer`)")
+    seed: int = hyper(0, "PRNG seed of the state (library use; the drivers pass `RunOptions.seed`)")
+
+    @property
+    def value_optimizer_config(self) -> OptimizerConfig:
+        """The value network's optimizer settings (`value_optimizer`, else `optimizer`)."""
+        return self.value_optimizer if self.value_optimizer is not None else self.optimizer
 
     def __post_init__(self):
         est = self.advantages.estimator

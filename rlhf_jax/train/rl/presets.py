@@ -22,6 +22,7 @@ import copy
 import dataclasses
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.train.options import OptimizerConfig
 from rlhf_jax.train.rl.config import (
     PolicyLossConfig,
     RLAdvantageConfig,
@@ -32,7 +33,7 @@ from rlhf_jax.train.rl.config import (
     RLSamplingConfig,
 )
 
-__all__ = ["PRESETS", "ALGORITHMS", "rl_config", "rl_config_from_ppo", "SECTIONS"]
+__all__ = ["PRESETS", "ALGORITHMS", "rl_config", "rl_config_from_ppo", "preset_train_section", "SECTIONS"]
 
 SECTIONS = {
     "batch": RLBatchConfig,
@@ -41,6 +42,8 @@ SECTIONS = {
     "loss": PolicyLossConfig,
     "kl": RLKLConfig,
     "rewards": RLRewardConfig,
+    "optimizer": OptimizerConfig,
+    "value_optimizer": OptimizerConfig,
 }
 
 _GROUP = {"batch": {"num_minibatches": 1, "ppo_epochs": 1}}
@@ -100,6 +103,13 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     return out
 
 
+def preset_train_section(algorithm: str, overrides: dict) -> dict:
+    """The nested `train:` mapping of `algorithm`'s preset with `overrides` laid over it (for the CLI)."""
+    if algorithm not in PRESETS:
+        raise ConfigError(f"`algorithm` must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    return _merge(PRESETS[algorithm], dict(overrides), "train.")
+
+
 def rl_config(algorithm: str = "ppo", overrides: dict | None = None, *, prefix: str = "") -> RLConfig:
     """The `RLConfig` of `algorithm`'s preset with the nested `overrides` laid over it.
 
@@ -122,6 +132,9 @@ def rl_config(algorithm: str = "ppo", overrides: dict | None = None, *, prefix: 
         if key not in SECTIONS:
             raise ConfigError(f"unknown key `{prefix}{key}`; the sections are {sorted(SECTIONS)} (and `seed`)")
         cls = SECTIONS[key]
+        if value is None and key == "value_optimizer":
+            kwargs[key] = None
+            continue
         if not isinstance(value, dict):
             raise ConfigError(f"`{prefix}{key}` must be a mapping of {cls.__name__} keys, got {value!r}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -154,4 +167,6 @@ def rl_config_from_ppo(c) -> RLConfig:
         kl=RLKLConfig(placement="in_reward", kl_coef=k.kl_coef, kl_estimator=k.kl_estimator, kl_target=k.kl_target,
                       kl_horizon=k.kl_horizon),
         rewards=RLRewardConfig(reward_clip=r.reward_clip, missing_eos_penalty=r.missing_eos_penalty),
+        optimizer=c.optimizer,
+        value_optimizer=c.value_optimizer,
     )

@@ -174,7 +174,7 @@ class RLTrainer:
         s = cfg.sampling
         self._sampling = dict(
             policy=policy, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
+            top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=0 if s.pad_token_id is None else s.pad_token_id,
             num_samples=cfg.batch.group_size,
         )
         self._score_jit = jax.jit(self._score) if reward_model is not None else None
