@@ -119,7 +119,7 @@ def test_prompts_left_padded_with_answers(tmp_path, tok):
 
 
 def test_parquet_rows_are_numbered(tmp_path, tok):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a test extra: missing is a failure, not a skip
     import pyarrow.parquet as pq
     path = str(tmp_path / "rl.parquet")
     pq.write_table(pa.table({"prompt": ["1+1=", ""], "answer": ["2", "0"]}), path)

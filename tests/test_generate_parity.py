@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch as torch  # a test extra: missing is a failure, not a skip
+import transformers as transformers  # a test extra: missing is a failure, not a skip
 
 from rlhf_jax.data import left_pad  # noqa: E402
 from rlhf_jax.models import from_pretrained  # noqa: E402

@@ -11,14 +11,13 @@ The real SmolLM2-135M-Instruct file is tested in tests/test_gguf_real.py.
 import functools
 import struct
 
+import gguf as gguf  # a test extra: missing is a failure, not a skip
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import torch as torch  # a test extra: missing is a failure, not a skip
+import transformers as transformers  # a test extra: missing is a failure, not a skip
 
 from rlhf_jax.errors import LoadError  # noqa: E402
 from rlhf_jax.models import from_pretrained  # noqa: E402
