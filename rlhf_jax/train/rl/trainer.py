@@ -45,6 +45,7 @@ from rlhf_jax.models.lora import combine, reference_lm
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
+from rlhf_jax.train.sharding import constrain_rows
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,
@@ -105,7 +106,7 @@ def _chunked(fn, arrays, chunk: int):
     rows = jnp.shape(arrays[0])[0]
     if chunk >= rows:
         return fn(*arrays)
-    xs = tuple(jnp.reshape(a, (rows // chunk, chunk) + jnp.shape(a)[1:]) for a in arrays)
+    xs = constrain_rows(tuple(jnp.reshape(a, (rows // chunk, chunk) + jnp.shape(a)[1:]) for a in arrays), axis=1)
     out = jax.lax.map(lambda x: fn(*x), xs)
     return jax.tree.map(lambda y: jnp.reshape(y, (rows,) + jnp.shape(y)[2:]), out)
 
@@ -356,7 +357,8 @@ class RLTrainer:
 
         def minibatch(carry, idx):
             params, opt_state, value_params, value_opt_state = carry
-            micro = jax.tree.map(lambda x: x[idx], data)  # [A, micro, ...]
+            # [A, micro, ...]; on a mesh, each micro-batch's rows stay split over the devices
+            micro = constrain_rows(jax.tree.map(lambda x: x[idx], data), axis=1)
             loss, grads, aux, _ = accumulate_gradients(
                 loss_fn, (params, value_params), micro, num_micro=bc.grad_accum_steps
             )
