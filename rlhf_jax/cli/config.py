@@ -47,6 +47,7 @@ __all__ = [
     "TokenizerSection",
     "DataSection",
     "RewardSection",
+    "LoRASection",
     "RunOptions",
     "SFTRunConfig",
     "RewardRunConfig",
@@ -87,7 +88,8 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = _help("compute dtype", "float32")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter (master weight) dtype", "float32")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = _help(
-        "storage dtype of the frozen networks' weights (PPO reference and reward model)", "bfloat16")
+        "storage dtype of the frozen networks' weights (RL reference and reward model; with `lora:`, the frozen "
+        "base)", "bfloat16")
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention"] = _help(
         "activation checkpointing per layer in the training steps", "none")
 
@@ -142,6 +144,38 @@ class RewardSection:
         "(a .py file executed) with your permissions; name only code you trust", None)
 
 
+@dataclass(frozen=True)
+class LoRASection:
+    """LoRA: train low-rank adapters (and the new heads) on a frozen base (rlhf_jax.models.lora)."""
+
+    rank: int = _help("adapter rank r (>= 1)", 8)
+    alpha: float = _help("scale numerator: the low-rank term is multiplied by alpha / r (> 0)", 16.0)
+    targets: str | None = _help(
+        "regular expression matched in full against projection names (e.g. 'q_proj|v_proj'); null: every "
+        "projection of the family (Llama's q/k/v/o/gate/up/down, GPT-2's c_attn/c_proj/c_fc)", None)
+    use_rslora: bool = _help("rank-stabilised scale alpha / sqrt(r) (arXiv 2312.03732)", False)
+
+    def to_lora_config(self):
+        """The `rlhf_jax.models.LoRAConfig` of this section."""
+        from rlhf_jax.models.lora import LoRAConfig
+
+        kwargs = {} if self.targets is None else {"targets": self.targets}
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora, **kwargs)
+
+
+def _check_lora(lora: LoRASection | None):
+    if lora is None:
+        return
+    try:
+        lora.to_lora_config()
+    except ValueError as e:
+        raise ConfigError(f"`lora`: {e}") from None
+
+
+_LORA_HELP = ("LoRA adapters on a frozen base (null: full fine-tuning); the base is stored in model.frozen_dtype "
+              "and, in RL and DPO, is also the reference")
+
+
 # --------------------------------------------------------------------------- run configs
 
 
@@ -192,6 +226,7 @@ class SFTRunConfig:
     tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
     data: DataSection = hyper(help="data", factory=DataSection)
     train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
                             factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
                                                        mesh=_ALL_DEVICES))
@@ -201,6 +236,7 @@ class SFTRunConfig:
         _check_model(self.model, self.tokenizer)
         _check_data(self.data)
         _check_common(self, self.train.batch_size)
+        _check_lora(self.lora)
 
 
 @dataclass(frozen=True)
@@ -212,6 +248,7 @@ class RewardRunConfig:
     data: DataSection = hyper(help="data", factory=DataSection)
     train: RewardConfig = hyper(help="reward-model hyper-parameters (rlhf_jax.train.RewardConfig)",
                                 factory=RewardConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
                                   "and rejected responses have mean 0")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
@@ -223,6 +260,7 @@ class RewardRunConfig:
         _check_model(self.model, self.tokenizer)
         _check_data(self.data)
         _check_common(self, self.train.batch_size)
+        _check_lora(self.lora)
 
 
 @dataclass(frozen=True)
@@ -234,6 +272,7 @@ class DPORunConfig:
     tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
     data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
     train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
                             factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
                                                        mesh=_ALL_DEVICES))
@@ -243,7 +282,10 @@ class DPORunConfig:
         _check_model(self.model, self.tokenizer)
         _check_data(self.data)
         _check_common(self, self.train.batch_size)
+        _check_lora(self.lora)
         _require(self.reference is None or bool(self.reference), "`reference` must be a model folder or null")
+        _require(self.lora is None or self.reference is None,
+                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
 
 
 @dataclass(frozen=True)
@@ -260,6 +302,7 @@ class PPORunConfig:
     data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
     reward: RewardSection = hyper(help="reward source", factory=RewardSection)
     train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
                             factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
@@ -270,6 +313,9 @@ class PPORunConfig:
         _check_model(self.model, self.tokenizer)
         _check_data(self.data, prompts_only=True)
         _check_common(self, self.train.batch.batch_size)
+        _check_lora(self.lora)
+        _require(self.lora is None or self.reference is None,
+                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
         _require((self.reward.model_path is None) != (self.reward.function is None),
                  "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
         if self.reward.function is not None:
@@ -306,6 +352,7 @@ class RLRunConfig:
     data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
     reward: RewardSection = hyper(help="reward source", factory=RewardSection)
     train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
     run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
                             factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
@@ -327,6 +374,9 @@ class RLRunConfig:
         _check_model(self.model, self.tokenizer)
         _check_data(self.data, prompts_only=True)
         _check_common(self, self.train.batch.batch_size)
+        _check_lora(self.lora)
+        _require(self.lora is None or self.reference is None,
+                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
         _require((self.reward.model_path is None) != (self.reward.function is None),
                  "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
         if self.reward.function is not None:
