@@ -192,6 +192,7 @@ def test_remat_policies_give_the_same_gradients_and_full_saves_memory():
 
 # --------------------------------------------------------------- TPU: the splash kernel
 from rlhf_jax.models import attention as attention_module  # noqa: E402
+from rlhf_jax.models import splash  # noqa: E402
 
 
 def test_splash_is_chosen_only_on_tpu_and_where_the_shapes_allow(monkeypatch):
@@ -208,9 +209,9 @@ def test_splash_is_chosen_only_on_tpu_and_where_the_shapes_allow(monkeypatch):
     with pytest.raises(ValueError, match="RLHF_JAX_ATTENTION"):
         impl(jnp.float32)
     # block sizes: the largest of 512, 256, 128 that divides the slots
-    size = attention_module.splash_block_size
+    size = splash.splash_block_size
     assert (size(1024), size(768), size(384), size(100)) == (512, 256, 128, None)
-    unsupported = attention_module.splash_unsupported
+    unsupported = splash.splash_unsupported
     assert unsupported((2, 256, 4, 64), (2, 256, 2, 64), device_count=1) is None
     assert "multiple of the kernel's 128-slot blocks" in unsupported((2, 100, 4, 64), (2, 100, 2, 64), device_count=1)
     assert "self-attention" in unsupported((2, 128, 4, 64), (2, 256, 4, 64), device_count=1)
@@ -219,7 +220,7 @@ def test_splash_is_chosen_only_on_tpu_and_where_the_shapes_allow(monkeypatch):
     mesh = jax.sharding.AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"))
     assert unsupported((4, 128, 4, 64), (4, 128, 2, 64), mesh=mesh, device_count=4) is None
     # segment ids of the packed form: real slots 1, padding 0; a row with no real token keeps slot 0
-    np.testing.assert_array_equal(attention_module.splash_segment_ids(jnp.array([3, 0, 4]), 4),
+    np.testing.assert_array_equal(splash.splash_segment_ids(jnp.array([3, 0, 4]), 4),
                                   [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
 
 
@@ -245,7 +246,7 @@ def test_splash_kernel_in_interpret_mode_matches_xla(monkeypatch):
     mesh (2 x 2 data x fsdp), the batch split over the devices."""
     from rlhf_jax.train.sharding import make_mesh, shard_batch
 
-    attention_module._splash_kernel.cache_clear()
+    splash._splash_kernel.cache_clear()
     config = ModelConfig.tiny("llama", 64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                               max_position_embeddings=128)
     lm = LM(config, "lm")
@@ -260,7 +261,8 @@ def test_splash_kernel_in_interpret_mode_matches_xla(monkeypatch):
         return jax.jit(fn)(*args)  # a fresh jit: the choice is read when it traces
 
     logits = lambda p, i, m: lm.logits(p, i, m)  # noqa: E731
-    got, want = run("splash", logits, params, ids, jnp.asarray(mask)), run("xla", logits, params, ids, jnp.asarray(mask))
+    got = run("splash", logits, params, ids, jnp.asarray(mask))
+    want = run("xla", logits, params, ids, jnp.asarray(mask))
     real = mask > 0
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
 
@@ -287,4 +289,4 @@ def test_splash_kernel_in_interpret_mode_matches_xla(monkeypatch):
     assert got.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     # the kernel really ran: one per (slots, heads, window) seen above
-    assert attention_module._splash_kernel.cache_info().currsize == 2
+    assert splash._splash_kernel.cache_info().currsize == 2
