@@ -77,6 +77,7 @@ def test_plan_grpo_with_lora_trains_only_the_adapters(capsys, model_dir):
     assert got["trainable_params"] == ADAPTERS and got["frozen_params"] == FULL
     lora = got["lora"]
     assert lora["rank"] == 4 and lora["heads"] == [] and lora["base_dtype"] == "bfloat16"
+    assert lora["base_params"] == FULL
     assert lora["adapted"] == ["trunk/h/attn/c_attn", "trunk/h/attn/c_proj", "trunk/h/mlp/c_fc", "trunk/h/mlp/c_proj"]
     # the train state: the adapters and Adam's two moments in float32 (+ a few counters and the
     # KL controller); the frozen base (the reference too) once, in bfloat16

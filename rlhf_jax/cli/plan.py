@@ -18,7 +18,7 @@ fixed when JAX starts). With `--json` the last stdout line is one JSON object:
      "phases": {NAME: {"peak_bytes_per_device": int, "compile_s": float, "flops": float}},
      "trainable_params": int, "frozen_params": int, "state_bytes_per_device": int,
      "frozen_bytes_per_device": int, "lora": null | {"rank", "alpha", "targets", "adapted",
-     "layers", "heads", "base_dtype"}}
+     "layers", "base_params", "heads", "base_dtype"}}
 
 Phases: `step` for sft, reward and dpo; `rollout`, `score` (only with a reward model) and
 `update` for ppo and rl.

@@ -160,6 +160,7 @@ def _lora_info(model, trainable, frozen) -> dict | None:
     dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(frozen) if jnp.issubdtype(leaf.dtype, jnp.floating)})
     return {"rank": int(model.lora.rank), "alpha": float(model.lora.alpha), "targets": model.lora.pattern,
             "adapted": adapter_paths(trainable), "layers": int(model.config.num_layers),
+            "base_params": _num_params(frozen),
             "heads": list(trained_heads(model)),
             "base_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes)}
 
@@ -494,8 +495,11 @@ def format_plan(plan: RunPlan, *, title: str = "") -> str:
             heads = f" + heads {', '.join(lora['heads'])}" if lora["heads"] else ""
             trained += (f" = LoRA r={lora['rank']} alpha={lora['alpha']:g} on {len(lora['adapted'])} projections"
                         f" x {lora['layers']} layers"
-                        f"{heads}; frozen base {plan.frozen_params / 1e6:.2f} M params in {lora['base_dtype']}"
+                        f"{heads}; frozen base {lora['base_params'] / 1e6:.2f} M params in {lora['base_dtype']}"
                         " (also the reference)")
+            others = plan.frozen_params - lora["base_params"]
+            if others:
+                trained += f", other frozen networks {others / 1e6:.2f} M params"
         elif plan.frozen_params:
             trained += f"; frozen: {plan.frozen_params / 1e6:.2f} M params"
         lines.append(trained)
