@@ -218,6 +218,33 @@ def _check_common(cfg, batch_size: int):
                  f"`train.batch_size` ({batch_size}) must be divisible by `run.mesh.data` ({mesh.data})")
 
 
+def _run_field(output_dir: str, *, checkpoint_every: int):
+    """The `run:` section of a training command, with that command's default folder."""
+    return hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                 factory=lambda: RunOptions(output_dir=output_dir, checkpoint_every=checkpoint_every,
+                                            mesh=_ALL_DEVICES))
+
+
+def _check_training(cfg, batch_size: int, *, prompts_only: bool = False):
+    """The checks every training command shares: model, data, batch over the mesh, LoRA."""
+    _check_model(cfg.model, cfg.tokenizer)
+    _check_data(cfg.data, prompts_only=prompts_only)
+    _check_common(cfg, batch_size)
+    _check_lora(cfg.lora)
+
+
+def _check_online(cfg):
+    """The checks `ppo` and `rl` share: the reference under LoRA and exactly one reward source."""
+    _check_training(cfg, cfg.train.batch.batch_size, prompts_only=True)
+    _require(cfg.lora is None or cfg.reference is None,
+             "`reference`: with `lora:` the reference is the frozen base; set reference to null")
+    _require((cfg.reward.model_path is None) != (cfg.reward.function is None),
+             "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+    if cfg.reward.function is not None:
+        _require(":" in cfg.reward.function,
+                 f"`reward.function` must be `module:function`, got {cfg.reward.function!r}")
+
+
 @dataclass(frozen=True)
 class SFTRunConfig:
     """`rlhf-jax sft`: supervised fine-tuning on prompt/completion or messages rows."""
@@ -227,16 +254,11 @@ class SFTRunConfig:
     data: DataSection = hyper(help="data", factory=DataSection)
     train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
     lora: LoRASection | None = hyper(None, _LORA_HELP)
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/sft", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
-        _check_lora(self.lora)
+        _check_training(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -251,16 +273,11 @@ class RewardRunConfig:
     lora: LoRASection | None = hyper(None, _LORA_HELP)
     normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
                                   "and rejected responses have mean 0")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/reward", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
-        _check_lora(self.lora)
+        _check_training(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -273,16 +290,11 @@ class DPORunConfig:
     data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
     train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
     lora: LoRASection | None = hyper(None, _LORA_HELP)
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/dpo", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
-        _check_lora(self.lora)
+        _check_training(self, self.train.batch_size)
         _require(self.reference is None or bool(self.reference), "`reference` must be a model folder or null")
         _require(self.lora is None or self.reference is None,
                  "`reference`: with `lora:` the reference is the frozen base; set reference to null")
@@ -304,23 +316,11 @@ class PPORunConfig:
     train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
     lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/ppo", checkpoint_every=20)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data, prompts_only=True)
-        _check_common(self, self.train.batch.batch_size)
-        _check_lora(self.lora)
-        _require(self.lora is None or self.reference is None,
-                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
-        _require((self.reward.model_path is None) != (self.reward.function is None),
-                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
-        if self.reward.function is not None:
-            _require(":" in self.reward.function,
-                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        _check_online(self)
         if self.value_model == "reward_model":
             _require(self.reward.model_path is not None,
                      "`value_model`: `reward_model` needs `reward.model_path`")
@@ -354,9 +354,7 @@ class RLRunConfig:
     train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
     lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/rl", checkpoint_every=20)
 
     @classmethod
     def preprocess(cls, data: dict) -> dict:
@@ -371,17 +369,7 @@ class RLRunConfig:
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data, prompts_only=True)
-        _check_common(self, self.train.batch.batch_size)
-        _check_lora(self.lora)
-        _require(self.lora is None or self.reference is None,
-                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
-        _require((self.reward.model_path is None) != (self.reward.function is None),
-                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
-        if self.reward.function is not None:
-            _require(":" in self.reward.function,
-                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        _check_online(self)
         critic = self.train.advantages.needs_critic
         _require(critic or self.value_model is None,
                  f"`value_model`: train.advantages.estimator {self.train.advantages.estimator!r} has no critic; "
