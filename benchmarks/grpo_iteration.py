@@ -52,9 +52,9 @@ the update's model GFLOP/s, peak RSS above the post-import baseline (ours after 
 
 On CPU ours runs twice: on one XLA device, and data-parallel on 2 host devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=2`, a `data=2` mesh from
-`rlhf_jax.train.sharding.make_mesh`, the prompts split over it with `shard_batch`, params
-replicated, the iteration under `jax.set_mesh(mesh)` so that each minibatch's rows stay
-split, `sharding.constrain_rows`), so that each core runs its half of every matmul. TRL
+`rlhf_jax.train.sharding.make_mesh` given to `trainer.with_mesh`, the prompts split over it
+with `shard_batch`, params replicated, each minibatch's rows kept split inside the update by
+`sharding.constrain_rows`), so that each core runs its half of every matmul. TRL
 runs with torch's default threads (one per core) and, as an extra row, with 1 thread.
 
 Update FLOPs (model FLOPs, backward = 2 x forward), T = P + N, rows R, trunk forward
@@ -138,8 +138,6 @@ def run_ours(shape: dict, *, model_dir: str, iterations: int, warmup: int, seed:
     if devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={devices}").strip()
-    import contextlib
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -148,7 +146,7 @@ def run_ours(shape: dict, *, model_dir: str, iterations: int, warmup: int, seed:
     from rlhf_jax.train import OptimizerConfig, optimizer_from_config
     from rlhf_jax.train.rl.presets import rl_config
     from rlhf_jax.train.rl.trainer import RLTrainer
-    from rlhf_jax.train.sharding import make_mesh, param_shardings, replicated, shard_batch
+    from rlhf_jax.train.sharding import make_mesh, replicated, shard_batch
 
     rss0 = _rss_bytes()
     V, P, N = shape["vocab_size"], shape["prompt_length"], shape["response_length"]
@@ -173,10 +171,9 @@ def run_ours(shape: dict, *, model_dir: str, iterations: int, warmup: int, seed:
     trainer = RLTrainer(policy, cfg, optimizer_from_config(opt), reward_fn=reward_fn,
                         reward_source="even_token_fraction")
     state = trainer.init(params, seed=seed)
-    state_sh = None
-    if mesh is not None:
-        state_sh = param_shardings(state, mesh, fsdp=False)
-        state = jax.device_put(state, state_sh)
+    if mesh is not None:  # the phases jitted for the mesh; each minibatch's rows stay split
+        trainer = trainer.with_mesh(mesh)
+        state = jax.device_put(state, trainer.param_shardings(state))
 
     compiles: dict[str, int] = {}
 
@@ -191,25 +188,21 @@ def run_ours(shape: dict, *, model_dir: str, iterations: int, warmup: int, seed:
     B = shape["prompts"]
     sampler = RssSampler()
     times = {"iteration": [], "generate": [], "score": [], "update": [], "iteration_cpu": []}
-    on_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    with on_mesh:
-        for i in range(warmup + iterations):
-            if i == warmup:
-                peak_with_compile = sampler.peak
-                _malloc_trim()
-                sampler.reset()
-            ids, mask = rows[i * B:(i + 1) * B], np.ones((B, P), np.int32)
-            if mesh is not None:
-                ids, mask = shard_batch((ids, mask), mesh)
-            cpu0 = time.process_time()
-            state, metrics, _ = trainer.iteration(state, ids, mask, ref_params=ref_params)
-            if state_sh is not None:
-                state = jax.device_put(state, state_sh)  # the layout it came in: no recompiles
-            times["iteration_cpu"].append(time.process_time() - cpu0)
-            times["iteration"].append(metrics["time/iteration"])
-            times["generate"].append(metrics["time/rollout"])
-            times["score"].append(metrics["time/score"])
-            times["update"].append(metrics["time/update"])
+    for i in range(warmup + iterations):
+        if i == warmup:
+            peak_with_compile = sampler.peak
+            _malloc_trim()
+            sampler.reset()
+        ids, mask = rows[i * B:(i + 1) * B], np.ones((B, P), np.int32)
+        if mesh is not None:
+            ids, mask = shard_batch((ids, mask), mesh)
+        cpu0 = time.process_time()
+        state, metrics, _ = trainer.iteration(state, ids, mask, ref_params=ref_params)
+        times["iteration_cpu"].append(time.process_time() - cpu0)
+        times["iteration"].append(metrics["time/iteration"])
+        times["generate"].append(metrics["time/rollout"])
+        times["score"].append(metrics["time/score"])
+        times["update"].append(metrics["time/update"])
     jax.block_until_ready(state)
     jax.monitoring.unregister_event_duration_listener(on_event)
     peak = sampler.stop()
@@ -403,8 +396,8 @@ def main() -> None:
             "not in the medians). TRL's score phase holds its old-policy and reference forwards, the reward and the "
             "advantages; ours holds only the reward function, the forwards being in our jitted update: compare "
             "`score + update`. The 2-device row runs our trainer data-parallel over 2 XLA host devices (one per "
-            "core: `--xla_force_host_platform_device_count=2`, a `data=2` mesh, the iteration under "
-            "`jax.set_mesh`). CPU s: process CPU time (all threads) per iteration. Update GFLOP/s: model FLOPs of "
+            "core: `--xla_force_host_platform_device_count=2`, `trainer.with_mesh(make_mesh(data=2))`"
+            "). CPU s: process CPU time (all threads) per iteration. Update GFLOP/s: model FLOPs of "
             "each side's update phase (formula in the script) / its time. Peak memory: peak RSS above the "
             "post-import baseline (ours: over the timed iterations, after a `malloc_trim`). What matches and "
             "differs between the two trainers is listed in the script's docstring.\n\n" + table

@@ -200,8 +200,6 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
         if devices > 1:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        f" --xla_force_host_platform_device_count={devices}").strip()
-    import contextlib
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -247,15 +245,15 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     tx = optimizer_from_config(ppo_cfg.optimizer)
     trainer = PPOTrainer(policy, ppo_cfg, tx, value_model=value_model, reward_model=reward_model)
     state = trainer.init(policy_params, value_params, seed=seed)
-    # Data parallel: params replicated, every batch split over a `data` mesh, the iteration under
-    # `jax.set_mesh` so that the update keeps each minibatch's rows split (`constrain_rows`).
-    mesh = state_sh = None
+    # Data parallel: the trainer's phases jitted for a `data` mesh (`with_mesh`): params replicated,
+    # every batch split over the mesh, each minibatch's rows kept split inside the update.
+    mesh = None
     if devices > 1:
-        from rlhf_jax.train.sharding import make_mesh, param_shardings, replicated, shard_batch
+        from rlhf_jax.train.sharding import make_mesh, replicated, shard_batch
 
         mesh = make_mesh(data=devices)
-        state_sh = param_shardings(state, mesh, fsdp=False)
-        state = jax.device_put(state, state_sh)
+        trainer = trainer.with_mesh(mesh)
+        state = jax.device_put(state, trainer.param_shardings(state))
         ref_params, reward_params = jax.device_put((ref_params, reward_params), replicated(mesh))
 
     # Compilations per jitted phase, from JAX's public monitoring events (fun_name "jit(_update)", ...).
@@ -285,12 +283,9 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
         batch_mask = prompt_mask
         if mesh is not None:
             prompt_ids, batch_mask = shard_batch((prompt_ids, prompt_mask), mesh)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            state, metrics, _ = trainer.iteration(
-                state, prompt_ids, batch_mask, ref_params=ref_params, reward_params=reward_params
-            )
-        if state_sh is not None:
-            state = jax.device_put(state, state_sh)  # the layout it came in: no recompiles
+        state, metrics, _ = trainer.iteration(
+            state, prompt_ids, batch_mask, ref_params=ref_params, reward_params=reward_params
+        )
         times["iteration_cpu"].append(time.process_time() - cpu0)
         times["iteration"].append(metrics["time/iteration"])
         times["generate"].append(metrics["time/rollout"])
@@ -547,9 +542,9 @@ def main() -> None:
             + ("The 1-torch-thread TRL row avoids OpenMP spinning, which on a busy machine slows "
                "the default run several times. " if trl1 is not None else "")
             + ("The 2-device row runs our trainer data-parallel over 2 XLA host devices, one per core "
-               "(`--xla_force_host_platform_device_count=2`, a `data=2` mesh, params replicated, the "
-               "prompts split with `shard_batch`, the iteration under `jax.set_mesh` so that each "
-               "minibatch's rows stay split); the TRL anchor keeps torch's default threads. "
+               "(`--xla_force_host_platform_device_count=2`, `trainer.with_mesh(make_mesh(data=2))`: "
+               "params replicated, the prompts split with `shard_batch`, each minibatch's rows kept "
+               "split inside the update); the TRL anchor keeps torch's default threads. "
                if ours2 is not None else "")
             + "Response tokens/s = batch x response length / (s / iteration). "
             "Update FLOP/s: model FLOPs of each side's update phase (formula in the script's "

@@ -308,3 +308,28 @@ def test_critic_free_estimators_with_a_lora_policy(algorithm):
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
     moved = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters)))
     assert moved > 0
+
+
+def test_fit_dpo_with_a_frozen_base_trains_the_adapters_against_the_base(tmp_path):
+    """DPO with LoRA: the reference is the base without adapters on the same frozen weights
+    (precomputed log-probs), so the first loss is log 2 exactly; only the adapters move."""
+    from rlhf_jax.train.dpo import DPOConfig
+    from rlhf_jax.train.drivers import fit_dpo
+
+    base_lm, base = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_heads=2), seed=0)
+    lm, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets=lora.GPT2_TARGETS))
+    rs = np.random.RandomState(4)
+    data = {}
+    for side in ("chosen", "rejected"):
+        ids = rs.randint(3, VOCAB, (8, 10)).astype(np.int32)
+        data.update({f"{side}_ids": ids, f"{side}_mask": np.ones_like(ids),
+                     f"{side}_loss_mask": (np.arange(10)[None, :] >= 4).astype(np.int32).repeat(8, 0)})
+    cfg = DPOConfig(batch_size=4, num_epochs=2, optimizer=OptimizerConfig(learning_rate=2e-2))
+    run = RunOptions(output_dir=str(tmp_path), checkpoint_every=None, stdout=False, tensorboard=False,
+                     progress=False)
+    with pytest.raises(ValueError, match="reference is the frozen base"):
+        fit_dpo(lm, adapters, data, cfg, run, frozen=base, ref_params=base)
+    trained, history = fit_dpo(lm, adapters, data, cfg, run, frozen=base)
+    assert abs(history[0]["loss"] - np.log(2.0)) < 1e-6
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["margin"] > 0
+    assert jax.tree.structure(trained) == jax.tree.structure(adapters)

@@ -1,6 +1,6 @@
-"""Data parallelism of the RL update: on a `data` mesh set with `jax.set_mesh`, each device
-computes its share of every minibatch (`sharding.constrain_rows`), and the iteration equals the
-single-device one.
+"""Data parallelism of the RL update: on a `data` mesh (the trainer's `with_mesh`, or a context
+mesh from `jax.set_mesh`), each device computes its share of every minibatch
+(`sharding.constrain_rows`), and the iteration equals the single-device one.
 
 Without the constraint XLA's SPMD partitioner replicates the rows gathered by a minibatch's
 random permutation, and every device runs the whole minibatch's forward and backward.
@@ -66,25 +66,44 @@ def grpo():
     return trainer, params, ids, np.ones((B, P), np.int32)
 
 
-def test_grpo_iteration_on_a_data_mesh_splits_each_minibatch_and_equals_one_device(grpo, count_compiles):
+@pytest.fixture(scope="module")
+def one_device(grpo):
     trainer, params, ids, mask = grpo
     ref = jax.tree.map(jnp.copy, params)
-    want_state, want, _ = trainer.iteration(trainer.init(params, seed=0), ids, mask, ref_params=ref)
+    state, metrics, _ = trainer.iteration(trainer.init(params, seed=0), ids, mask, ref_params=ref)
+    return state, metrics
 
+
+@pytest.mark.parametrize("route", ["with_mesh", "set_mesh"])
+def test_grpo_iteration_on_a_data_mesh_splits_each_minibatch_and_equals_one_device(grpo, one_device, route,
+                                                                                  count_compiles):
+    trainer, params, ids, mask = grpo
+    want_state, want = one_device
     mesh = make_mesh(data=2, devices=jax.devices()[:2])
+    ref = jax.device_put(jax.tree.map(jnp.copy, params), replicated(mesh))
     state = trainer.init(params, seed=0)
     state_sh = param_shardings(state, mesh, fsdp=False)
     state = jax.device_put(state, state_sh)
     s_ids, s_mask = shard_batch((ids, mask), mesh)
-    s_ref = jax.device_put(ref, replicated(mesh))
-    with jax.set_mesh(mesh):
-        got_state, got, rollout = trainer.iteration(state, s_ids, s_mask, ref_params=s_ref)
-        scores = trainer.score(None, s_ids, s_mask, rollout)
-        rows_ids, rows_mask = jnp.repeat(s_ids, G, axis=0), jnp.repeat(s_mask, G, axis=0)
-        # the same layouts as the iteration's call, so this reuses its compilation
-        args = (jax.device_put(got_state, state_sh), rows_ids, rows_mask, rollout, scores, s_ref, jax.random.key(0))
-        with count_compiles() as compiles:
-            hlo = trainer._update_jit.lower(*args).compile().as_text()
+    if route == "with_mesh":  # the trainer's phases jitted with shardings on its mesh
+        dp = trainer.with_mesh(mesh)
+        got_state, got, rollout = dp.iteration(state, s_ids, s_mask, ref_params=ref)
+        scores = dp.score(None, s_ids, s_mask, rollout)
+        (update,) = [f for key, f in dp._sharded_jits.items() if key[0] == "update"]
+        in_sh, _ = dp.phase_shardings(got_state, ref)["update"]
+        args = (got_state, dp._repeat(s_ids), dp._repeat(s_mask), rollout, scores, ref, jax.random.key(0))
+        args = jax.tree.map(jax.device_put, args, in_sh)
+        with count_compiles() as compiles:  # the iteration's layouts: this reuses its compilation
+            hlo = update.lower(*args).compile().as_text()
+    else:  # the plain trainer under a context mesh
+        with jax.set_mesh(mesh):
+            got_state, got, rollout = trainer.iteration(state, s_ids, s_mask, ref_params=ref)
+            scores = trainer.score(None, s_ids, s_mask, rollout)
+            rows_ids, rows_mask = jnp.repeat(s_ids, G, axis=0), jnp.repeat(s_mask, G, axis=0)
+            args = (jax.device_put(got_state, state_sh), rows_ids, rows_mask, rollout, scores, ref,
+                    jax.random.key(0))
+            with count_compiles() as compiles:
+                hlo = trainer._update_jit.lower(*args).compile().as_text()
     assert sum(compiles.values()) == 0, compiles
     for k in ("loss", "policy_loss", "kl_k3", "advantages_std", "grad_norm"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
