@@ -19,10 +19,10 @@ EOS = 1
 def models():
     cfg = ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=32)
     lm, params = from_config(cfg, head="lm", seed=0)
-    # Large random changes make the two policies clearly different distributions.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    other = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    # Large random changes make the two policies clearly different distributions (NumPy draws:
+    # no compilation per parameter shape).
+    rng = np.random.default_rng(1)
+    other = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.5 * rng.standard_normal(x.shape), x.dtype), params)
     return lm, params, other
 
 
@@ -110,12 +110,18 @@ def test_verifier_sees_the_right_prompt_for_every_sample(models, prompts):
     assert shape == (24, 2)
 
 
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def _exact_one_token_kl(lm, p_params, q_params, ids, mask):
     """KL(p || q) of the next-token distributions after each prompt, and the variance of log p/q."""
-    logp = jax.nn.log_softmax(lm.logits(p_params, jnp.asarray(ids), jnp.asarray(mask))[:, -1], axis=-1)
-    logq = jax.nn.log_softmax(lm.logits(q_params, jnp.asarray(ids), jnp.asarray(mask))[:, -1], axis=-1)
-    p = np.exp(np.asarray(logp, np.float64))
-    ratio = np.asarray(logp - logq, np.float64)
+    logits = jax.jit(lm.logits)  # one compilation for both parameter sets
+    logp = _np_log_softmax(np.asarray(logits(p_params, jnp.asarray(ids), jnp.asarray(mask))[:, -1], np.float64))
+    logq = _np_log_softmax(np.asarray(logits(q_params, jnp.asarray(ids), jnp.asarray(mask))[:, -1], np.float64))
+    p = np.exp(logp)
+    ratio = logp - logq
     kl = (p * ratio).sum(-1)
     var = (p * ratio**2).sum(-1) - kl**2
     return kl, var
@@ -150,7 +156,7 @@ def test_kl_to_reference_reward_model_and_scorers(models, prompts):
     tokens = np.array(diff["examples"])
     full_ids = np.concatenate([np.repeat(ids, n, axis=0), tokens], axis=1)
     full_mask = np.concatenate([np.repeat(mask, n, axis=0), np.ones_like(tokens)], axis=1)
-    want = np.asarray(rm.scores(rm_params, jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    want = np.asarray(jax.jit(rm.scores)(rm_params, jnp.asarray(full_ids), jnp.asarray(full_mask)))
     assert diff["rm_score"]["mean"] == pytest.approx(float(want.mean()), rel=1e-4, abs=1e-5)
     assert diff["rm_score"]["std"] == pytest.approx(float(want.std()), rel=1e-3, abs=1e-5)
 

@@ -54,7 +54,7 @@ def test_sampled_group_equals_repeated_prompts_and_a_fresh_forward(model):
     assert all(len({tuple(t) for t in tokens[i]}) > 1 for i in range(B))
     full = jnp.concatenate([rep_ids, group.tokens], axis=1)
     full_mask = jnp.concatenate([rep_mask, group.mask.astype(jnp.int32)], axis=1)
-    fresh = lm.response_logprobs(params, full, full_mask, N, temperature=1.0)
+    fresh = jax.jit(lambda p, i, m: lm.response_logprobs(p, i, m, N, temperature=1.0))(params, full, full_mask)
     np.testing.assert_allclose(np.asarray(group.logprobs), np.asarray(fresh) * np.asarray(group.mask), atol=1e-5)
 
 

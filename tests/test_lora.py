@@ -55,7 +55,9 @@ def _perturb(adapters, seed=1, scale=0.2):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_adapted_equals_base_at_init(family):
+def test_adapters_at_init_are_stacked_peft_initialised_with_b_zero(family):
+    """The adapters' layout and PEFT's initialisation (the forward at init equals the base's:
+    test_merged_and_peft_exports_match_our_forward, with the compiled forward it runs anyway)."""
     base_lm, base = from_config(ModelConfig.tiny(family, VOCAB), seed=0)
     cfg = LoRAConfig(rank=4, alpha=8, targets=lora.LLAMA_TARGETS if family == "llama" else lora.GPT2_TARGETS)
     lm, adapters = add_lora(base_lm, cfg, seed=3)
@@ -72,14 +74,6 @@ def test_adapted_equals_base_at_init(family):
             bound = 1 / np.sqrt(leaf.shape[1])
             a = np.asarray(leaf)
             assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
-    ids, mask = _batch()
-    adapted = jax.jit(lm.logits)  # one compilation for both adapter values (not one per eager op)
-    ref = np.asarray(jax.jit(base_lm.logits)(base, jnp.asarray(ids), jnp.asarray(mask)))
-    ours = np.asarray(adapted(lora.combine(base, adapters), jnp.asarray(ids), jnp.asarray(mask)))
-    np.testing.assert_array_equal(ours, ref)
-    # the adapters act once B is not zero
-    moved = np.asarray(adapted(lora.combine(base, _perturb(adapters)), jnp.asarray(ids), jnp.asarray(mask)))
-    assert np.abs(moved - ref).max() > 1e-2
 
 
 def test_config_scale_targets_and_errors():
@@ -131,18 +125,23 @@ def _hf_logits(model, ids, mask):
 
 @pytest.mark.parametrize("family,use_rslora", [("llama", False), ("gpt2", True)])
 def test_merged_and_peft_exports_match_our_forward(family, use_rslora, tmp_path):
+    """At init (B = 0) the adapted forward is the base's exactly; with non-zero adapters it
+    matches the merged checkpoint and the PEFT folder loaded by HF."""
     torch.manual_seed(0)
     base_dir = tmp_path / "base"
     _scramble(_hf_model(family)).save_pretrained(base_dir)
     base_lm, base = from_pretrained(base_dir)
     targets = lora.LLAMA_TARGETS if family == "llama" else lora.GPT2_TARGETS
-    lm, adapters = add_lora(base_lm, LoRAConfig(rank=4, alpha=8, targets=targets, use_rslora=use_rslora))
-    adapters = _perturb(adapters)
+    lm, at_init = add_lora(base_lm, LoRAConfig(rank=4, alpha=8, targets=targets, use_rslora=use_rslora))
+    adapters = _perturb(at_init)
     params = lora.combine(base, adapters)
     ids, mask = _batch()
-    ours = np.asarray(jax.jit(lm.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    adapted = jax.jit(lm.logits)  # one compilation for both adapter values
+    ours = np.asarray(adapted(params, jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask > 0
     base_logits = np.asarray(jax.jit(base_lm.logits)(base, jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_array_equal(np.asarray(adapted(lora.combine(base, at_init), jnp.asarray(ids),
+                                                     jnp.asarray(mask))), base_logits)
     assert np.abs(ours - base_logits)[valid].max() > 0.1  # the adapters matter
 
     merged_dir = save_pretrained(lm, params, tmp_path / "merged")
@@ -237,6 +236,12 @@ def test_reward_model_trains_adapters_and_the_new_head():
 
 
 def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
+    """The RL trainer on adapters (+ the value head) over a frozen base: the reference is the
+    base without adapters on the same weights, `ref_params` (the base) is required.
+
+    One RL test stands for every estimator: what LoRA changes in the trainer (the policy runs
+    on `combine(base, trainable)`, the reference is `reference_lm(policy)`) does not depend on
+    the estimator, and the critic-free estimators learn in tests/test_rl_trainer.py."""
     v, b, p, n = 16, 8, 4, 6
     config = ModelConfig.tiny("gpt2", v, hidden_size=32, num_heads=2, max_position_embeddings=16)
     base_lm, base = from_config(config, head="lm+value", seed=0)
@@ -252,6 +257,8 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     prompts = np.random.default_rng(0).integers(3, v, (b, p)).astype(np.int32)
     mask = np.ones((b, p), np.int32)
     frozen_before = jax.tree.map(np.asarray, frozen)
+    with pytest.raises(ValueError, match="frozen base"):
+        trainer.iteration(state, prompts, mask, prompt_index=np.arange(b))
     state, metrics, _ = trainer.iteration(state, prompts, mask, ref_params=frozen, prompt_index=np.arange(b))
     # at init the adapted policy is the reference: the rollout KL is zero
     assert abs(float(metrics["kl_k1"])) < 1e-5 and abs(float(metrics["kl_k3"])) < 1e-5
@@ -259,43 +266,10 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     assert all(np.isfinite(float(x)) for x in metrics.values())
     assert float(metrics["kl_k3"]) > 0  # the adapters moved the policy away from the base
     assert jax.tree.structure(state.params) == jax.tree.structure(trainable)
+    moved = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(state.params["trunk"]),
+                                                           jax.tree.leaves(trainable["trunk"])))
+    assert moved > 0  # the adapters trained (not only the value head)
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), frozen, frozen_before)
-
-
-def test_critic_free_trainer_with_a_lora_policy_needs_the_base_and_trains_the_adapters():
-    """GRPO (no critic, so the policy's log-probs come from `response_logprobs`, not the
-    shared-trunk path PPO takes above) on adapters over a frozen base.
-
-    One estimator stands for all critic-free ones: what LoRA changes (the policy runs on
-    `combine(base, adapters)`, the reference is the base, `ref_params` is required) is the
-    same code for each; the estimators themselves learn in tests/test_rl_trainer.py."""
-    from rlhf_jax.train import make_optimizer
-    from rlhf_jax.train.rl.presets import rl_config
-    from rlhf_jax.train.rl.trainer import RLTrainer
-
-    v, b, g, p, n = 16, 2, 4, 4, 6
-    config = ModelConfig.tiny("gpt2", v, hidden_size=32, num_heads=2, max_position_embeddings=16)
-    base_lm, base = from_config(config, head="lm", seed=0)
-    policy, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets="c_attn|c_fc"))
-    cfg = rl_config("grpo", {
-        "batch": {"batch_size": b, "group_size": g, "num_minibatches": 1, "ppo_epochs": 2},
-        "sampling": {"max_new_tokens": n, "temperature": 1.0, "eos_token_id": 2, "pad_token_id": 0},
-    })
-    trainer = RLTrainer(policy, cfg, make_optimizer(1e-2, schedule="constant"),
-                        reward_fn=lambda pi, pm, tok, m, idx: ((tok == 5) * m).sum(1) / np.maximum(m.sum(1), 1))
-    state = trainer.init(adapters)
-    prompts = np.random.default_rng(0).integers(3, v, (b, p)).astype(np.int32)
-    mask = np.ones((b, p), np.int32)
-    with pytest.raises(ValueError, match="frozen base"):
-        trainer.iteration(state, prompts, mask, prompt_index=np.arange(b))
-    for _ in range(2):
-        state, metrics, rollout = trainer.iteration(state, prompts, mask, ref_params=base,
-                                                    prompt_index=np.arange(b))
-        assert all(np.isfinite(float(x)) for x in metrics.values())
-    assert np.asarray(rollout.tokens).shape == (b * g, n)
-    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
-    moved = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters)))
-    assert moved > 0
 
 
 def test_fit_dpo_with_a_frozen_base_trains_the_adapters_against_the_base(tmp_path):

@@ -5,6 +5,12 @@ lengths, so micro-batches hold different numbers of tokens: a loss averaged per
 micro-batch and then averaged again would differ. The optimizer is SGD with rate 1,
 so `params - new_params` is the gradient itself. The 4 host devices come from
 conftest.py (XLA_FLAGS=--xla_force_host_platform_device_count=4).
+
+The two splits are compared with each other, the whole batch on 4 devices against 4
+micro-batches on one: a wrong micro-batch normaliser moves the second, anything that depends
+on the device split the first. (The whole batch on one device computes what the sharded run
+does by `jit`'s semantics; sharded drivers are compared with one device in
+tests/test_sharding.py.)
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from rlhf_jax.train.sharding import make_mesh, replicated, shard_batch
 
 V, L, B = 24, 10, 8
 # (micro-batches, devices); the first is the reference
-SPLITS = [(1, 1), (4, 1), (1, 4)]
+SPLITS = [(1, 4), (4, 1)]
 
 
 def _lm(head):

@@ -6,6 +6,11 @@
 - dynamic sampling: groups of equal scores are dropped and refilled from fresh prompts
   (bounded tries, counted in the metrics);
 - overlong filtering and the soft overlong penalty.
+
+Two trainers for the module (each compiles its update once): one without a KL for the stall
+tests, its reward switched to NaN for the first; one with DAPO's data-side pieces on
+(dynamic sampling and the overlong filter, host-side and in the update respectively) for
+the other two.
 """
 import jax
 import numpy as np
@@ -47,12 +52,22 @@ def prompts():
     return {"prompt_ids": rng.integers(3, V, (n, P)).astype(np.int32), "prompt_mask": np.ones((n, P), np.int32)}
 
 
-def nan_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
-    return np.full(tokens.shape[0], np.nan, np.float32)
-
-
 def target_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
     return ((tokens == 5) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+
+
+class SwitchableReward:
+    """Calls `self.fn` (`target_reward` unless a test swaps it, restoring it afterwards)."""
+
+    def __init__(self):
+        self.fn = target_reward
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def nan_reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
+    return np.full(tokens.shape[0], np.nan, np.float32)
 
 
 def _quiet(output_dir):
@@ -60,36 +75,53 @@ def _quiet(output_dir):
                       async_checkpoint=False)
 
 
-def test_nan_reward_stalls_the_run_naming_the_reward_source(policy, prompts, tmp_path):
-    lm, params = policy
-    trainer = RLTrainer(lm, _cfg(), make_optimizer(1e-3, schedule="constant"), reward_fn=nan_reward,
-                        reward_source="reward.function=tests:nan_reward")
-    with pytest.raises(TrainingStalledError, match=r"iteration 2: 2 consecutive.*non-finite.*tests:nan_reward"):
-        fit_ppo(trainer, params, params, prompts, _quiet(tmp_path / "nan"), max_steps=5)
+@pytest.fixture(scope="module")
+def stall_trainer(policy):
+    reward = SwitchableReward()
+    trainer = RLTrainer(policy[0], _cfg(kl={"placement": "none"}), make_optimizer(1e-3, schedule="constant"),
+                        reward_fn=reward, reward_source="reward.function=tests:switchable_reward")
+    return trainer, reward
 
 
-def test_nonfinite_gradients_stall_the_run(policy, prompts, tmp_path):
+@pytest.fixture(scope="module")
+def dapo_trainer(policy):
+    reward = SwitchableReward()
+    cfg = _cfg(rewards={"dynamic_sampling": True, "dynamic_sampling_max_tries": 3, "overlong_filter": True})
+    return RLTrainer(policy[0], cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=reward), reward
+
+
+def test_nan_reward_stalls_the_run_naming_the_reward_source(policy, prompts, stall_trainer, tmp_path):
     lm, params = policy
+    trainer, reward = stall_trainer
+    reward.fn = nan_reward
+    try:
+        with pytest.raises(TrainingStalledError,
+                           match=r"iteration 2: 2 consecutive.*non-finite.*tests:switchable_reward"):
+            fit_ppo(trainer, params, params, prompts, _quiet(tmp_path / "nan"), max_steps=5)
+    finally:
+        reward.fn = target_reward
+
+
+def test_nonfinite_gradients_stall_the_run(policy, prompts, stall_trainer, tmp_path):
+    lm, params = policy
+    trainer, _ = stall_trainer
     leaves, treedef = jax.tree.flatten(params)
     leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.inf)  # one poisoned weight
     broken = jax.tree.unflatten(treedef, leaves)
-    trainer = RLTrainer(lm, _cfg(kl={"placement": "none"}), make_optimizer(1e-3, schedule="constant"),
-                        reward_fn=target_reward)
     with pytest.raises(TrainingStalledError, match="non-finite gradients"):
         fit_ppo(trainer, broken, params, prompts, _quiet(tmp_path / "grad"), max_steps=5)
 
 
-def test_dynamic_sampling_drops_equal_groups_and_refills(policy, prompts):
+def test_dynamic_sampling_drops_equal_groups_and_refills(policy, prompts, dapo_trainer):
     lm, params = policy
-    cfg = _cfg(rewards={"dynamic_sampling": True, "dynamic_sampling_max_tries": 3})
+    trainer, reward = dapo_trainer
     seen = []
 
-    def reward(prompt_ids, prompt_mask, tokens, mask, prompt_index):
+    def informative_but_prompt_0(prompt_ids, prompt_mask, tokens, mask, prompt_index):
         seen.append(np.asarray(prompt_index))
         score = 0.01 * (tokens * mask).sum(1)  # samples of a prompt differ in their tokens
         return np.where(prompt_index == 0, 1.0, score)  # prompt 0: every sample scores 1
 
-    trainer = RLTrainer(lm, cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=reward)
     state = trainer.init(params)
     ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
 
@@ -97,25 +129,29 @@ def test_dynamic_sampling_drops_equal_groups_and_refills(policy, prompts):
         rows = np.array([2 * attempt + 1, 2 * attempt + 2])
         return ids[rows], mask[rows], rows
 
-    state, metrics, rollout = trainer.iteration(state, ids[:2], mask[:2], ref_params=params,
-                                                prompt_index=np.array([0, 1]), more_prompts=more)
-    assert metrics["dynamic_sampling/tries"] == 2.0  # prompt 0's group dropped, one refill
-    assert metrics["dynamic_sampling/filled_groups"] == 0.0
-    assert metrics["dynamic_sampling/informative_groups"] >= 2.0
-    assert float(metrics["groups_all_equal"]) == 0.0
-    assert np.asarray(rollout.tokens).shape == (B * G, N)
-    np.testing.assert_array_equal(seen[1], np.repeat([3, 4], G))
-    # Without a prompt source, the batch is completed with the uninformative group.
-    state, metrics, _ = trainer.iteration(state, ids[:2], mask[:2], ref_params=params, prompt_index=np.array([0, 1]))
+    reward.fn = informative_but_prompt_0
+    try:
+        state, metrics, rollout = trainer.iteration(state, ids[:2], mask[:2], ref_params=params,
+                                                    prompt_index=np.array([0, 1]), more_prompts=more)
+        assert metrics["dynamic_sampling/tries"] == 2.0  # prompt 0's group dropped, one refill
+        assert metrics["dynamic_sampling/filled_groups"] == 0.0
+        assert metrics["dynamic_sampling/informative_groups"] >= 2.0
+        assert float(metrics["groups_all_equal"]) == 0.0
+        assert np.asarray(rollout.tokens).shape == (B * G, N)
+        np.testing.assert_array_equal(seen[1], np.repeat([3, 4], G))
+        # Without a prompt source, the batch is completed with the uninformative group.
+        state, metrics, _ = trainer.iteration(state, ids[:2], mask[:2], ref_params=params,
+                                              prompt_index=np.array([0, 1]))
+    finally:
+        reward.fn = target_reward
     assert metrics["dynamic_sampling/tries"] == 1.0 and metrics["dynamic_sampling/filled_groups"] == 1.0
     assert float(metrics["groups_all_equal"]) == 1.0
 
 
-def test_overlong_filter_and_soft_penalty(policy, prompts):
+def test_overlong_filter_and_soft_penalty(policy, prompts, dapo_trainer):
     lm, params = policy
     # Responses that hit max_new_tokens without EOS leave the loss.
-    cfg = _cfg(rewards={"overlong_filter": True})
-    trainer = RLTrainer(lm, cfg, make_optimizer(1e-3, schedule="constant"), reward_fn=target_reward)
+    trainer, _ = dapo_trainer
     state = trainer.init(params)
     ids, mask = prompts["prompt_ids"][:B], prompts["prompt_mask"][:B]
     state, metrics, rollout = trainer.iteration(state, ids, mask, ref_params=params)

@@ -1,8 +1,12 @@
-"""RLTrainer end to end: each advantage estimator learns a trivial reward on a tiny GPT-2 policy,
-every phase compiles once per iteration shape, and the config and presets check their keys.
+"""RLTrainer end to end: GRPO learns a trivial reward on a tiny GPT-2 policy and every phase
+compiles once per iteration shape; every critic-free estimator as the trainer calls it against
+float64 NumPy; the config and presets check their keys.
 
-One policy ("lm" head, no critic) and one sampling setting for the module, so the jitted
-sampler compiles once; each estimator compiles its own update.
+One learning run stands for the estimators: the trainer picks the estimator by name and feeds
+its advantages to the same objective, so what differs between them is the estimator's
+arithmetic, checked without a model (`test_estimators_equal_float64_formulas`), and its
+aggregation's normaliser (tests/test_rl_invariance.py). Token-level advantages learn in
+tests/test_train_ppo.py (GAE) and tests/test_lora.py.
 """
 import jax
 import numpy as np
@@ -53,8 +57,8 @@ def prompts():
     return ids * mask, mask
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
-def test_estimator_learns_the_reward_and_compiles_once(algorithm, policy, prompts, count_compiles):
+def test_grpo_learns_the_reward_and_compiles_once(policy, prompts, count_compiles):
+    algorithm = "grpo"
     lm, params = policy
     cfg = make_rl_cfg(algorithm, kl={"kl_coef": 0.01})
     trainer = RLTrainer(lm, cfg, make_optimizer(5e-3, schedule="constant"), reward_fn=target_reward)
@@ -75,6 +79,61 @@ def test_estimator_learns_the_reward_and_compiles_once(algorithm, policy, prompt
         assert np.isfinite(hist[-1][key]), key
     assert all(h["skipped_nonfinite"] == 0.0 and h["reward/nonfinite_rows"] == 0.0 for h in hist)
     assert hist[-1]["value_loss"] == 0.0  # no critic
+
+
+def _np_kl(d, estimator):
+    return {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) - 1 + d}[estimator]
+
+
+def _np_group_std(x):
+    return np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).sum(1, keepdims=True) / (x.shape[1] - 1))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_estimators_equal_float64_formulas(algorithm):
+    """`ESTIMATORS[name](batch, cfg)` with the preset's KL placement and estimator, on random
+    arrays with responses of different lengths, against the papers' formulas in float64."""
+    from rlhf_jax.train.rl.estimators import ESTIMATORS
+
+    rows, n, kl_coef, gamma = B * G, N, 0.3, 0.9
+    cfg = make_rl_cfg(algorithm, advantages={"gamma": gamma})
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, n + 1, rows)
+    mask = (np.arange(n)[None, :] < lengths[:, None]).astype(np.float64)
+    scores = rng.normal(size=rows)
+    logprobs = -rng.uniform(0.2, 3.0, (rows, n))
+    ref_logprobs = logprobs + rng.normal(0, 0.5, (rows, n))
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    got = ESTIMATORS[cfg.advantages.estimator]({
+        "scores": f32(scores), "logprobs": f32(logprobs), "ref_logprobs": f32(ref_logprobs),
+        "values": None, "mask": f32(mask), "kl_coef": np.float32(kl_coef)}, cfg)
+
+    kl = _np_kl(logprobs - ref_logprobs, cfg.kl.kl_estimator) * mask
+    coef = kl_coef if cfg.kl.placement == "in_reward" else 0.0
+    if algorithm in ("grpo", "dr_grpo", "rloo"):
+        s = (scores - coef * kl.sum(1)).reshape(B, G)
+        if algorithm == "grpo":
+            adv = (s - s.mean(1, keepdims=True)) / (_np_group_std(s) + cfg.advantages.eps)
+        elif algorithm == "dr_grpo":
+            adv = s - s.mean(1, keepdims=True)
+        else:  # leave one out
+            adv = s - (s.sum(1, keepdims=True) - s) / (G - 1)
+        want = adv.reshape(-1)[:, None] * mask
+    else:
+        last = np.arange(n)[None, :] == (lengths - 1)[:, None]
+        s = scores
+        if algorithm == "reinforce_pp_baseline":
+            s = scores - np.repeat(scores.reshape(B, G).mean(1), G)
+        rewards = -coef * kl + last * s[:, None]
+        returns = np.zeros((rows, n))
+        for t in reversed(range(n)):
+            returns[:, t] = rewards[:, t] + (gamma * returns[:, t + 1] * mask[:, t + 1] if t + 1 < n else 0.0)
+        valid = returns[mask > 0]
+        want = (returns - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8) * mask
+    assert cfg.kl.placement == {"grpo": "in_loss", "dr_grpo": "none"}.get(algorithm, "in_reward")
+    np.testing.assert_allclose(np.asarray(got["advantages"]), want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got["kl"]), kl, rtol=1e-4, atol=1e-5)  # the logged estimate
+    np.testing.assert_array_equal(np.asarray(got["returns"]), 0.0)  # no critic, no value target
 
 
 def test_group_advantages_are_zero_for_equal_scores(policy, prompts):

@@ -202,7 +202,8 @@ def dpo_run(tiny, tmp_path_factory):
 
     lm, params, _ = tiny
     data = dpo_pairs(16, seed=5)
-    cfg = DPOConfig(batch_size=8, num_epochs=4, grad_accum_steps=2, beta=0.5,
+    # reference pass in chunks of 3, as compiled by the float64 test
+    cfg = DPOConfig(batch_size=8, num_epochs=4, grad_accum_steps=2, beta=0.5, ref_batch_size=3,
                     optimizer=OptimizerConfig(learning_rate=3e-3))
     out = tmp_path_factory.mktemp("dpo_full")
     final, history = fit_dpo(lm, params, data, cfg, _run(out))
@@ -217,8 +218,8 @@ def test_dpo_steps_raise_margin_and_accuracy(dpo_run):
     assert abs(history[0]["margin"]) < 1e-5
     assert (out / "reference_logprobs.npz").exists()
     # the reference pass the run compiled (same model, chunk size and sums)
-    before = reference_logprobs(lm, params, data, batch_size=cfg.batch_size)
-    after = reference_logprobs(lm, final, data, batch_size=cfg.batch_size)
+    before = reference_logprobs(lm, params, data, batch_size=cfg.ref_batch_size)
+    after = reference_logprobs(lm, final, data, batch_size=cfg.ref_batch_size)
     margin = cfg.beta * ((after["ref_chosen_logps"] - before["ref_chosen_logps"])
                          - (after["ref_rejected_logps"] - before["ref_rejected_logps"]))
     assert float(np.mean(margin)) > 0.5, float(np.mean(margin))
