@@ -31,10 +31,14 @@ def ppo_iteration(params, opt_state, ctl, key):
         v_loss, _ = rj.ppo_value_loss(lm.values(p, ids, mask)[:, P - 1:-1], values, returns, out.mask)
         return pg_loss + 0.1 * v_loss, aux
 
-    for _ in range(4):                                              # 4 PPO epochs (unrolled: static)
+    def epoch(carry, _):                                            # one PPO epoch on the whole batch
+        params, opt_state = carry
         grads, aux = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        return (optax.apply_updates(params, updates), opt_state), aux
+
+    (params, opt_state), aux = jax.lax.scan(epoch, (params, opt_state), length=4)  # 4 epochs, compiled once
+    aux = jax.tree.map(lambda x: x[-1], aux)                        # the last epoch's clipfrac, KL, ...
     ctl = rj.kl_controller_update(ctl, kl.sum(1).mean(), prompt_ids.shape[0])
     return params, opt_state, ctl, scores.mean(), aux
 

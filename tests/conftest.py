@@ -48,3 +48,46 @@ def compile_counter():
 def count_compiles():
     """`with count_compiles() as counts:` ... `counts["jit(f)"]` (see `compile_counter`)."""
     return compile_counter
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(path):
+    """JAX's persistent compilation cache in `path` while the block runs (every compile cached).
+
+    An executable compiled before from the same program (a second CLI run of the same config,
+    a run resumed in-process) is read back instead of compiled again: the same executable,
+    so results are unchanged. Compile-count events still fire on a hit (see `compile_counter`).
+    The previous settings come back afterwards and the cache is detached, so tests outside the
+    block compile as before.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor
+    try:
+        yield path
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def compile_cache_dir(tmp_path_factory):
+    """One persistent compilation cache folder per session (per xdist worker), shared by the
+    modules that use `compile_cache` and by the subprocesses they start."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(compile_cache_dir):
+    """The persistent compilation cache on for a whole module (`pytestmark =
+    pytest.mark.usefixtures("compile_cache")`): modules that run the same programs many times
+    (the CLI on the tiny configs, runs resumed after an interruption) compile each once."""
+    with persistent_compile_cache(compile_cache_dir):
+        yield compile_cache_dir

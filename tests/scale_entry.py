@@ -1,14 +1,16 @@
-"""Subprocess entry point of tests/test_scale.py (not a test module).
+"""Training run of tests/test_scale.py (not a test module): in-process on one device, or as a
+subprocess that is one of two processes sharing a 2 x 2 x 2 mesh.
 
-Runs two SFT steps and two PPO iterations (tiny Llama, reward model, separate value
-network) on a mesh, and saves the final params and metrics to `OUT/<mode>.npz`:
+`train(out_dir, mesh)` runs two SFT steps and two PPO iterations (tiny Llama, reward model,
+separate value network) and returns the SFT losses, the PPO metrics and the final params of
+both, gathered to the host. The test calls it in-process with `mesh=None` (one device) and
+starts two subprocesses of this file:
 
-    python tests/scale_entry.py OUT single                       # 1 device, no mesh
-    python tests/scale_entry.py OUT mesh --devices 8             # one process, a 2 x 2 x 2 mesh
-    python tests/scale_entry.py OUT multi --process_id I --port P  # process I of 2 (4 devices each)
+    python tests/scale_entry.py OUT --process_id I --port P  # process I of 2 (4 devices each)
 
-`multi` joins two processes with `jax.distributed.initialize` over 127.0.0.1 (CPU devices,
-gloo collectives) into one 2 x 2 x 2 mesh of their 8 devices.
+which join with `jax.distributed.initialize` over 127.0.0.1 (CPU devices, gloo collectives)
+into one 2 x 2 x 2 (data x fsdp x tensor) mesh of their 8 devices; process 0 compiles each
+program and shares the executable with process 1, and saves the result to `OUT/multi.npz`.
 """
 from __future__ import annotations
 
@@ -18,23 +20,9 @@ import os
 VOCAB = 48
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("mode", choices=("single", "mesh", "multi"))
-    ap.add_argument("--devices", type=int, default=8)
-    ap.add_argument("--process_id", type=int, default=0)
-    ap.add_argument("--port", type=int, default=0)
-    args = ap.parse_args()
-    local = {"single": 1, "mesh": args.devices, "multi": 4}[args.mode]
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+def train(out_dir: str, mesh) -> dict:
+    """SFT (2 steps) then PPO (2 iterations) on `mesh` (None: one device); metrics and params."""
     import jax
-
-    if args.mode == "multi":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
-                                   process_id=args.process_id, local_device_ids=list(range(4)))
     import numpy as np
 
     from rlhf_jax.models import ModelConfig, from_config
@@ -42,15 +30,13 @@ def main():
     from rlhf_jax.train.drivers import fit_ppo, fit_sft
     from rlhf_jax.train.rl.ppo import PPOConfig, PPOTrainer
     from rlhf_jax.train.sft import SFTConfig
-    from rlhf_jax.train.sharding import make_mesh
     from rlhf_jax.train.state import optimizer_from_config
 
-    mesh = None if args.mode == "single" else make_mesh(data=2, fsdp=2, tensor=2)
+    # two layers, so that a rule splitting the stacked layer axis would show
     cfg = ModelConfig.tiny("llama", VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                            max_position_embeddings=64)
     quiet = dict(stdout=False, tensorboard=False, progress=False, checkpoint_every=None, log_every=1,
                  async_checkpoint=False)
-    out_dir = os.path.join(args.out, f"{args.mode}{args.process_id}")
     rng = np.random.default_rng(0)
     result = {}
 
@@ -84,10 +70,7 @@ def main():
         result["ppo_" + key] = np.array([r[key] for r in history])
     for path, leaf in jax.tree_util.tree_leaves_with_path(ppo_params):
         result["ppo" + jax.tree_util.keystr(path)] = _host(leaf)
-    if args.process_id == 0:
-        np.savez(os.path.join(args.out, f"{args.mode}.npz"), **result)
-    if args.mode == "multi":
-        jax.distributed.shutdown()
+    return result
 
 
 def _host(x):
@@ -99,6 +82,33 @@ def _host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--process_id", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args()
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Both processes run the same SPMD program: process 0 compiles each one and hands the
+    # executable to process 1 through the coordinator (JAX's binary sharing needs a cache).
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_share_binary_between_hosts", True)
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
+                               process_id=args.process_id, local_device_ids=list(range(4)))
+    from rlhf_jax.train.sharding import make_mesh
+
+    result = train(os.path.join(args.out, f"multi{args.process_id}"), make_mesh(data=2, fsdp=2, tensor=2))
+    if args.process_id == 0:
+        np.savez(os.path.join(args.out, "multi.npz"), **result)
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ from rlhf_jax.demo.tiny_run import make_tiny_run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny")
 
+# the commands repeat programs (and share them with tests/test_cli_safety.py and test_sinks.py):
+# compile each once (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
 
 def tiny_config(name):
     return os.path.join(TINY, f"{name}.yaml")

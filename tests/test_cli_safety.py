@@ -27,6 +27,9 @@ SFT = os.path.join(ROOT, "configs", "tiny", "sft.yaml")
 PPO = os.path.join(ROOT, "configs", "tiny", "ppo.yaml")
 PPO_VERIFIER = os.path.join(ROOT, "configs", "tiny", "ppo_verifier.yaml")
 
+# the runs below repeat the tiny SFT program many times: compile it once (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -9,6 +9,8 @@ then one HF forward over prompt + those tokens must give the same logits (to 1e-
 each of our tokens as its argmax. By induction over the steps that is exactly "HF's greedy
 decode produces the same 32 tokens", for one HF forward instead of 32 decode steps.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,33 @@ from rlhf_jax.rollout import generate  # noqa: E402
 
 N = 32
 QUESTIONS = ["What is the capital of France?", "What is 17 + 25? Answer with a number."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_gguf_parse():
+    """Parse the GGUF file once for the module.
+
+    Our loader, the tokenizer (transformers' GGUF converter) and transformers' reference load
+    (its config, then its weights) each open a `gguf.GGUFReader` on the same file: four parses
+    of ~3 s of CPU each (the 49k-token vocabulary in pure Python). A reader is a read-only view
+    of the memory-mapped file, so they share one; each still reads and dequantizes the tensors
+    itself.
+    """
+    import gguf
+
+    real = gguf.GGUFReader
+    readers = {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared)
+        yield
+    assert len(readers) == 1, readers  # every reader was of the one file
 
 
 @pytest.fixture(scope="module")

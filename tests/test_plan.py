@@ -10,6 +10,10 @@ from rlhf_jax.cli.main import main
 TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_inner": 64, "n_positions": 64,
         "vocab_size": 64, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
+# a plan compiled twice (the same plan against a smaller device) reads the executable back:
+# compile each program once (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
 
 # scalars of TINY: wte + wpe 2 x 64 x 32, two layer norms and ln_f 3 x 64, c_attn 32 x 96 + 96,
 # attn c_proj 32 x 32 + 32, c_fc 32 x 64 + 64, mlp c_proj 64 x 32 + 32

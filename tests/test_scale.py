@@ -1,6 +1,6 @@
 """Sharded from the first byte: tensor-parallel rules, checkpoints read into their shards,
-dtype policy, and training on 2 x 2 x 2 meshes (one process of 8 host devices, and two
-processes of 4 joined by `jax.distributed` over loopback) equal to one device.
+dtype policy, and training on a 2 x 2 x 2 mesh over two processes of 4 host devices (joined by
+`jax.distributed` over loopback) equal to one device.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scale_entry  # tests/ is on sys.path under pytest
 from jax.sharding import PartitionSpec
 
 from rlhf_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
@@ -80,8 +81,8 @@ def test_checkpoint_loads_straight_into_its_shards(tmp_path):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
     mask = jnp.ones_like(ids)
-    np.testing.assert_allclose(jax.jit(lambda p: lm2.logits(p, ids, mask))(sharded), lm2.logits(whole, ids, mask),
-                               atol=1e-2)
+    logits = jax.jit(lambda p: lm2.logits(p, ids, mask))
+    np.testing.assert_allclose(logits(sharded), logits(whole), atol=1e-2)
 
 
 def test_mu_dtype_stores_the_first_moment_in_bfloat16():
@@ -100,9 +101,11 @@ def test_frozen_bfloat16_weights_run_under_a_float32_description():
     frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     ids = jnp.ones((2, 5), jnp.int32)
     mask = jnp.ones_like(ids)
-    out = lm.response_logprobs(frozen, ids, mask, 2)
+    # both forwards in one compiled program (cheaper than two, or than op-by-op)
+    out, want = jax.jit(lambda a, b: (lm.response_logprobs(a, ids, mask, 2),
+                                      lm.response_logprobs(b, ids, mask, 2)))(frozen, params)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, lm.response_logprobs(params, ids, mask, 2), atol=0.05)
+    np.testing.assert_allclose(out, want, atol=0.05)
 
 
 def _free_port() -> int:
@@ -111,30 +114,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args, tmp_path):
+def _start_process(process_id, port, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, ENTRY, str(tmp_path), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, ENTRY, str(tmp_path), "--process_id", str(process_id),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
-def _wait(procs):
-    for p in procs:
-        out, _ = p.communicate(timeout=420)
-        assert p.returncode == 0, out[-3000:]
-
-
-def test_meshes_and_two_processes_equal_one_device(tmp_path):
+def test_two_processes_on_a_2x2x2_mesh_equal_one_device(tmp_path):
     """SFT (2 steps) and PPO (2 iterations: rollout, reward model, separate value network) on a
-    2 x 2 x 2 (data x fsdp x tensor) mesh: one process with 8 host devices, then two processes
-    with 4 each joined over 127.0.0.1 (gloo), against one device."""
-    _wait([_run(["single"], tmp_path), _run(["mesh", "--devices", "8"], tmp_path)])
+    2 x 2 x 2 (data x fsdp x tensor) mesh split over two processes with 4 host devices each,
+    joined over 127.0.0.1 (gloo), against one device (this process, while they run).
+
+    (One process on a mesh: tests/test_sharding.py, SFT with FSDP over 4 devices, GRPO on
+    data x fsdp, DPO on fsdp x tensor.)"""
     port = _free_port()
-    _wait([_run(["multi", "--process_id", str(i), "--port", str(port)], tmp_path) for i in (0, 1)])
-    want = np.load(tmp_path / "single.npz")
-    for mode in ("mesh", "multi"):
-        got = np.load(tmp_path / f"{mode}.npz")
-        assert sorted(got.files) == sorted(want.files)
-        assert len(want["sft_loss"]) == 2 and len(want["ppo_loss"]) == 2
-        for key in want.files:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=2e-4, err_msg=f"{mode}: {key}")
+    procs = [_start_process(i, port, tmp_path) for i in (0, 1)]
+    try:
+        want = scale_entry.train(str(tmp_path / "single"), mesh=None)
+    finally:
+        outputs = [p.communicate(timeout=420)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    got = np.load(tmp_path / "multi.npz")
+    assert sorted(got.files) == sorted(want)
+    assert len(want["sft_loss"]) == 2 and len(want["ppo_loss"]) == 2
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=2e-4, err_msg=key)

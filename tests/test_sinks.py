@@ -29,6 +29,9 @@ from rlhf_jax.io.sinks import Sink
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny")
 
+# the CLI runs share programs with tests/test_cli.py: compile each once (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
 
 def tiny(name):
     return os.path.join(TINY, f"{name}.yaml")
