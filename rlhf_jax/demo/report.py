@@ -13,10 +13,13 @@ import numpy as np
 __all__ = ["conclusions", "markdown_report", "plot_training"]
 
 
-def plot_training(path, series: dict, kl: dict, title):
-    """Two panels over PPO iterations: `series` (name -> values) on top, `kl` below; writes a PNG.
+def plot_training(path, series: dict, kl: dict, title, *, colors: dict | None = None,
+                  ylabel: str = "mean over rollouts", xlabel: str = "PPO iteration"):
+    """Two panels over RL iterations: `series` (name -> values) on top, `kl` below; writes a PNG.
 
-    Names containing "low KL" are drawn dashed.
+    Names containing "low KL" are drawn dashed. `colors` maps a name (of either panel) to a
+    matplotlib colour; by default the top panel cycles through three colours and the KL
+    lines are black.
     """
     import matplotlib
 
@@ -24,21 +27,24 @@ def plot_training(path, series: dict, kl: dict, title):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    colors = colors or {}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.5), dpi=110, sharex=True)
     for i, (label, values) in enumerate(series.items()):
         style = "--" if "low KL" in label else "-"
-        top.plot(np.arange(1, len(values) + 1), values, style, color=f"C{i % 3}", label=label, linewidth=1.6)
-    top.set_ylabel("mean over rollouts")
+        top.plot(np.arange(1, len(values) + 1), values, style, color=colors.get(label, f"C{i % 3}"), label=label,
+                 linewidth=1.6)
+    top.set_ylabel(ylabel)
     top.grid(True, alpha=0.3)
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     top.set_title(title)
     for label, values in kl.items():
         style = "--" if "low KL" in label else "-"
-        bottom.plot(np.arange(1, len(values) + 1), values, style, color="black", linewidth=1.4, label=label)
+        bottom.plot(np.arange(1, len(values) + 1), values, style, color=colors.get(label, "black"), linewidth=1.4,
+                    label=label)
     if len(kl) > 1:
         bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     bottom.set_ylabel("KL(policy || SFT), k1")
-    bottom.set_xlabel("PPO iteration")
+    bottom.set_xlabel(xlabel)
     bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
