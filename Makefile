@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/gae.py
 	$(PY) benchmarks/generate.py --device cpu
 	$(PY) benchmarks/ppo_iteration.py --device cpu
+	$(PY) benchmarks/grpo_iteration.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

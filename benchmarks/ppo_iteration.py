@@ -192,9 +192,14 @@ def matmul_throughput(shape: dict, dtype, *, repeats: int = 5) -> float:
     return total_flops / total_s
 
 
-def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool, seed: int) -> dict:
+def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool, seed: int,
+             devices: int = 1) -> dict:
+    """Ours; with `devices` > 1 (CPU), data-parallel over that many XLA host devices."""
     if not gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if devices > 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={devices}").strip()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -240,6 +245,16 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     tx = optimizer_from_config(ppo_cfg.optimizer)
     trainer = PPOTrainer(policy, ppo_cfg, tx, value_model=value_model, reward_model=reward_model)
     state = trainer.init(policy_params, value_params, seed=seed)
+    # Data parallel: the trainer's phases jitted for a `data` mesh (`with_mesh`): params replicated,
+    # every batch split over the mesh, each minibatch's rows kept split inside the update.
+    mesh = None
+    if devices > 1:
+        from rlhf_jax.train.sharding import make_mesh, replicated, shard_batch
+
+        mesh = make_mesh(data=devices)
+        trainer = trainer.with_mesh(mesh)
+        state = jax.device_put(state, trainer.param_shardings(state))
+        ref_params, reward_params = jax.device_put((ref_params, reward_params), replicated(mesh))
 
     # Compilations per jitted phase, from JAX's public monitoring events (fun_name "jit(_update)", ...).
     compiles: dict[str, int] = {}
@@ -265,8 +280,11 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
             _malloc_trim()  # hand the XLA compiler's freed heap back to the OS (~0.5 GiB here)
             sampler.reset()
         cpu0 = time.process_time()
+        batch_mask = prompt_mask
+        if mesh is not None:
+            prompt_ids, batch_mask = shard_batch((prompt_ids, prompt_mask), mesh)
         state, metrics, _ = trainer.iteration(
-            state, prompt_ids, prompt_mask, ref_params=ref_params, reward_params=reward_params
+            state, prompt_ids, batch_mask, ref_params=ref_params, reward_params=reward_params
         )
         times["iteration_cpu"].append(time.process_time() - cpu0)
         times["iteration"].append(metrics["time/iteration"])
@@ -287,7 +305,8 @@ def run_ours(shape: dict, *, iterations: int, warmup: int, gpu: bool, bf16: bool
     out["finite"] = all(np.isfinite(v) for v in last.values())
     out["approx_kl"] = last.get("approx_kl")
     dev = jax.devices()[0]
-    out["device"] = f"JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
+    out["device"] = f"JAX {jax.__version__} on {dev.platform} ({dev.device_kind}" + (
+        f", {devices} host devices, data-parallel)" if devices > 1 else ")")
     if gpu:
         stats = dev.memory_stats() or {}
         out["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
@@ -333,10 +352,11 @@ def _summarise(times: dict, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_half(half: str, args, torch_threads: int | None = None) -> dict:
+def _run_half(half: str, args, torch_threads: int | None = None, devices: int = 1) -> dict:
     """Run one half in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--half", half, "--device", args.device, "--iterations",
-           str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+           str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed),
+           "--ours-devices", str(devices)]
     if args.bf16:
         cmd.append("--bf16")
     if args.smoke:
@@ -373,7 +393,10 @@ def main() -> None:
                         help="CPU: skip the extra TRL run with one torch thread")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny shape that runs every code path in seconds (implies --no-write)")
+    parser.add_argument("--no-data-parallel", action="store_true",
+                        help="CPU: skip ours data-parallel on 2 host devices")
     parser.add_argument("--half", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ours-devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "gpu"
     shape = SMOKE if args.smoke else (GPU if gpu else CPU)
@@ -386,7 +409,7 @@ def main() -> None:
         kwargs = dict(iterations=args.iterations, warmup=args.warmup, gpu=gpu, bf16=args.bf16,
                       seed=args.seed)
         if args.half == "ours":
-            result = run_ours(shape, **kwargs)
+            result = run_ours(shape, devices=args.ours_devices, **kwargs)
         else:
             result = run_trl(shape, torch_threads=args.torch_threads, **kwargs)
         print(json.dumps(result))
@@ -395,6 +418,10 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     ours = _run_half("ours", args)
     print(f"ours: {json.dumps(ours)}", flush=True)
+    # On CPU also ours data-parallel over 2 XLA host devices, one per core.
+    ours2 = None if (gpu or args.no_data_parallel) else _run_half("ours", args, devices=2)
+    if ours2 is not None:
+        print(f"ours2: {json.dumps(ours2)}", flush=True)
     trl = None if args.skip_trl else _run_half("trl", args, args.torch_threads)
     if trl is not None:
         print(f"trl:  {json.dumps(trl)}", flush=True)
@@ -436,19 +463,21 @@ def main() -> None:
         ["update MFU"] if gpu else [])
     rows = [r for r in (row(f"TRL {_trl_version()} PPOTrainer (anchor)", trl, "trl"),
                         row(f"TRL {_trl_version()} PPOTrainer, 1 torch thread", trl1, "trl"),
-                        row("rlhf_jax PPOTrainer", ours, "ours")) if r is not None]
+                        row("rlhf_jax PPOTrainer" + ("" if gpu else ", 1 device"), ours, "ours"),
+                        row("rlhf_jax PPOTrainer, 2 CPU devices, data-parallel", ours2, "ours")) if r is not None]
     speedup = trl["iteration"] / ours["iteration"] if trl is not None else None
 
-    def speedup_row(name, t):
-        ratio = lambda k: f"{t[k] / ours[k]:.1f}x"  # noqa: E731
-        both = (t["score"] + t["update"]) / (ours["score"] + ours["update"])
+    def speedup_row(name, t, o):
+        ratio = lambda k: f"{t[k] / o[k]:.2f}x"  # noqa: E731
+        both = (t["score"] + t["update"]) / (o["score"] + o["update"])
         return ([name, ratio("iteration")] + ([] if gpu else [ratio("iteration_cpu")])
-                + [ratio("generate"), "", "", f"{both:.1f}x", "", "", "", ""] + ([""] if gpu else []))
+                + [ratio("generate"), "", "", f"{both:.2f}x", "", "", "", ""] + ([""] if gpu else []))
 
-    if trl is not None:
-        rows.append(speedup_row("speed-up (TRL / ours)", trl))
-    if trl1 is not None:
-        rows.append(speedup_row("speed-up (TRL 1 thread / ours)", trl1))
+    for t_name, t in (("TRL", trl), ("TRL 1 thread", trl1)):
+        for o_name, o in (("ours", ours), ("ours 2 devices", ours2)):
+            if t is not None and o is not None:
+                name = o_name if ours2 is None or o_name != "ours" else "ours 1 device"
+                rows.append(speedup_row(f"speed-up ({t_name} / {name})", t, o))
     table = markdown_table(headers, rows)
     print(table)
 
@@ -483,6 +512,12 @@ def main() -> None:
         "update_mfu": mfu or None,
         "iterations_timed": ours["iterations_timed"],
         "load_average": [load_start, os.getloadavg()[0]],
+        "ours_2dev_s_per_iter": ours2["iteration"] if ours2 else None,
+        "ours_2dev_cpu_s_per_iter": ours2["iteration_cpu"] if ours2 else None,
+        "ours_2dev_phases": phases(ours2),
+        "ours_2dev_compile_counts": ours2["compile_counts"] if ours2 else None,
+        "speedup_2dev": trl["iteration"] / ours2["iteration"] if (trl and ours2) else None,
+        "speedup_2dev_vs_trl_1thread": trl1["iteration"] / ours2["iteration"] if (trl1 and ours2) else None,
     }
 
     if trl is not None and not args.no_write:
@@ -490,7 +525,8 @@ def main() -> None:
         body = (
             f"## PPO iteration: `rlhf_jax.train.PPOTrainer` vs TRL {_trl_version()} "
             f"`PPOTrainer` ({args.device}, {'bfloat16' if args.bf16 else 'float32'})\n\n"
-            f"Machine: {machine()}. Ours: {ours['device']}; TRL: {trl['device']}. "
+            f"Machine: {machine()}. Ours: {ours['device']}"
+            + (f" and {ours2['device']}" if ours2 else "") + f"; TRL: {trl['device']}. "
             f"{args.load_note or _load_note(load_start, summary['load_average'][1])}\n\n"
             f"GPT-2 {s['n_layer']} layers x {s['n_embd']} wide, {s['n_head']} heads, vocab "
             f"{s['vocab_size']} (policy, reference = copy of the policy, separate value and reward "
@@ -505,6 +541,11 @@ def main() -> None:
             "`score + update`. "
             + ("The 1-torch-thread TRL row avoids OpenMP spinning, which on a busy machine slows "
                "the default run several times. " if trl1 is not None else "")
+            + ("The 2-device row runs our trainer data-parallel over 2 XLA host devices, one per core "
+               "(`--xla_force_host_platform_device_count=2`, `trainer.with_mesh(make_mesh(data=2))`: "
+               "params replicated, the prompts split with `shard_batch`, each minibatch's rows kept "
+               "split inside the update); the TRL anchor keeps torch's default threads. "
+               if ours2 is not None else "")
             + "Response tokens/s = batch x response length / (s / iteration). "
             "Update FLOP/s: model FLOPs of each side's update phase (formula in the script's "
             "docstring) / its time. Update / XLA matmul: that FLOP/s as a fraction of the FLOP/s XLA "

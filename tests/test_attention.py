@@ -188,3 +188,105 @@ def test_remat_policies_give_the_same_gradients_and_full_saves_memory():
         base.hidden_states(params, ids, mask, remat="sometimes")
     with pytest.raises(ValueError, match="remat must be one of"):
         LM(cfg, remat="sometimes")
+
+
+# --------------------------------------------------------------- TPU: the splash kernel
+from rlhf_jax.models import attention as attention_module  # noqa: E402
+from rlhf_jax.models import splash  # noqa: E402
+
+
+def test_splash_is_chosen_only_on_tpu_and_where_the_shapes_allow(monkeypatch):
+    impl = attention_module._implementation
+    monkeypatch.delenv(attention_module.ATTENTION_ENV, raising=False)
+    assert impl(jnp.float32, backend="tpu") == "splash"
+    assert impl(jnp.bfloat16, backend="gpu") == "cudnn" and impl(jnp.float32, backend="gpu") is None
+    assert impl(jnp.bfloat16, backend="cpu") is None
+    monkeypatch.setenv(attention_module.ATTENTION_ENV, "xla")
+    assert impl(jnp.bfloat16, backend="tpu") is None
+    monkeypatch.setenv(attention_module.ATTENTION_ENV, "splash")
+    assert impl(jnp.float32, backend="cpu") == "splash"
+    monkeypatch.setenv(attention_module.ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="RLHF_JAX_ATTENTION"):
+        impl(jnp.float32)
+    # block sizes: the largest of 512, 256, 128 that divides the slots
+    size = splash.splash_block_size
+    assert (size(1024), size(768), size(384), size(100)) == (512, 256, 128, None)
+    unsupported = splash.splash_unsupported
+    assert unsupported((2, 256, 4, 64), (2, 256, 2, 64), device_count=1) is None
+    assert "multiple of the kernel's 128-slot blocks" in unsupported((2, 100, 4, 64), (2, 100, 2, 64), device_count=1)
+    assert "self-attention" in unsupported((2, 128, 4, 64), (2, 256, 4, 64), device_count=1)
+    assert "not a multiple of the 3" in unsupported((2, 128, 4, 64), (2, 128, 3, 64), device_count=1)
+    assert "no context mesh" in unsupported((2, 128, 4, 64), (2, 128, 2, 64), device_count=4)
+    mesh = jax.sharding.AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"))
+    assert unsupported((4, 128, 4, 64), (4, 128, 2, 64), mesh=mesh, device_count=4) is None
+    # segment ids of the packed form: real slots 1, padding 0; a row with no real token keeps slot 0
+    np.testing.assert_array_equal(splash.splash_segment_ids(jnp.array([3, 0, 4]), 4),
+                                  [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+
+
+def test_auto_on_a_tpu_falls_back_to_xla_where_splash_cannot_run(monkeypatch):
+    """Pretend the backend is a TPU: shapes the kernel cannot take (12 slots), and a
+    multi-device run without a context mesh (these tests have 4 host devices), get the XLA path."""
+    monkeypatch.delenv(attention_module.ATTENTION_ENV, raising=False)
+    rs = np.random.default_rng(2)
+    for t in (12, 128):
+        q, k, v = _qkv(rs, 2, t, t)
+        lengths = jnp.array([t, t - 5], jnp.int32)
+        want = jax.jit(_attention, static_argnames=("scale",))(q, k, v, AttentionMask(lengths=lengths), scale=0.3)
+        monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "tpu")
+        got = jax.jit(lambda q, k, v, n: _attention(q, k, v, AttentionMask(lengths=n), scale=0.3))(q, k, v, lengths)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_splash_kernel_in_interpret_mode_matches_xla(monkeypatch):
+    """The Pallas splash kernel (interpret mode on CPU) against the XLA path: a tiny Llama's
+    logits over 128 slots with left padding (packed, then segment ids), GQA; the gradients of
+    the attention with a sliding window; and the kernel inside `shard_map` under a context
+    mesh (2 x 2 data x fsdp), the batch split over the devices."""
+    from rlhf_jax.train.sharding import make_mesh, shard_batch
+
+    splash._splash_kernel.cache_clear()
+    config = ModelConfig.tiny("llama", 64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                              max_position_embeddings=128)
+    lm = LM(config, "lm")
+    params = lm.init(0)
+    rs = np.random.default_rng(3)
+    mask = np.ones((2, 128), np.int32)
+    mask[1, :37] = 0  # left padding
+    ids = jnp.asarray(np.where(mask > 0, rs.integers(1, 64, (2, 128)), 0), jnp.int32)
+
+    def run(choice, fn, *args):
+        monkeypatch.setenv(attention_module.ATTENTION_ENV, choice)
+        return jax.jit(fn)(*args)  # a fresh jit: the choice is read when it traces
+
+    logits = lambda p, i, m: lm.logits(p, i, m)  # noqa: E731
+    got = run("splash", logits, params, ids, jnp.asarray(mask))
+    want = run("xla", logits, params, ids, jnp.asarray(mask))
+    real = mask > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+
+    q, k, v = _qkv(rs, 2, 128, 128, hq=2, hkv=1, dh=16)
+    lengths = jnp.array([128, 90], jnp.int32)
+    weights = jnp.asarray(rs.standard_normal((2, 128, 32)), jnp.float32)
+
+    def loss(q, k, v):
+        out = _attention(q, k, v, AttentionMask(lengths=lengths), scale=0.25, window=40)
+        return jnp.sum(out * weights)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    for g, w in zip(run("splash", grad, q, k, v), run("xla", grad, q, k, v)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
+
+    mesh = make_mesh(data=2, fsdp=2)
+    q, k, v = _qkv(rs, 4, 128, 128, hq=2, hkv=1, dh=16)
+    lengths = jnp.array([128, 90, 1, 0], jnp.int32)
+    forward = lambda q, k, v, n: _attention(q, k, v, AttentionMask(lengths=n), scale=0.25)  # noqa: E731
+    want = run("xla", forward, q, k, v, lengths)
+    with jax.set_mesh(mesh):
+        placed = shard_batch((q, k, v, lengths), mesh)
+        got = run("splash", forward, *placed)
+    assert got.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    # the kernel really ran: one per (slots, heads, window) seen above
+    assert splash._splash_kernel.cache_info().currsize == 2

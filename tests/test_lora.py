@@ -29,7 +29,7 @@ from rlhf_jax.train import (
     optimizer_from_config,
 )
 from rlhf_jax.train.reward import RewardConfig, make_reward_step, reward_init
-from rlhf_jax.train.sft import SFTConfig, make_sft_step, sft_init
+from rlhf_jax.train.sft import SFTConfig
 
 VOCAB = 64
 TOL = 1e-4
@@ -73,11 +73,12 @@ def test_adapted_equals_base_at_init(family):
             a = np.asarray(leaf)
             assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
     ids, mask = _batch()
-    ref = np.asarray(base_lm.logits(base, jnp.asarray(ids), jnp.asarray(mask)))
-    ours = np.asarray(lm.logits(lora.combine(base, adapters), jnp.asarray(ids), jnp.asarray(mask)))
+    adapted = jax.jit(lm.logits)  # one compilation for both adapter values (not one per eager op)
+    ref = np.asarray(jax.jit(base_lm.logits)(base, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(adapted(lora.combine(base, adapters), jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_array_equal(ours, ref)
     # the adapters act once B is not zero
-    moved = np.asarray(lm.logits(lora.combine(base, _perturb(adapters)), jnp.asarray(ids), jnp.asarray(mask)))
+    moved = np.asarray(adapted(lora.combine(base, _perturb(adapters)), jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(moved - ref).max() > 1e-2
 
 
@@ -141,7 +142,7 @@ def test_merged_and_peft_exports_match_our_forward(family, use_rslora, tmp_path)
     ids, mask = _batch()
     ours = np.asarray(jax.jit(lm.logits)(params, jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask > 0
-    base_logits = np.asarray(base_lm.logits(base, jnp.asarray(ids), jnp.asarray(mask)))
+    base_logits = np.asarray(jax.jit(base_lm.logits)(base, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(ours - base_logits)[valid].max() > 0.1  # the adapters matter
 
     merged_dir = save_pretrained(lm, params, tmp_path / "merged")
@@ -174,60 +175,42 @@ def lora_names(folder):
     return list(read_safetensors(folder / "adapter_model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def sft_setup():
+def test_fit_sft_with_a_frozen_base_trains_only_the_adapters_and_reduces_the_loss(tmp_path):
+    """`fit_sft(..., frozen=base)`: the trained pytree and its optimizer state are the adapters
+    only, the bf16 base is an argument that never changes, and the loss goes down."""
+    from rlhf_jax.train.drivers import fit_sft
+    from rlhf_jax.train.sft import sft_loss_fn
+
     base_lm, base = from_config(ModelConfig.tiny("llama", VOCAB), seed=0)
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)  # the frozen base stored in bf16
     lm, adapters = add_lora(base_lm, LoRAConfig(rank=4, alpha=16, targets=lora.LLAMA_TARGETS), seed=0)
     rs = np.random.RandomState(0)
     ids = rs.randint(1, VOCAB, (4, 12)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
-    return base_lm, lm, base, adapters, batch
-
-
-def test_sft_trains_only_the_adapters_and_reduces_the_loss(sft_setup):
-    base_lm, lm, base, adapters, batch = sft_setup
-    cfg = SFTConfig(batch_size=4, optimizer=OptimizerConfig(learning_rate=3e-3))
-    tx = optimizer_from_config(cfg.optimizer)
-    state = sft_init(lm, adapters, tx)
+    cfg = SFTConfig(batch_size=4, num_epochs=8, optimizer=OptimizerConfig(learning_rate=3e-3))
+    run = RunOptions(output_dir=str(tmp_path), checkpoint_every=None, stdout=False, tensorboard=False,
+                     progress=False)
+    base_before = jax.tree.map(np.asarray, base)
+    trained, history, state = fit_sft(lm, adapters, batch, cfg, run, frozen=base, return_state=True)
     # the trained pytree (and its optimizer state) is the adapters only
-    n_trained, n_base = lora.num_params(state.params), lora.num_params(base)
+    n_trained, n_base = lora.num_params(trained), lora.num_params(base)
     assert n_trained == sum(np.prod(x.shape) for x in jax.tree.leaves(adapters))
+    assert jax.tree.structure(trained) == jax.tree.structure(adapters)
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
     assert not any(x.shape == base["trunk"]["embed_tokens"]["embedding"].shape
                    for x in jax.tree.leaves(state.opt_state) if hasattr(x, "shape"))
     print(f"trained fraction {n_trained / (n_trained + n_base):.4f} ({n_trained} of {n_trained + n_base})")
-    step = jax.jit(make_sft_step(lm, tx, cfg))
-    base_before = jax.tree.map(np.asarray, base)
-    losses = []
-    for _ in range(8):
-        state, metrics = step(state, batch, base)
-        losses.append(float(metrics["loss"]))
+    losses = [r["loss"] for r in history]
+    assert len(losses) == 8 and all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all(np.isfinite(losses))
     # the base is untouched (an argument, never updated); every adapter moved
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), base, base_before)
-    for before, after in zip(jax.tree.leaves(adapters), jax.tree.leaves(state.params)):
+    for before, after in zip(jax.tree.leaves(adapters), jax.tree.leaves(trained)):
         assert np.abs(np.asarray(after) - np.asarray(before)).max() > 0
     # the gradient w.r.t. the full params reaches the base too: training only the adapters
     # is the trainer's choice (frozen is an argument), not a stop_gradient in the model
-    from rlhf_jax.train.sft import sft_loss_fn
-
-    grads = jax.grad(lambda p: sft_loss_fn(lm, p, batch)[0])(lora.combine(base, state.params))
+    grads = jax.jit(jax.grad(lambda p: sft_loss_fn(lm, p, batch)[0]))(lora.combine(base, trained))
     assert float(jnp.abs(grads["trunk"]["layers"]["mlp"]["up_proj"]["kernel"].astype(jnp.float32)).max()) > 0
-
-
-def test_fit_sft_with_a_frozen_base_returns_the_adapters(sft_setup, tmp_path):
-    from rlhf_jax.train.drivers import fit_sft
-
-    _, lm, base, adapters, batch = sft_setup
-    data = {k: np.concatenate([v, v]) for k, v in batch.items()}
-    cfg = SFTConfig(batch_size=4, optimizer=OptimizerConfig(learning_rate=3e-3))
-    run = RunOptions(output_dir=str(tmp_path), checkpoint_every=None, stdout=False, tensorboard=False,
-                     progress=False)
-    trained, history = fit_sft(lm, adapters, data, cfg, run, frozen=base, max_steps=2)
-    assert jax.tree.structure(trained) == jax.tree.structure(adapters)
-    assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
 
 
 def test_reward_model_trains_adapters_and_the_new_head():
@@ -279,8 +262,13 @@ def test_ppo_with_a_lora_policy_uses_the_base_as_reference():
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), frozen, frozen_before)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo"])
-def test_critic_free_estimators_with_a_lora_policy(algorithm):
+def test_critic_free_trainer_with_a_lora_policy_needs_the_base_and_trains_the_adapters():
+    """GRPO (no critic, so the policy's log-probs come from `response_logprobs`, not the
+    shared-trunk path PPO takes above) on adapters over a frozen base.
+
+    One estimator stands for all critic-free ones: what LoRA changes (the policy runs on
+    `combine(base, adapters)`, the reference is the base, `ref_params` is required) is the
+    same code for each; the estimators themselves learn in tests/test_rl_trainer.py."""
     from rlhf_jax.train import make_optimizer
     from rlhf_jax.train.rl.presets import rl_config
     from rlhf_jax.train.rl.trainer import RLTrainer
@@ -289,7 +277,7 @@ def test_critic_free_estimators_with_a_lora_policy(algorithm):
     config = ModelConfig.tiny("gpt2", v, hidden_size=32, num_heads=2, max_position_embeddings=16)
     base_lm, base = from_config(config, head="lm", seed=0)
     policy, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets="c_attn|c_fc"))
-    cfg = rl_config(algorithm, {
+    cfg = rl_config("grpo", {
         "batch": {"batch_size": b, "group_size": g, "num_minibatches": 1, "ppo_epochs": 2},
         "sampling": {"max_new_tokens": n, "temperature": 1.0, "eos_token_id": 2, "pad_token_id": 0},
     })
@@ -308,3 +296,28 @@ def test_critic_free_estimators_with_a_lora_policy(algorithm):
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
     moved = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters)))
     assert moved > 0
+
+
+def test_fit_dpo_with_a_frozen_base_trains_the_adapters_against_the_base(tmp_path):
+    """DPO with LoRA: the reference is the base without adapters on the same frozen weights
+    (precomputed log-probs), so the first loss is log 2 exactly; only the adapters move."""
+    from rlhf_jax.train.dpo import DPOConfig
+    from rlhf_jax.train.drivers import fit_dpo
+
+    base_lm, base = from_config(ModelConfig.tiny("gpt2", VOCAB, hidden_size=32, num_heads=2), seed=0)
+    lm, adapters = add_lora(base_lm, LoRAConfig(rank=2, alpha=4, targets=lora.GPT2_TARGETS))
+    rs = np.random.RandomState(4)
+    data = {}
+    for side in ("chosen", "rejected"):
+        ids = rs.randint(3, VOCAB, (8, 10)).astype(np.int32)
+        data.update({f"{side}_ids": ids, f"{side}_mask": np.ones_like(ids),
+                     f"{side}_loss_mask": (np.arange(10)[None, :] >= 4).astype(np.int32).repeat(8, 0)})
+    cfg = DPOConfig(batch_size=4, num_epochs=2, optimizer=OptimizerConfig(learning_rate=2e-2))
+    run = RunOptions(output_dir=str(tmp_path), checkpoint_every=None, stdout=False, tensorboard=False,
+                     progress=False)
+    with pytest.raises(ValueError, match="reference is the frozen base"):
+        fit_dpo(lm, adapters, data, cfg, run, frozen=base, ref_params=base)
+    trained, history = fit_dpo(lm, adapters, data, cfg, run, frozen=base)
+    assert abs(history[0]["loss"] - np.log(2.0)) < 1e-6
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["margin"] > 0
+    assert jax.tree.structure(trained) == jax.tree.structure(adapters)

@@ -173,8 +173,9 @@ def sft_setup(tmp_path_factory):
     return lm, lm_params, data, cfg, want
 
 
-# data-parallel, and FSDP over all four devices (2 x 2 runs in the PPO test below)
-@pytest.mark.parametrize("data_size,fsdp_size", [(4, 1), (1, 4)])
+# FSDP over all four devices (data x fsdp 2 x 2 runs in the GRPO test below, fsdp x tensor in
+# the DPO one, 2 x 2 x 2 in tests/test_scale.py)
+@pytest.mark.parametrize("data_size,fsdp_size", [(1, 4)])
 def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fsdp_size):
     from rlhf_jax.train.drivers import fit_sft
 
@@ -195,29 +196,84 @@ def test_fit_sft_on_mesh_equals_single_device(sft_setup, tmp_path, data_size, fs
     _assert_close_runs((params, history), want)
 
 
-def test_fit_ppo_on_mesh_equals_single_device(tmp_path):
-    from helpers import ppo_config
+# --- every phase jitted with in/out shardings: GRPO's three phases and the DPO step -------
 
-    from rlhf_jax.train import PPOTrainer, optimizer_from_config
+
+def test_fit_grpo_on_mesh_equals_single_device_and_keeps_the_shardings(tmp_path, count_compiles):
+    """Two GRPO iterations (group sampling, a reward model, the KL in the loss) through `fit_ppo`
+    on a 2 x 2 (data x fsdp) mesh, where the trainer's phases are jitted with in/out shardings
+    (`RLTrainer.with_mesh`): the same metrics and params as on one device, the rollout split
+    along its rows, the state in the layout of the update's `out_shardings`, and the update
+    compiled once for both iterations. (PPO with a critic on a 2 x 2 x 2 mesh and over two
+    processes: tests/test_scale.py.)"""
+    from rlhf_jax.train import make_optimizer
     from rlhf_jax.train.drivers import fit_ppo
+    from rlhf_jax.train.rl.presets import rl_config
+    from rlhf_jax.train.rl.trainer import RLTrainer
 
-    policy, policy_params = _tiny_lm("lm+value")
-
-    def reward_fn(prompt_ids, prompt_mask, tokens, response_mask, prompt_index):
-        return ((tokens == 5) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
-
-    cfg = ppo_config(batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=4,
-                     temperature=1.0, eos_token_id=2, learning_rate=1e-3)
-    trainer = PPOTrainer(policy, cfg, optimizer_from_config(cfg.optimizer), reward_fn=reward_fn)
-    rng = np.random.default_rng(1)
-    n, p = 8, 4
-    lengths = rng.integers(1, p + 1, n)
-    mask = (np.arange(p)[None, ::-1] < lengths[:, None]).astype(np.int32)
-    prompts = {"prompt_ids": np.where(mask > 0, rng.integers(3, VOCAB, (n, p)), 0).astype(np.int32),
+    policy, policy_params = _tiny_lm("lm")
+    rm, rm_params = _tiny_lm("scalar")
+    cfg = rl_config("grpo", {
+        "batch": {"batch_size": 4, "group_size": 2, "num_minibatches": 2, "ppo_epochs": 1},
+        "sampling": {"max_new_tokens": 4, "temperature": 1.0, "eos_token_id": 2, "pad_token_id": 0},
+    })
+    trainer = RLTrainer(policy, cfg, make_optimizer(1e-2, schedule="constant"), reward_model=rm)
+    rng = np.random.default_rng(3)
+    mask = np.ones((4, 5), np.int32)
+    mask[1, :2] = 0  # left padding
+    prompts = {"prompt_ids": np.where(mask > 0, rng.integers(3, VOCAB, (4, 5)), 0).astype(np.int32),
                "prompt_mask": mask}
-    want = fit_ppo(trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "one", seed=4), max_steps=2)
+    want = fit_ppo(trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "one", seed=4), max_steps=2,
+                   reward_params=rm_params)
     mesh = make_mesh(data=2, fsdp=2)
-    got = fit_ppo(trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "mesh", seed=4), max_steps=2,
-                  mesh=mesh)
-    assert [r["step"] for r in got[1]] == [1, 2]
-    _assert_close_runs(got, want, rtol=1e-4, atol=1e-5, params_atol=1e-4)
+    rollouts = []
+    with count_compiles() as counts:
+        params, history, state = fit_ppo(
+            trainer, policy_params, policy_params, prompts, _quiet(tmp_path / "mesh", seed=4), max_steps=2,
+            reward_params=rm_params, mesh=mesh, return_state=True,
+            on_rollout=lambda step, rows, rollout: rollouts.append(rollout))
+    assert counts["jit(_update)"] == 1, dict(counts)
+    assert trainer.mesh is None  # fit_ppo jitted a copy for the mesh
+    assert [r["step"] for r in history] == [1, 2]
+    _assert_close_runs((params, history), want, rtol=1e-4, atol=1e-5, params_atol=1e-4)
+    # the rollout is split along its 8 rows (4 prompts x 2 samples) over data x fsdp
+    tokens = rollouts[-1].tokens
+    assert tokens.sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert {s.data.shape for s in tokens.addressable_shards} == {(2, 4)}
+    # the update's outputs keep the layout its out_shardings promise: the state by the FSDP rule
+    want_specs = [s.spec for s in jax.tree.leaves(trainer.with_mesh(mesh).param_shardings(state))]
+    assert [x.sharding.spec for x in jax.tree.leaves(state)] == want_specs
+    kernel = state.params["trunk"]["h"]["mlp"]["c_fc"]["kernel"]  # [1, 32, 128]
+    assert kernel.sharding.spec == PartitionSpec(None, None, "fsdp")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(1, 32, 64)}
+
+
+def test_fit_dpo_on_a_tensor_mesh_equals_single_device(tmp_path):
+    """Two DPO steps (reference log-probs precomputed) on a 1 x 2 x 2 (data x fsdp x tensor)
+    mesh: equal to one device; the step's state comes back FSDP- and tensor-sharded."""
+    from rlhf_jax.train import OptimizerConfig
+    from rlhf_jax.train.dpo import DPOConfig
+    from rlhf_jax.train.drivers import fit_dpo
+
+    lm, params = _tiny_lm("lm")
+    rng = np.random.default_rng(5)
+    n, length = 8, 8
+    data = {}
+    for side in ("chosen", "rejected"):
+        lengths = rng.integers(4, length + 1, n)
+        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+        data[f"{side}_ids"] = np.where(mask > 0, rng.integers(3, VOCAB, (n, length)), 0).astype(np.int32)
+        data[f"{side}_mask"] = mask
+        data[f"{side}_loss_mask"] = mask * (np.arange(length)[None, :] >= 2)
+    cfg = DPOConfig(batch_size=4, num_epochs=1, optimizer=OptimizerConfig(learning_rate=1e-2))
+    want = fit_dpo(lm, params, data, cfg, _quiet(tmp_path / "one", seed=1))
+    mesh = make_mesh(data=1, fsdp=2, tensor=2)
+    got_params, got_history, state = fit_dpo(lm, params, data, cfg, _quiet(tmp_path / "mesh", seed=1), mesh=mesh,
+                                             return_state=True)
+    assert [r["step"] for r in got_history] == [1, 2]
+    c_fc = state.params["trunk"]["h"]["mlp"]["c_fc"]["kernel"]  # [1, 32, 128]: column-parallel
+    assert c_fc.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in c_fc.addressable_shards} == {(1, 16, 64)}
+    mu = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", None) == c_fc.shape]
+    assert mu and all(x.sharding.spec == c_fc.sharding.spec for x in mu)
+    _assert_close_runs((got_params, got_history), want, rtol=1e-4, atol=1e-5, params_atol=1e-4)

@@ -1,4 +1,5 @@
-"""DPO: the step against a float64 NumPy reference, the reference pass, learning, resume.
+"""DPO: the losses and the step against float64 NumPy and jnp references, the reference pass,
+learning, resume.
 
 The pairs are random token sequences with random prompt and completion lengths (right
 padding), so the sequence log-probs sum over different numbers of tokens per row.
@@ -16,7 +17,7 @@ import pytest
 from rlhf_jax.io.metrics import strip_timing
 from rlhf_jax.models import ModelConfig, from_config
 from rlhf_jax.train import DPOConfig, OptimizerConfig, RunOptions, dpo_init, make_dpo_step, reference_logprobs
-from rlhf_jax.train.dpo import pair_logprobs
+from rlhf_jax.train.dpo import dpo_loss_fn
 
 V, L = 24, 12
 
@@ -51,9 +52,9 @@ def _np_log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def np_sequence_logprobs(lm, params, ids, attn, loss_mask, *, average):
+def np_sequence_logprobs(logits_fn, params, ids, attn, loss_mask, *, average):
     """float64: sum (or mean) over completion tokens of log p(token | prefix)."""
-    logits = np.asarray(lm.logits(params, jnp.asarray(ids), jnp.asarray(attn)), np.float64)[:, :-1]
+    logits = np.asarray(logits_fn(params, jnp.asarray(ids), jnp.asarray(attn)), np.float64)[:, :-1]
     logp = np.take_along_axis(_np_log_softmax(logits), ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
     mask = (loss_mask * attn)[:, 1:].astype(np.float64)
     total = (logp * mask).sum(-1)
@@ -77,85 +78,100 @@ def np_dpo_objective(pc, pr, rc, rr, *, loss_type, beta, label_smoothing=0.0, ga
     return float(np.mean(per))
 
 
-def jnp_objective(lm, params, batch, ref, *, loss_type, beta, label_smoothing=0.0, gamma=0.5):
-    """An independent jnp formulation (full logits, log_softmax, masks written out) to differentiate."""
-    average = loss_type in ("ipo", "simpo")
+def jnp_sigmoid_objective(lm, params, batch, *, beta, label_smoothing):
+    """An independent jnp formulation of (label-smoothed) DPO (full logits, log_softmax, masks
+    written out) to differentiate."""
 
     def seq(side):
         ids, attn, lmask = batch[f"{side}_ids"], batch[f"{side}_mask"], batch[f"{side}_loss_mask"]
         logp = jax.nn.log_softmax(lm.logits(params, ids, attn)[:, :-1], axis=-1)
         tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         mask = (lmask * attn)[:, 1:].astype(jnp.float32)
-        total = jnp.sum(tok * mask, -1)
-        return total / jnp.maximum(jnp.sum(mask, -1), 1.0) if average else total
+        return jnp.sum(tok * mask, -1)
 
-    pc, pr = seq("chosen"), seq("rejected")
-    if loss_type == "simpo":
-        return jnp.mean(-jax.nn.log_sigmoid(beta * (pc - pr) - gamma))
-    h = (pc - ref[0]) - (pr - ref[1])
-    if loss_type == "sigmoid":
-        return jnp.mean(-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-                        - label_smoothing * jax.nn.log_sigmoid(-beta * h))
-    if loss_type == "ipo":
-        return jnp.mean((h - 1.0 / (2.0 * beta)) ** 2)
-    return jnp.mean(jax.nn.relu(1.0 - beta * h))
+    h = (seq("chosen") - batch["ref_chosen_logps"]) - (seq("rejected") - batch["ref_rejected_logps"])
+    return jnp.mean(-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                    - label_smoothing * jax.nn.log_sigmoid(-beta * h))
 
 
+# (loss_type, beta, label_smoothing): sum (sigmoid, hinge) and length-averaged (ipo, simpo)
+# sequence log-probs, with and without a reference (simpo).
 CASES = [("sigmoid", 0.5, 0.1), ("ipo", 0.5, 0.0), ("hinge", 2.0, 0.0), ("simpo", 2.0, 0.0)]
 
 
-@pytest.mark.parametrize("loss_type,beta,smoothing", CASES)
-def test_dpo_step_equals_float64_reference(tiny, loss_type, beta, smoothing):
+def test_dpo_losses_and_reference_pass_equal_float64_reference(tiny):
+    """Every loss type's loss, margin and accuracy (one jitted forward for all four) and the
+    reference pass, summed and averaged, against float64 NumPy."""
     lm, params, ref_params = tiny
     data = dpo_pairs(8, seed=0)
-    cfg = DPOConfig(loss_type=loss_type, beta=beta, label_smoothing=smoothing, batch_size=8, grad_accum_steps=2)
-    average = cfg.average_logprobs
+    logits_fn = jax.jit(lm.logits)
+    refs, np_ref, np_policy = {}, {}, {}
+    for average in (False, True):
+        # the reference pass (chunks of 3: the last one is padded) against float64 NumPy
+        refs[average] = reference_logprobs(lm, ref_params, data, batch_size=3, average=average)
+        for side in ("chosen", "rejected"):
+            args = (data[f"{side}_ids"], data[f"{side}_mask"], data[f"{side}_loss_mask"])
+            np_ref[average, side] = np_sequence_logprobs(logits_fn, ref_params, *args, average=average)
+            np_policy[average, side] = np_sequence_logprobs(logits_fn, params, *args, average=average)
+            np.testing.assert_allclose(refs[average][f"ref_{side}_logps"], np_ref[average, side],
+                                       rtol=1e-5, atol=1e-5)
 
-    # the reference pass (chunks of 3: the last one is padded) against float64 NumPy
-    ref = reference_logprobs(lm, ref_params, data, batch_size=3, average=average)
-    sides = {s: np_sequence_logprobs(lm, ref_params, data[f"{s}_ids"], data[f"{s}_mask"],
-                                     data[f"{s}_loss_mask"], average=average) for s in ("chosen", "rejected")}
-    np.testing.assert_allclose(ref["ref_chosen_logps"], sides["chosen"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ref["ref_rejected_logps"], sides["rejected"], rtol=1e-5, atol=1e-5)
+    cfgs = {t: DPOConfig(loss_type=t, beta=beta, label_smoothing=smoothing, batch_size=8)
+            for t, beta, smoothing in CASES}
+    batches = {average: {k: jnp.asarray(v) for k, v in {**data, **refs[average]}.items()} for average in refs}
 
-    pc, pr = (np_sequence_logprobs(lm, params, data[f"{s}_ids"], data[f"{s}_mask"], data[f"{s}_loss_mask"],
-                                   average=average) for s in ("chosen", "rejected"))
-    want_loss = np_dpo_objective(pc, pr, sides["chosen"], sides["rejected"], loss_type=loss_type, beta=beta,
-                                 label_smoothing=smoothing, gamma=cfg.simpo_gamma)
+    @jax.jit
+    def all_losses(params, batches):
+        return {t: dpo_loss_fn(lm, params, batches[cfg.average_logprobs], cfg) for t, cfg in cfgs.items()}
+
+    got = all_losses(params, batches)
+    for loss_type, cfg in cfgs.items():
+        avg = cfg.average_logprobs
+        assert avg == (loss_type in ("ipo", "simpo"))
+        pc, pr = np_policy[avg, "chosen"], np_policy[avg, "rejected"]
+        want_loss = np_dpo_objective(pc, pr, np_ref[avg, "chosen"], np_ref[avg, "rejected"], loss_type=loss_type,
+                                     beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+        loss, (aux, weight) = got[loss_type]
+        np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5, atol=1e-6, err_msg=loss_type)
+        if loss_type == "simpo":  # SimPO's implicit reward has no reference
+            rewards_c, rewards_r = cfg.beta * pc, cfg.beta * pr
+        else:
+            rewards_c, rewards_r = cfg.beta * (pc - np_ref[avg, "chosen"]), cfg.beta * (pr - np_ref[avg, "rejected"])
+        np.testing.assert_allclose(float(aux["margin"]), np.mean(rewards_c - rewards_r), rtol=1e-4, atol=1e-5,
+                                   err_msg=loss_type)
+        assert float(aux["accuracy"]) == pytest.approx(np.mean(rewards_c > rewards_r)), loss_type
+        assert float(weight) == 8.0
+    # the four losses are really different functions of the same log-probs
+    assert len({round(float(got[t][0]), 4) for t in cfgs}) == 4
+
+
+def test_dpo_step_is_minus_the_gradient_with_a_precomputed_or_on_the_fly_reference(tiny):
+    """One SGD(1) step with 2 micro-batches: its update is minus the gradient of an independently
+    written objective (the loss types differ only in `dpo_loss_fn`, checked above); the
+    on-the-fly reference gives the same step as the precomputed one."""
+    lm, params, ref_params = tiny
+    data = {k: jnp.asarray(v) for k, v in dpo_pairs(8, seed=0).items()}
+    beta, smoothing = 0.5, 0.1
     tx = optax.sgd(1.0)  # new params = params - grad
-    step = jax.jit(make_dpo_step(lm, tx, cfg))
-    batch = {k: jnp.asarray(v) for k, v in {**data, **ref}.items()}
-    state, metrics = step(dpo_init(lm, params, tx), batch)
-    np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=1e-5, atol=1e-6)
-    if loss_type == "simpo":  # SimPO's implicit reward has no reference
-        rewards_c, rewards_r = beta * pc, beta * pr
-    else:
-        rewards_c, rewards_r = beta * (pc - sides["chosen"]), beta * (pr - sides["rejected"])
-    np.testing.assert_allclose(float(metrics["margin"]), np.mean(rewards_c - rewards_r), rtol=1e-4, atol=1e-5)
-    assert float(metrics["accuracy"]) == pytest.approx(np.mean(rewards_c > rewards_r))
-
-    # the update is minus the gradient of the independently written objective
-    grads = jax.grad(jnp_objective, argnums=1)(lm, params, batch, (batch["ref_chosen_logps"],
-                                               batch["ref_rejected_logps"]), loss_type=loss_type, beta=beta,
-                                               label_smoothing=smoothing, gamma=cfg.simpo_gamma)
+    pre = DPOConfig(loss_type="sigmoid", beta=beta, label_smoothing=smoothing, batch_size=8, grad_accum_steps=2)
+    fly = DPOConfig(loss_type="sigmoid", beta=beta, label_smoothing=smoothing, batch_size=8, grad_accum_steps=2,
+                    reference="on_the_fly")
+    ref = {k: jnp.asarray(v) for k, v in reference_logprobs(lm, ref_params, data, batch_size=3).items()}
+    batch = {**data, **ref}
+    state, metrics = jax.jit(make_dpo_step(lm, tx, pre))(dpo_init(lm, params, tx), batch)
+    objective = jax.jit(jax.value_and_grad(
+        lambda p, b: jnp_sigmoid_objective(lm, p, b, beta=beta, label_smoothing=smoothing)))
+    want_loss, grads = objective(params, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5, atol=1e-6)
     for got_new, old, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), jax.tree.leaves(grads),
                                strict=True):
         np.testing.assert_allclose(np.asarray(old) - np.asarray(got_new), np.asarray(g), rtol=1e-3, atol=2e-6)
     assert float(metrics["grad_norm"]) > 0
 
-
-def test_on_the_fly_reference_equals_precomputed(tiny):
-    lm, params, ref_params = tiny
-    data = {k: jnp.asarray(v) for k, v in dpo_pairs(8, seed=3).items()}
-    tx = optax.sgd(1.0)
-    pre = DPOConfig(batch_size=8, beta=0.5)
-    fly = DPOConfig(batch_size=8, beta=0.5, reference="on_the_fly")
-    ref = {k: jnp.asarray(v) for k, v in reference_logprobs(lm, ref_params, data, batch_size=8).items()}
-    s1, m1 = jax.jit(make_dpo_step(lm, tx, pre))(dpo_init(lm, params, tx), {**data, **ref})
     s2, m2 = jax.jit(make_dpo_step(lm, tx, fly))(dpo_init(lm, params, tx), data, ref_params)
-    for k in m1:
-        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+    for k in metrics:
+        np.testing.assert_allclose(metrics[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         make_dpo_step(lm, tx, pre)(dpo_init(lm, params, tx), data)
@@ -200,12 +216,13 @@ def test_dpo_steps_raise_margin_and_accuracy(dpo_run):
     assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
     assert abs(history[0]["margin"]) < 1e-5
     assert (out / "reference_logprobs.npz").exists()
-    batch = {k: jnp.asarray(v) for k, v in data.items()}
-    before = pair_logprobs(lm, params, batch)
-    after = pair_logprobs(lm, final, batch)
-    margin = cfg.beta * ((after[0] - before[0]) - (after[1] - before[1]))
-    assert float(jnp.mean(margin)) > 0.5, float(jnp.mean(margin))
-    assert float(jnp.mean(margin > 0)) >= 0.9
+    # the reference pass the run compiled (same model, chunk size and sums)
+    before = reference_logprobs(lm, params, data, batch_size=cfg.batch_size)
+    after = reference_logprobs(lm, final, data, batch_size=cfg.batch_size)
+    margin = cfg.beta * ((after["ref_chosen_logps"] - before["ref_chosen_logps"])
+                         - (after["ref_rejected_logps"] - before["ref_rejected_logps"]))
+    assert float(np.mean(margin)) > 0.5, float(np.mean(margin))
+    assert float(np.mean(margin > 0)) >= 0.9
     assert history[-1]["loss"] < 0.5 < math.log(2.0)
 
 

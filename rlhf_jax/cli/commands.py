@@ -68,6 +68,8 @@ __all__ = [
     "run_eval",
     "run_export",
     "load_run_model",
+    "with_lora",
+    "merged_lora",
 ]
 
 
@@ -188,6 +190,62 @@ def export_model(lm, params, tokenizer, out_dir: str, *, save_dtype=None) -> str
     return out_dir
 
 
+def _lora_param_dtype(cfg):
+    """The dtype to load the starting weights in: `model.frozen_dtype` under `lora:` (they become
+    the frozen base), else None (`model.param_dtype`, the master weights)."""
+    return cfg.model.frozen_dtype if getattr(cfg, "lora", None) is not None else None
+
+
+def with_lora(cfg, lm, params, *, seed: int = 0):
+    """`(lm, trained, frozen)`: without `cfg.lora`, `(lm, params, None)`; with it, `lm` with the
+    adapters attached, the trained part (fresh adapters and the new heads, in
+    `model.param_dtype`) and the frozen base (`params` as loaded, in `model.frozen_dtype`)."""
+    lora = getattr(cfg, "lora", None)
+    if lora is None:
+        return lm, params, None
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.models.lora import add_lora, combine, partition, trained_heads
+
+    try:
+        lora_lm, adapters = add_lora(lm, lora.to_lora_config(), seed=seed)
+    except ValueError as e:  # the targets match no projection of this family
+        raise ConfigError(f"`lora.targets`: {e}") from None
+    trained, frozen = partition(combine(params, adapters), heads=trained_heads(lora_lm))
+    master = _dtype(cfg.model.param_dtype)
+    trained = jax.tree.map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x, trained)
+    return lora_lm, trained, frozen
+
+
+def merged_lora(cfg, lm, trained, frozen):
+    """`(lm, params)` to export: unchanged without LoRA, else the adapters folded into the base
+    (`merge_adapters`) and the weights in `model.param_dtype`."""
+    if frozen is None:
+        return lm, trained
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.models.lora import combine, merge_adapters
+
+    master = _dtype(cfg.model.param_dtype)
+    full = jax.tree.map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        combine(frozen, trained))
+    base_lm, merged = merge_adapters(lm, full)  # W + scale A B, summed in float32
+    return dataclasses.replace(base_lm, param_dtype=master), merged
+
+
+def _export_lora_adapter(cfg, lm, trained, out_dir: str):
+    """Also write the adapters of a LoRA policy as a PEFT folder (`run.output_dir/peft`)."""
+    if getattr(cfg, "lora", None) is None or lm.head not in ("lm", "lm+value"):
+        return
+    from rlhf_jax.models.hf.peft import save_peft_adapter
+    from rlhf_jax.models.lora import split_adapters
+
+    adapters, _ = split_adapters(trained)
+    save_peft_adapter(lm, adapters, out_dir, base_model_name_or_path=cfg.model.path)
+
+
 def _data_kwargs(data, *, kind: str, pad_token=None) -> dict:
     common = {"prompt_column": data.prompt_column, "max_prompt_length": data.max_prompt_length,
               "buckets": data.buckets, "pad_token": pad_token,
@@ -274,6 +332,23 @@ def _check_reward_model(path: str, key: str):
                           "model has one")
 
 
+def _check_lora_targets(cfg, hf_config: dict | None):
+    """`lora.targets` match a projection of the model (checked on its config, without weights)."""
+    lora = getattr(cfg, "lora", None)
+    if lora is None or not hf_config:
+        return
+    from rlhf_jax.models import LM, ModelConfig
+
+    try:
+        config = ModelConfig.from_hf_config(hf_config)
+    except (KeyError, TypeError, ValueError):
+        return  # an unusable config.json is reported where the model is built
+    try:
+        LM(config, "lm", lora=lora.to_lora_config()).abstract_params()
+    except ValueError as e:
+        raise ConfigError(f"`lora.targets`: {e}") from None
+
+
 def _check_batch(batch_size: int, examples, what: str, data_cfg, key: str = "train.batch_size"):
     if batch_size > len(examples):
         raise ConfigError(f"`{key}` ({batch_size}) is larger than the {len(examples)} {what} of "
@@ -349,6 +424,7 @@ def prepare(command: str, cfg) -> Plan:
     tok = load_tokenizer(cfg.tokenizer, cfg.model)
     hf_config = _model_hf_config(cfg.model)
     _check_vocab_size(tok, hf_config, "model.path" if cfg.model.path else "model.random_init")
+    _check_lora_targets(cfg, hf_config)
     if command in ("ppo", "rl"):
         return _prepare_ppo(cfg, tok, command)
     kind = "sft" if command == "sft" else "preference"
@@ -487,13 +563,16 @@ def _execute_sft(plan: Plan, *, overwrite: bool) -> str:
             + (f" ({train.dropped} dropped as too long)" if train.dropped else ""))
     with _claim(plan, overwrite=overwrite) as folder:
         mesh = mesh_from_options(cfg.run)
-        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh,
+                                param_dtype=_lora_param_dtype(cfg))
         _check_model_vocab(tok, lm)
+        lm, params, frozen = with_lora(cfg, lm, params, seed=cfg.run.seed)
         sample_fn = _sft_sample_fn(cfg, tok, lm, plan.held_out or train) if cfg.run.log_samples_every else None
         params, _ = fit_sft(lm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
                             eval_data=plan.held_out.arrays if plan.held_out else None, sample_fn=sample_fn,
-                            on_checkpoint=folder.commit_overwrite)
-        out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+                            on_checkpoint=folder.commit_overwrite, frozen=frozen)
+        _export_lora_adapter(cfg, lm, params, os.path.join(cfg.run.output_dir, "peft"))
+        out = export_model(*merged_lora(cfg, lm, params, frozen), tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
 
@@ -535,11 +614,14 @@ def _execute_reward(plan: Plan, *, overwrite: bool) -> str:
     _report(f"reward: {len(train)} training pairs, {len(held_out) if held_out else 0} held-out pairs")
     with _claim(plan, overwrite=overwrite) as folder:
         mesh = mesh_from_options(cfg.run)
-        rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed, mesh=mesh)
+        rm, params = load_model(cfg.model, head="scalar", seed=cfg.run.seed, mesh=mesh,
+                                param_dtype=_lora_param_dtype(cfg))
         _check_model_vocab(tok, rm)
+        rm, params, frozen = with_lora(cfg, rm, params, seed=cfg.run.seed)
         params, _ = fit_reward(rm, params, train.arrays, cfg.train, cfg.run, mesh=mesh,
                                eval_data=held_out.arrays if held_out else None,
-                               on_checkpoint=folder.commit_overwrite)
+                               on_checkpoint=folder.commit_overwrite, frozen=frozen)
+        rm, params = merged_lora(cfg, rm, params, frozen)  # LoRA: the adapters folded into the base
         if cfg.normalize:
             # Centre the scores on the training responses (both sides), as the OpenAI and N+ recipes
             # centre on reference samples; PPO then sees scores around 0.
@@ -566,8 +648,10 @@ def _execute_dpo(plan: Plan, *, overwrite: bool) -> str:
             + (f"; reference {cfg.reference}" if cfg.reference else "; reference: the starting model"))
     with _claim(plan, overwrite=overwrite) as folder:
         mesh = mesh_from_options(cfg.run)
-        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh)
+        lm, params = load_model(cfg.model, head="lm", seed=cfg.run.seed, mesh=mesh,
+                                param_dtype=_lora_param_dtype(cfg))
         _check_model_vocab(tok, lm)
+        lm, params, frozen = with_lora(cfg, lm, params, seed=cfg.run.seed)  # LoRA: the base is the reference
         ref_params = None
         if cfg.reference is not None and cfg.train.needs_reference:
             import jax
@@ -579,8 +663,9 @@ def _execute_dpo(plan: Plan, *, overwrite: bool) -> str:
                 raise ConfigError(f"`reference`: {cfg.reference} does not have the starting model's architecture "
                                   "(its parameters differ in names or shapes)")
         params, _ = fit_dpo(lm, params, train.arrays, cfg.train, cfg.run, ref_params=ref_params, mesh=mesh,
-                            on_checkpoint=folder.commit_overwrite)
-        out = export_model(lm, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+                            on_checkpoint=folder.commit_overwrite, frozen=frozen)
+        _export_lora_adapter(cfg, lm, params, os.path.join(cfg.run.output_dir, "peft"))
+        out = export_model(*merged_lora(cfg, lm, params, frozen), tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
 
@@ -591,6 +676,8 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     Dtypes: the policy and a separate value network train with `model.param_dtype` master
     weights; the frozen reference and reward model are stored in `model.frozen_dtype`; every
     network computes in `model.dtype`. With `mesh`, checkpoints load straight into their shards.
+    With `lora:` the returned policy params are the trained part (adapters, a shared-trunk
+    value head) and the reference params the frozen base (in `model.frozen_dtype`).
     """
     import jax
     import jax.numpy as jnp
@@ -608,9 +695,14 @@ def _build_ppo(cfg, tok, prompts, reward_fn=None, mesh=None):
     head = "lm+value" if shared else "lm"
     model_cfg = cfg.model
     compute, frozen = _dtype(model_cfg.dtype), _dtype(getattr(model_cfg, "frozen_dtype", model_cfg.param_dtype))
-    policy, policy_params = load_model(model_cfg, head=head, seed=cfg.run.seed, mesh=mesh)
+    policy, policy_params = load_model(model_cfg, head=head, seed=cfg.run.seed, mesh=mesh,
+                                       param_dtype=_lora_param_dtype(cfg))
     _check_model_vocab(tok, policy)
-    if cfg.reference is None:
+    lora = getattr(cfg, "lora", None) is not None
+    if lora:
+        # the adapters (and a shared-trunk value head) train; the frozen base is the reference
+        policy, policy_params, ref_params = with_lora(cfg, policy, policy_params, seed=cfg.run.seed)
+    elif cfg.reference is None:
         # a copy in the frozen dtype (never the policy's own buffers: the update replaces those)
         ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=frozen), policy_params)
     else:
@@ -654,7 +746,9 @@ def _execute_ppo(plan: Plan, *, overwrite: bool) -> str:
                             value_params=value_params,
                             reward_params=reward_params, num_epochs=None, max_steps=cfg.num_iterations,
                             on_checkpoint=folder.commit_overwrite, eval_fn=eval_fn, decode=_decoder(tok))
-        out = export_model(policy, params, tok, os.path.join(cfg.run.output_dir, "hf"))
+        frozen = ref_params if trainer.lora else None
+        _export_lora_adapter(cfg, policy, params, os.path.join(cfg.run.output_dir, "peft"))
+        out = export_model(*merged_lora(cfg, policy, params, frozen), tok, os.path.join(cfg.run.output_dir, "hf"))
         folder.commit_overwrite()
     return out
 
@@ -672,9 +766,10 @@ def _ppo_eval_fn(cfg, tok, plan: Plan, trainer, policy, ref_params, reward_param
         reward_fn = host_reward_fn(plan.reward_fn or _load_function(cfg.reward.function, "reward.function"), tok,
                                    prompts=held_out.prompts, answers=held_out.answers, name=cfg.reward.function)
     sampling = cfg.train.sampling
+    reference = trainer.reference  # with LoRA: the base without adapters, on the frozen base
     return rl_eval_fn(policy, held_out.arrays["prompt_ids"], held_out.arrays["prompt_mask"],
                       max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, reward_model=reward_model,
-                      ref=(policy, ref_params), temperature=sampling.temperature,
+                      ref=(reference, ref_params), temperature=sampling.temperature,
                       eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,
                       seed=cfg.run.seed + 1, batch_size=cfg.train.batch.batch_size,
                       prompt_index=np.arange(len(held_out)))
@@ -743,7 +838,8 @@ def _restored_params(command: str, run_cfg, params, tok):
 
 
 def load_run_model(run_dir: str):
-    """The model of a training run folder at its newest checkpoint.
+    """The model of a training run folder at its newest checkpoint (a LoRA run's adapters
+    merged into its base).
 
     Returns:
       `(command, lm, params, tokenizer, step)`.
@@ -756,8 +852,10 @@ def load_run_model(run_dir: str):
         head = "lm+value" if (critic and run_cfg.value_model is None) else "lm"
     else:
         head = "lm" if command in ("sft", "dpo") else "scalar"
-    lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed)
+    lm, params = load_model(run_cfg.model, head=head, seed=run_cfg.run.seed, param_dtype=_lora_param_dtype(run_cfg))
+    lm, params, frozen = with_lora(run_cfg, lm, params, seed=run_cfg.run.seed)
     params, step = _restored_params(command, run_cfg, params, tok)
+    lm, params = merged_lora(run_cfg, lm, params, frozen)  # a LoRA run: its adapters folded into the base
     return command, lm, params, tok, step
 
 

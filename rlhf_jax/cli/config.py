@@ -47,6 +47,7 @@ __all__ = [
     "TokenizerSection",
     "DataSection",
     "RewardSection",
+    "LoRASection",
     "RunOptions",
     "SFTRunConfig",
     "RewardRunConfig",
@@ -87,7 +88,8 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = _help("compute dtype", "float32")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter (master weight) dtype", "float32")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = _help(
-        "storage dtype of the frozen networks' weights (PPO reference and reward model)", "bfloat16")
+        "storage dtype of the frozen networks' weights (RL reference and reward model; with `lora:`, the frozen "
+        "base)", "bfloat16")
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention"] = _help(
         "activation checkpointing per layer in the training steps", "none")
 
@@ -142,6 +144,38 @@ class RewardSection:
         "(a .py file executed) with your permissions; name only code you trust", None)
 
 
+@dataclass(frozen=True)
+class LoRASection:
+    """LoRA: train low-rank adapters (and the new heads) on a frozen base (rlhf_jax.models.lora)."""
+
+    rank: int = _help("adapter rank r (>= 1)", 8)
+    alpha: float = _help("scale numerator: the low-rank term is multiplied by alpha / r (> 0)", 16.0)
+    targets: str | None = _help(
+        "regular expression matched in full against projection names (e.g. 'q_proj|v_proj'); null: every "
+        "projection of the family (Llama's q/k/v/o/gate/up/down, GPT-2's c_attn/c_proj/c_fc)", None)
+    use_rslora: bool = _help("rank-stabilised scale alpha / sqrt(r) (arXiv 2312.03732)", False)
+
+    def to_lora_config(self):
+        """The `rlhf_jax.models.LoRAConfig` of this section."""
+        from rlhf_jax.models.lora import LoRAConfig
+
+        kwargs = {} if self.targets is None else {"targets": self.targets}
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora, **kwargs)
+
+
+def _check_lora(lora: LoRASection | None):
+    if lora is None:
+        return
+    try:
+        lora.to_lora_config()
+    except ValueError as e:
+        raise ConfigError(f"`lora`: {e}") from None
+
+
+_LORA_HELP = ("LoRA adapters on a frozen base (null: full fine-tuning); the base is stored in model.frozen_dtype "
+              "and, in RL and DPO, is also the reference")
+
+
 # --------------------------------------------------------------------------- run configs
 
 
@@ -184,6 +218,33 @@ def _check_common(cfg, batch_size: int):
                  f"`train.batch_size` ({batch_size}) must be divisible by `run.mesh.data` ({mesh.data})")
 
 
+def _run_field(output_dir: str, *, checkpoint_every: int):
+    """The `run:` section of a training command, with that command's default folder."""
+    return hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
+                 factory=lambda: RunOptions(output_dir=output_dir, checkpoint_every=checkpoint_every,
+                                            mesh=_ALL_DEVICES))
+
+
+def _check_training(cfg, batch_size: int, *, prompts_only: bool = False):
+    """The checks every training command shares: model, data, batch over the mesh, LoRA."""
+    _check_model(cfg.model, cfg.tokenizer)
+    _check_data(cfg.data, prompts_only=prompts_only)
+    _check_common(cfg, batch_size)
+    _check_lora(cfg.lora)
+
+
+def _check_online(cfg):
+    """The checks `ppo` and `rl` share: the reference under LoRA and exactly one reward source."""
+    _check_training(cfg, cfg.train.batch.batch_size, prompts_only=True)
+    _require(cfg.lora is None or cfg.reference is None,
+             "`reference`: with `lora:` the reference is the frozen base; set reference to null")
+    _require((cfg.reward.model_path is None) != (cfg.reward.function is None),
+             "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
+    if cfg.reward.function is not None:
+        _require(":" in cfg.reward.function,
+                 f"`reward.function` must be `module:function`, got {cfg.reward.function!r}")
+
+
 @dataclass(frozen=True)
 class SFTRunConfig:
     """`rlhf-jax sft`: supervised fine-tuning on prompt/completion or messages rows."""
@@ -192,15 +253,12 @@ class SFTRunConfig:
     tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
     data: DataSection = hyper(help="data", factory=DataSection)
     train: SFTConfig = hyper(help="SFT hyper-parameters (rlhf_jax.train.SFTConfig)", factory=SFTConfig)
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/sft", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
+    run: RunOptions = _run_field("runs/sft", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
+        _check_training(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -212,17 +270,14 @@ class RewardRunConfig:
     data: DataSection = hyper(help="data", factory=DataSection)
     train: RewardConfig = hyper(help="reward-model hyper-parameters (rlhf_jax.train.RewardConfig)",
                                 factory=RewardConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     normalize: bool = hyper(True, "after training, shift the head so scores on the training prompts' chosen "
                                   "and rejected responses have mean 0")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/reward", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/reward", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
+        _check_training(self, self.train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -234,16 +289,15 @@ class DPORunConfig:
     tokenizer: TokenizerSection = hyper(help="tokenizer", factory=TokenizerSection)
     data: DataSection = hyper(help="preference pairs (`prompt`, `chosen`, `rejected`)", factory=DataSection)
     train: DPOConfig = hyper(help="DPO hyper-parameters (rlhf_jax.train.DPOConfig)", factory=DPOConfig)
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/dpo", checkpoint_every=500,
-                                                       mesh=_ALL_DEVICES))
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
+    run: RunOptions = _run_field("runs/dpo", checkpoint_every=500)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data)
-        _check_common(self, self.train.batch_size)
+        _check_training(self, self.train.batch_size)
         _require(self.reference is None or bool(self.reference), "`reference` must be a model folder or null")
+        _require(self.lora is None or self.reference is None,
+                 "`reference`: with `lora:` the reference is the frozen base; set reference to null")
 
 
 @dataclass(frozen=True)
@@ -260,21 +314,13 @@ class PPORunConfig:
     data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
     reward: RewardSection = hyper(help="reward source", factory=RewardSection)
     train: PPOConfig = hyper(help="PPO hyper-parameters (rlhf_jax.train.PPOConfig)", factory=PPOConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "PPO iterations (each: sample, score, update; a resumed run may extend it)")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/ppo", checkpoint_every=20,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/ppo", checkpoint_every=20)
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data, prompts_only=True)
-        _check_common(self, self.train.batch.batch_size)
-        _require((self.reward.model_path is None) != (self.reward.function is None),
-                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
-        if self.reward.function is not None:
-            _require(":" in self.reward.function,
-                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        _check_online(self)
         if self.value_model == "reward_model":
             _require(self.reward.model_path is not None,
                      "`value_model`: `reward_model` needs `reward.model_path`")
@@ -306,10 +352,9 @@ class RLRunConfig:
     data: DataSection = hyper(help="prompts (`prompt`, optional `answer`)", factory=DataSection)
     reward: RewardSection = hyper(help="reward source", factory=RewardSection)
     train: RLConfig = hyper(help="RL hyper-parameters (rlhf_jax.train.rl.RLConfig)", factory=RLConfig)
+    lora: LoRASection | None = hyper(None, _LORA_HELP)
     num_iterations: int = hyper(100, "iterations (each: sample, score, update; a resumed run may extend it)")
-    run: RunOptions = hyper(help="run folder, seed, checkpoints, logging, mesh (rlhf_jax.train.RunOptions)",
-                            factory=lambda: RunOptions(output_dir="runs/rl", checkpoint_every=20,
-                                                       mesh=_ALL_DEVICES))
+    run: RunOptions = _run_field("runs/rl", checkpoint_every=20)
 
     @classmethod
     def preprocess(cls, data: dict) -> dict:
@@ -324,14 +369,7 @@ class RLRunConfig:
 
     def validate(self):
         """Cross-field checks; raises ConfigError naming the keys."""
-        _check_model(self.model, self.tokenizer)
-        _check_data(self.data, prompts_only=True)
-        _check_common(self, self.train.batch.batch_size)
-        _require((self.reward.model_path is None) != (self.reward.function is None),
-                 "`reward.model_path`: give exactly one of `reward.model_path` and `reward.function`")
-        if self.reward.function is not None:
-            _require(":" in self.reward.function,
-                     f"`reward.function` must be `module:function`, got {self.reward.function!r}")
+        _check_online(self)
         critic = self.train.advantages.needs_critic
         _require(critic or self.value_model is None,
                  f"`value_model`: train.advantages.estimator {self.train.advantages.estimator!r} has no critic; "

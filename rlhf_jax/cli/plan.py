@@ -4,16 +4,24 @@
                   [--model-config DIR]
 
 Reads the run config like the training command would (the command comes from
-`--command`, else the file name: `sft*`, `reward*`, `ppo*`), but needs only each
-model folder's `config.json` (no weights, no tokenizer, no data): a folder without
-one takes `--model-config` (a folder with a `config.json`, e.g.
-`configs/models/qwen2.5-0.5b`) instead. The phases are compiled abstractly on the
+`--command`, else the file name: `sft*`, `reward*`, `dpo*`, `ppo*`, `rl*` or an RL
+algorithm's name such as `grpo*`, `rloo*`, `dapo*`), but needs only each model folder's
+`config.json` (no weights, no tokenizer, no data): a folder without one takes
+`--model-config` (a folder with a `config.json`, e.g. `configs/models/qwen2.5-0.5b`)
+instead. A `lora:` section plans the LoRA run: only the adapters (and new heads) train,
+the base is stored in `model.frozen_dtype` and is also the reference. The phases are compiled abstractly on the
 configured mesh by `rlhf_jax.train.plan`; when fewer than N devices exist the
 command runs itself again with N simulated host devices (XLA's device count is
 fixed when JAX starts). With `--json` the last stdout line is one JSON object:
 
     {"devices": N, "device_memory_bytes": M, "fits": bool,
-     "phases": {NAME: {"peak_bytes_per_device": int, "compile_s": float, "flops": float}}}
+     "phases": {NAME: {"peak_bytes_per_device": int, "compile_s": float, "flops": float}},
+     "trainable_params": int, "frozen_params": int, "state_bytes_per_device": int,
+     "frozen_bytes_per_device": int, "lora": null | {"rank", "alpha", "targets", "adapted",
+     "layers", "base_params", "heads", "base_dtype"}}
+
+Phases: `step` for sft, reward and dpo; `rollout`, `score` (only with a reward model) and
+`update` for ppo and rl.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from rlhf_jax.cli.config import COMMAND_CONFIGS, ConfigError, load_config
 
 __all__ = ["add_plan_parser", "run_plan", "PLANNED_COMMANDS"]
 
-PLANNED_COMMANDS = ("sft", "reward", "ppo")
+PLANNED_COMMANDS = ("sft", "reward", "dpo", "ppo", "rl")
 _CHILD_ENV = "RLHF_JAX_PLAN_CHILD"
 
 
@@ -49,11 +57,18 @@ def add_plan_parser(sub):
 
 
 def _command_of(path: str) -> str:
+    from rlhf_jax.train.rl.presets import ALGORITHMS
+
     name = os.path.basename(path).lower()
     for cmd in PLANNED_COMMANDS:
         if name.startswith(cmd):
             return cmd
-    raise ConfigError(f"cannot tell the command of {path} from its name; pass --command sft|reward|ppo")
+    # an RL recipe is named after its algorithm (grpo_gsm8k_qwen05b.yaml); the longest name first
+    for algorithm in sorted(ALGORITHMS, key=len, reverse=True):
+        if name.startswith(algorithm):
+            return "rl"
+    raise ConfigError(f"cannot tell the command of {path} from its name; pass --command "
+                      + "|".join(PLANNED_COMMANDS))
 
 
 def _mesh_section(cfg):
@@ -82,12 +97,28 @@ def _hf_config(path, random_init, fallback, what):
     raise ConfigError(f"{what}: no config.json in {path!r}; pass --model-config DIR (e.g. configs/models/...)")
 
 
-def _lm(hf_config, model_cfg, head, *, param_dtype=None):
+def _lm(hf_config, model_cfg, head, *, param_dtype=None, lora=None):
+    """The static `LM` of a config.json (with `lora`, a `LoRASection`, its adapters attached)."""
     from rlhf_jax.cli.commands import _dtype
     from rlhf_jax.models import LM, ModelConfig
 
-    return LM(ModelConfig.from_hf_config(hf_config), head, dtype=_dtype(model_cfg.dtype),
-              param_dtype=_dtype(param_dtype or model_cfg.param_dtype), remat=getattr(model_cfg, "remat", "none"))
+    lm = LM(ModelConfig.from_hf_config(hf_config), head, dtype=_dtype(model_cfg.dtype),
+            param_dtype=_dtype(param_dtype or model_cfg.param_dtype), remat=getattr(model_cfg, "remat", "none"),
+            lora=None if lora is None else lora.to_lora_config())
+    if lora is not None:
+        try:
+            lm.abstract_params()
+        except ValueError as e:  # the targets match no projection of this family
+            raise ConfigError(f"`lora.targets`: {e}") from None
+    return lm
+
+
+def _frozen_dtype(cfg):
+    """The storage dtype of the frozen weights (`model.frozen_dtype`): the RL reference and
+    reward model, and with `lora:` the base."""
+    from rlhf_jax.cli.commands import _dtype
+
+    return _dtype(cfg.model.frozen_dtype)
 
 
 def _optimizer(opt):
@@ -138,34 +169,49 @@ def run_plan(args, argv) -> int:
     policy_config = _hf_config(model_cfg.path, model_cfg.random_init, args.model_config, "model.path")
     title = f"rlhf-jax plan: {command} {args.config} on a {data} x {mesh_cfg.fsdp} x {tensor} mesh " \
             f"(data x fsdp x tensor), {jax.devices()[0].platform}"
-    if command == "sft":
-        lm = _lm(policy_config, model_cfg, "lm")
-        result = planner.plan_sft(lm, cfg.train, _optimizer(cfg.train.optimizer),
-                                  seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory)
-    elif command == "reward":
-        rm = _lm(policy_config, model_cfg, "scalar")
-        result = planner.plan_reward(rm, cfg.train, _optimizer(cfg.train.optimizer),
-                                     seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None:
+        title += f"; LoRA r={lora.rank}"
+    frozen = _frozen_dtype(cfg) if lora is not None else None  # full fine-tuning freezes nothing here
+    if command in ("sft", "reward", "dpo"):
+        model = _lm(policy_config, model_cfg, "scalar" if command == "reward" else "lm", lora=lora)
+        common = dict(seq_len=_seq_len(cfg.data, "max_length"), mesh=mesh, device_memory_bytes=memory,
+                      frozen_dtype=frozen)
+        tx = _optimizer(cfg.train.optimizer)
+        if command == "sft":
+            result = planner.plan_sft(model, cfg.train, tx, **common)
+        elif command == "reward":
+            result = planner.plan_reward(model, cfg.train, tx, **common)
+        else:
+            reference = None
+            if cfg.reference is not None:
+                reference = _lm(_hf_config(cfg.reference, None, args.model_config, "reference"), model_cfg, "lm")
+            result = planner.plan_dpo(model, cfg.train, tx, reference=reference, **common)
     else:
-        result = _plan_ppo(cfg, policy_config, args, mesh, memory, planner)
+        result = _plan_rl(command, cfg, policy_config, args, mesh, memory, planner)
     print(planner.format_plan(result, title=title), flush=True)
     if args.json:
         print(json.dumps(result.to_json()), flush=True)
     return 0
 
 
-def _plan_ppo(cfg, policy_config, args, mesh, memory, planner):
+def _plan_rl(command, cfg, policy_config, args, mesh, memory, planner):
+    """The trainer `rlhf-jax ppo` / `rlhf-jax rl` would build (a critic only where the estimator
+    needs one), planned."""
     from rlhf_jax.train.rl.ppo import PPOTrainer
+    from rlhf_jax.train.rl.trainer import RLTrainer
 
     model_cfg = cfg.model
-    frozen = getattr(model_cfg, "frozen_dtype", None)
-    shared = cfg.value_model is None
-    policy = _lm(policy_config, model_cfg, "lm+value" if shared else "lm")
+    frozen = _frozen_dtype(cfg)
+    lora = getattr(cfg, "lora", None)
+    critic = command == "ppo" or cfg.train.advantages.needs_critic
+    shared = critic and cfg.value_model is None
+    policy = _lm(policy_config, model_cfg, "lm+value" if shared else "lm", lora=lora)
     reference = None
     if cfg.reference is not None:
         reference = _lm(_hf_config(cfg.reference, None, args.model_config, "reference"), model_cfg, policy.head)
     value_model = value_tx = None
-    if not shared:
+    if critic and not shared:
         path = cfg.reward.model_path if cfg.value_model == "reward_model" else cfg.value_model
         value_model = _lm(_hf_config(path, None, args.model_config, "value_model"), model_cfg, "scalar")
         value_tx = _optimizer(cfg.train.value_optimizer_config)
@@ -181,8 +227,9 @@ def _plan_ppo(cfg, policy_config, args, mesh, memory, planner):
         eos = policy_config.get("eos_token_id") or 0
         eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
     train = dataclasses.replace(cfg.train, sampling=dataclasses.replace(sampling, eos_token_id=eos))
-    trainer = PPOTrainer(policy, train, _optimizer(train.optimizer), value_model=value_model, value_tx=value_tx,
-                         reward_model=reward_model, reward_fn=reward_fn)
+    trainer = (PPOTrainer if command == "ppo" else RLTrainer)(
+        policy, train, _optimizer(train.optimizer), value_model=value_model, value_tx=value_tx,
+        reward_model=reward_model, reward_fn=reward_fn)
     return planner.plan_ppo(trainer, prompt_len=_seq_len(cfg.data, "max_prompt_length"), mesh=mesh,
                             device_memory_bytes=memory, frozen_dtype=frozen, reference=reference)
 

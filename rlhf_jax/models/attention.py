@@ -24,9 +24,14 @@ Grouped-query attention passes the ``Hkv`` key/value heads as they are (the API 
 query heads; KV heads are never repeated).
 
 Implementation choice: the environment variable ``RLHF_JAX_ATTENTION`` is read when a
-forward is traced: ``auto`` (default: cuDNN for the packed form on a GPU with bf16/f16
-inputs, falling back to XLA when cuDNN rejects the shapes at trace time), ``xla``, or
-``cudnn`` (no fallback: errors surface).
+forward is traced: ``auto`` (default: for the packed form, cuDNN on a GPU with bf16/f16
+inputs, falling back to XLA when cuDNN rejects the shapes at trace time; on a TPU the Pallas
+splash-attention kernel where :func:`splash_unsupported` finds nothing against it, else
+XLA), ``xla``, ``cudnn`` or ``splash`` (no fallback: errors surface; on a backend other than
+TPU the splash kernel runs in Pallas' interpret mode, slowly: for tests).
+
+The splash kernel (``rlhf_jax.models.splash``) gets the packed form as segment ids under a
+static causal mask; see there for the shapes it takes and how it runs on a mesh.
 
 Sliding-window attention (Mistral, Gemma): a query at position ``p`` sees keys at positions
 ``p - window + 1 .. p`` (HF's convention: ``q - k < window``), over positions in the packed
@@ -49,8 +54,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from rlhf_jax.models.splash import context_mesh, splash_attention, splash_unsupported
+
 ATTENTION_ENV = "RLHF_JAX_ATTENTION"
-_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -117,15 +124,24 @@ def cache_allowed(attention_mask, cache_index, length, *, window=None):
 
 
 # ------------------------------------------------------------------------ attention
-def _implementation(dtype) -> str | None:
+def _choice() -> str:
     choice = os.environ.get(ATTENTION_ENV, "auto").lower()
     if choice not in _IMPLEMENTATIONS:
         raise ValueError(f"{ATTENTION_ENV} must be one of {_IMPLEMENTATIONS}, got {choice!r}")
+    return choice
+
+
+def _implementation(dtype, *, backend: str | None = None) -> str | None:
+    """The packed form's implementation: "cudnn", "splash", or None (XLA)."""
+    choice = _choice()
     if choice == "xla":
         return None
-    if choice == "cudnn":
-        return "cudnn"
-    return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _FUSED_DTYPES else None
+    if choice in ("cudnn", "splash"):
+        return choice
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "tpu":
+        return "splash"
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype) in _FUSED_DTYPES else None
 
 
 def _packed(q, k, v, lengths, *, scale, window):
@@ -134,6 +150,15 @@ def _packed(q, k, v, lengths, *, scale, window):
                   key_value_seq_lengths=jnp.maximum(lengths, 1),
                   local_window_size=None if window is None else (int(window) - 1, 0))
     implementation = _implementation(q.dtype)
+    if implementation == "splash":
+        mesh = context_mesh()
+        forced = _choice() == "splash"
+        reason = splash_unsupported(q.shape, k.shape, mesh=mesh, device_count=1 if forced else None)
+        if reason is None:
+            return splash_attention(q, k, v, lengths, scale=scale, window=window, mesh=mesh)
+        if forced:
+            raise ValueError(f"{ATTENTION_ENV}=splash: {reason}")
+        # the shapes (or an unpartitionable multi-device run) say no: XLA below
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)

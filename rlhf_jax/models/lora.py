@@ -67,6 +67,7 @@ __all__ = [
     "combine",
     "split_adapters",
     "partition",
+    "trained_heads",
     "reference_lm",
     "merge_adapters",
     "adapter_paths",
@@ -258,6 +259,13 @@ def partition(params, *, heads=()):
     trainable = combine(adapters, {h: rest[h] for h in heads}) if heads else adapters
     frozen = {k: v for k, v in rest.items() if k not in heads}
     return trainable, frozen
+
+
+def trained_heads(lm) -> tuple[str, ...]:
+    """The top-level heads a LoRA run of ``lm`` trains beside its adapters (the new heads the
+    base checkpoint has no trained weights for): ``("score",)`` for head ``"scalar"``,
+    ``("value_head",)`` for ``"lm+value"``, none for ``"lm"``."""
+    return {"scalar": ("score",), "lm+value": ("value_head",)}.get(getattr(lm, "head", "lm"), ())
 
 
 def reference_lm(lm, *, head: str = "lm"):

@@ -26,14 +26,14 @@ import optax
 
 from rlhf_jax.core import ops
 from rlhf_jax.core.preference import dpo_loss, simpo_loss
+from rlhf_jax.models.lora import combine, reference_lm
 from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_positive_int, hyper
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
+    apply_step,
     check_grad_accum,
-    guarded_apply,
     init_train_state,
-    learning_rate_from_state,
     split_micro_batches,
 )
 
@@ -45,6 +45,7 @@ __all__ = [
     "pair_logprobs",
     "dpo_loss_fn",
     "make_dpo_step",
+    "dpo_reference_lm",
     "reference_logprobs",
 ]
 
@@ -149,11 +150,18 @@ def pair_logprobs(lm, params, batch, *, average: bool = False):
     return chosen, rejected
 
 
+def dpo_reference_lm(lm):
+    """The model the reference log-probs come from: `lm` itself, or for a LoRA `lm` its base
+    without adapters (`lora.reference_lm`), which runs on the frozen base weights."""
+    return reference_lm(lm) if getattr(lm, "lora", None) is not None else lm
+
+
 def dpo_loss_fn(lm, params, batch, cfg: DPOConfig, *, ref_params=None):
     """The DPO-family loss of one (micro-)batch of pairs, for `accumulate_gradients`.
 
     The reference log-probs are `ref_params`' (a forward of the frozen reference, no
-    gradient) when given, else the batch's `ref_chosen_logps` / `ref_rejected_logps`.
+    gradient; with a LoRA `lm`, of its base `dpo_reference_lm(lm)` on the frozen base
+    weights) when given, else the batch's `ref_chosen_logps` / `ref_rejected_logps`.
 
     Returns:
       `(loss, (aux, weight))`: the mean over pairs of `dpo_loss` / `simpo_loss`; aux has
@@ -167,7 +175,7 @@ def dpo_loss_fn(lm, params, batch, cfg: DPOConfig, *, ref_params=None):
     else:
         if ref_params is not None:
             ref_chosen, ref_rejected = jax.lax.stop_gradient(
-                pair_logprobs(lm, ref_params, batch, average=cfg.average_logprobs))
+                pair_logprobs(dpo_reference_lm(lm), ref_params, batch, average=cfg.average_logprobs))
         else:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         loss, loss_aux = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
@@ -179,7 +187,7 @@ def dpo_loss_fn(lm, params, batch, cfg: DPOConfig, *, ref_params=None):
 
 
 def make_dpo_step(lm, tx: optax.GradientTransformation, cfg: DPOConfig):
-    """Build the pure DPO step `(state, batch, ref_params=None) -> (state, metrics)`.
+    """Build the pure DPO step `(state, batch, ref_params=None, frozen=None) -> (state, metrics)`.
 
     One call is one optimizer update over the `B` pairs of `batch` (B divisible by
     `cfg.grad_accum_steps`). The loss is a mean over pairs, and micro-batches are weighted
@@ -192,8 +200,11 @@ def make_dpo_step(lm, tx: optax.GradientTransformation, cfg: DPOConfig):
     `"on_the_fly"` pass the frozen reference's `ref_params` (an argument, never
     differentiated, no optimizer state). SimPO needs neither.
 
-    LoRA seam: the trained part is `state.params`; a frozen base, when adapters arrive,
-    is one more argument combined with it inside `loss_fn`, as the reference is here.
+    LoRA: `state.params` holds the adapters and `frozen` the base weights (an argument: no
+    optimizer state, never differentiated); the policy runs on `combine(frozen,
+    state.params)`, and the reference is the base without adapters on those same weights
+    (one copy): with `"on_the_fly"` give `frozen` alone (`ref_params` defaults to it), with
+    `"precompute"` the columns come from `reference_logprobs(dpo_reference_lm(lm), frozen, ...)`.
 
     Args:
       lm: the `LM` (closed over, static).
@@ -201,7 +212,7 @@ def make_dpo_step(lm, tx: optax.GradientTransformation, cfg: DPOConfig):
       cfg: `DPOConfig`.
 
     Returns:
-      `step(state, batch, ref_params=None)`; jit it with `donate_argnums=0`. Metrics
+      `step(state, batch, ref_params=None, frozen=None)`; jit it with `donate_argnums=0`. Metrics
       (float32 scalars): loss, rewards_chosen, rewards_rejected, accuracy, margin,
       logps_chosen, logps_rejected, grad_norm, learning_rate, skipped_nonfinite.
 
@@ -210,8 +221,14 @@ def make_dpo_step(lm, tx: optax.GradientTransformation, cfg: DPOConfig):
       2310.12036; Meng et al. 2024 (SimPO), arXiv 2405.14734.
     """
 
-    def step(state: TrainState, batch, ref_params=None):
+    lora = getattr(lm, "lora", None) is not None
+
+    def step(state: TrainState, batch, ref_params=None, frozen=None):
         _check_pairs(batch)
+        if lora and frozen is None:
+            raise ValueError("a LoRA DPO step needs the frozen base weights (`frozen`)")
+        if lora and ref_params is None and cfg.reference == "on_the_fly":
+            ref_params = frozen  # the reference is the base under the adapters
         keys = DPO_PAIR_KEYS
         if cfg.needs_reference and ref_params is None:
             missing = [k for k in REF_KEYS if k not in batch]
@@ -223,21 +240,10 @@ def make_dpo_step(lm, tx: optax.GradientTransformation, cfg: DPOConfig):
         micro = split_micro_batches(batch, cfg.grad_accum_steps)
 
         def loss_fn(params, micro_batch):
-            return dpo_loss_fn(lm, params, micro_batch, cfg, ref_params=ref_params)
+            return dpo_loss_fn(lm, combine(frozen, params), micro_batch, cfg, ref_params=ref_params)
 
         loss, grads, aux, _ = accumulate_gradients(loss_fn, state.params, micro, num_micro=cfg.grad_accum_steps)
-        params, opt_state, applied = guarded_apply(tx, grads, state.opt_state, state.params)
-        metrics = {
-            "loss": loss,
-            **aux,
-            "grad_norm": optax.global_norm(grads),
-            "skipped_nonfinite": 1.0 - applied.astype(jnp.float32),
-        }
-        lr = learning_rate_from_state(opt_state)
-        if lr is not None:
-            metrics["learning_rate"] = lr
-        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+        return apply_step(tx, state, loss, grads, aux)
 
     return step
 

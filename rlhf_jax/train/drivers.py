@@ -46,9 +46,12 @@ Sharding. With `mesh` (from `rlhf_jax.train.sharding.make_mesh`) the state is
 created under `jit` with `param_shardings` as its output shardings (FSDP when
 the mesh's "fsdp" axis is larger than 1, tensor-parallel rules when its
 "tensor" axis is), frozen params are placed the same way, batches with
-`shard_batch`, and the step is jitted with the state's shardings as
-`out_shardings`. Without a mesh everything runs on the default
-device.
+`shard_batch`, and every step is jitted with explicit shardings: the state and
+the frozen arguments (LoRA's base, DPO's reference) by `param_shardings` as
+`in_shardings`, batch columns split along their rows, the state's own
+shardings as `out_shardings` (it is donated and keeps its layout); the RL
+trainer's phases likewise (`RLTrainer.with_mesh`). Without a mesh everything
+runs on the default device.
 
 Metrics. Each logged step fetches its metrics with one `jax.device_get`;
 the driver adds ``epoch``, ``time/step`` (wall clock since the previous
@@ -78,6 +81,7 @@ from rlhf_jax.models.lora import combine
 from rlhf_jax.train.options import RunOptions
 from rlhf_jax.train.sharding import (
     FSDP_AXIS,
+    batch_sharding,
     make_mesh,
     mesh_batch_size,
     param_shardings,
@@ -463,11 +467,18 @@ def _check_model_inputs(model, pairs) -> None:
         check(ids, mask)
 
 
-def _jit_step(step_fn, run: _Run, state):
+def _jit_step(step_fn, run: _Run, state, arrays, step_args):
+    """`step_fn(state, batch, *step_args)` jitted with its state donated; on a mesh with
+    `in_shardings` (the state and the frozen arguments by `param_shardings`, every batch
+    column split along its rows) and `out_shardings` (the state as it came in, metrics
+    replicated)."""
     if run.mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
-    return jax.jit(step_fn, donate_argnums=0,
-                   out_shardings=(run.shardings(state), replicated(run.mesh)))
+    state_sh = run.shardings(state)
+    batch_sh = {k: batch_sharding(run.mesh, np.ndim(v)) for k, v in arrays.items()}
+    args_sh = tuple(run.shardings(a) for a in step_args)
+    return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sh, batch_sh, *args_sh),
+                   out_shardings=(state_sh, replicated(run.mesh)))
 
 
 def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_step, tx, mesh, max_steps,
@@ -478,7 +489,8 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
 
     `keys` (+ those of `optional_keys` present) are the data columns a batch carries;
     `input_pairs` the (ids, mask) columns checked against the model. `setup(driver, arrays,
-    start) -> (arrays, step_args)`, called once the state is restored (start = its step),
+    start, frozen) -> (arrays, step_args)`, called once the state is restored (start = its
+    step; frozen = LoRA's base weights as placed, or None),
     may add columns (DPO's reference log-probs) and extra step arguments (a frozen
     reference); the data fingerprint is taken before it, on the given columns. Without
     `setup` the step's extra argument is `frozen` (LoRA's base weights, or None).
@@ -516,8 +528,8 @@ def _fit_supervised(*, kind, model, params, data, cfg, run, keys, init_fn, make_
         frozen = driver.place(frozen)  # LoRA's base weights: an argument of every step, never trained
         step_args = (frozen,)
         if setup is not None:
-            arrays, step_args = setup(driver, arrays, start)
-        step_fn = _jit_step(make_step(model, tx, cfg), driver, state)
+            arrays, step_args = setup(driver, arrays, start, frozen)
+        step_fn = _jit_step(make_step(model, tx, cfg), driver, state, arrays, step_args)
         with driver.signals:
             for step in range(start, total):
                 epoch, _, rows = order.rows(step)
@@ -692,7 +704,7 @@ def _load_ref_logprobs(path: str, keys, *, data_hash: str, average: bool, num_ro
 def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptions, *, ref_params=None,
             tx=None, mesh=None, max_steps: int | None = None, on_step: Callable | None = None,
             on_checkpoint: Callable | None = None, allow_config_mismatch: bool = False,
-            return_state: bool = False):
+            return_state: bool = False, frozen=None):
     """DPO (or IPO, hinge, SimPO) on preference pairs, against a frozen reference.
 
     The reference log-probs. With `cfg.reference == "precompute"` (the default) one
@@ -711,20 +723,34 @@ def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptio
       cfg: `DPOConfig`.
       ref_params: the frozen reference's parameters (default: `params`, the starting
         model, as in the DPO paper).
+      frozen: with a LoRA `lm`, the frozen base weights (`params` are then the adapters);
+        the reference is that base without adapters (no `ref_params`: one copy of the
+        weights). None otherwise.
     {common}
     Returns:
       `(params, history)` as for `fit_sft`.
     """
-    from rlhf_jax.train.dpo import DPO_PAIR_KEYS, REF_KEYS, dpo_init, make_dpo_step, reference_logprobs
+    from rlhf_jax.train.dpo import (
+        DPO_PAIR_KEYS,
+        REF_KEYS,
+        dpo_init,
+        dpo_reference_lm,
+        make_dpo_step,
+        reference_logprobs,
+    )
 
+    lora = frozen is not None
+    if lora and ref_params is not None:
+        raise ValueError("with LoRA (`frozen` given) the reference is the frozen base: do not pass `ref_params`")
     reference = params if ref_params is None else ref_params
 
-    def setup(driver, arrays, start):
+    def setup(driver, arrays, start, placed_frozen):
+        extra = (None, placed_frozen) if lora else ()
         if not cfg.needs_reference:
-            return arrays, ()
-        ref = driver.place(reference)
+            return arrays, extra
+        ref = placed_frozen if lora else driver.place(reference)
         if cfg.reference == "on_the_fly":
-            return arrays, (ref,)
+            return arrays, extra if lora else (ref,)
         n = int(arrays["chosen_ids"].shape[0])
         path = os.path.join(driver.output_dir, REF_LOGPROBS_FILE)
         data_hash = _fingerprint(arrays)["hash"]
@@ -738,7 +764,8 @@ def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptio
         if ref_logps is None:
             place = None if driver.mesh is None else (lambda chunk: shard_batch(chunk, driver.mesh))
             started = time.perf_counter()
-            ref_logps = reference_logprobs(lm, ref, arrays, batch_size=cfg.ref_batch_size or cfg.batch_size,
+            ref_logps = reference_logprobs(dpo_reference_lm(lm), ref, arrays,
+                                           batch_size=cfg.ref_batch_size or cfg.batch_size,
                                            average=cfg.average_logprobs, place=place)
             _save_ref_logprobs(path, ref_logps, data_hash=data_hash, average=cfg.average_logprobs)
             message = (f"reference log-probs of {n} pairs computed in {time.perf_counter() - started:.1f} s "
@@ -746,13 +773,14 @@ def fit_dpo(lm, params, train_data: Mapping[str, np.ndarray], cfg, run: RunOptio
             _log.info(message)
             if run.stdout:
                 print(message, flush=True)
-        return {**arrays, **ref_logps}, ()
+        return {**arrays, **ref_logps}, extra
 
     return _fit_supervised(
         kind="dpo", model=lm, params=params, data=train_data, cfg=cfg, run=run, keys=DPO_PAIR_KEYS,
         init_fn=dpo_init, make_step=make_dpo_step, tx=tx, mesh=mesh, max_steps=max_steps, on_step=on_step,
         on_checkpoint=on_checkpoint, allow_config_mismatch=allow_config_mismatch, return_state=return_state,
-        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], setup=setup)
+        input_pairs=[("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")], setup=setup,
+        frozen=frozen)
 
 
 def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray], run: RunOptions, *,
@@ -771,8 +799,9 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
 
     Args:
       trainer: a `PPOTrainer` (its config, optimizers, models and reward are used).
-      policy_params: initial policy params (also the reference's, usually).
-      ref_params: the frozen reference policy's params.
+      policy_params: initial policy params (also the reference's, usually); with a LoRA
+        policy the trained part only (adapters, and a shared-trunk value head).
+      ref_params: the frozen reference policy's params; with a LoRA policy the frozen base.
       prompts: {"prompt_ids", "prompt_mask"} `[N, P]` left-padded prompts.
         The rows of each batch are passed to a host `reward_fn` as `prompt_index`.
       value_params: the separate value network's params (trainers with a `value_model`).
@@ -782,7 +811,8 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
         on logged steps with the iteration's `Rollout` (device arrays) and the
         prompt rows; a returned dict is added to the step's metrics (e.g. a gold
         reward of the responses).
-      eval_fn: `eval_fn(policy_params) -> dict` of held-out metrics (e.g.
+      eval_fn: `eval_fn(policy_params) -> dict` of held-out metrics (the full params: with
+        LoRA the adapters over the base; e.g.
         `rlhf_jax.eval.training_eval.rl_eval_fn`: verifier pass@1 or reward-model score,
         and KL to the reference), logged as ``eval/<name>``; it must draw its own,
         fixed PRNG keys so a resumed run logs the same values.
@@ -807,11 +837,14 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     if n < batch_size:
         raise ValueError(f"`prompts` has {n} rows, fewer than `batch_size` ({batch_size})")
     if mesh is None:
-        mesh = mesh_from_options(run)
+        mesh = getattr(trainer, "mesh", None) or mesh_from_options(run)
     if mesh is not None and batch_size % mesh_batch_size(mesh):
         raise ValueError(f"`batch_size` ({batch_size}) must be divisible by the mesh's "
                          f"{mesh_batch_size(mesh)} batch shards (data x fsdp)")
     _check_model_inputs(trainer.policy, [(arrays["prompt_ids"], arrays["prompt_mask"])])
+    if getattr(trainer, "mesh", None) is not mesh and hasattr(trainer, "with_mesh"):
+        # the phases jitted with this mesh's in/out shardings (the state keeps its layout)
+        trainer = trainer.with_mesh(mesh)
     trainer.check_prompts(arrays["prompt_ids"][:batch_size], arrays["prompt_mask"][:batch_size])
     order = _Order(n, batch_size, run.seed)
     total = _num_steps(order.per_epoch, num_epochs, max_steps)
@@ -825,9 +858,9 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
     stall_limit = rl_cfg.rewards.max_stalled_iterations if rl_cfg is not None else None
     dynamic = rl_cfg is not None and rl_cfg.rewards.dynamic_sampling
     stalled = 0
+    lora = bool(getattr(trainer, "lora", False))
     try:
         state = driver.init_state(lambda p, v: trainer.init(p, v, seed=run.seed), policy_params, value_params)
-        state_sh = driver.shardings(state)
         ref_params = driver.place(ref_params)
         reward_params = driver.place(reward_params)
         state, start = driver.restore_or_start(state)
@@ -864,15 +897,15 @@ def fit_ppo(trainer, policy_params, ref_params, prompts: Mapping[str, np.ndarray
                             f"training stalled at iteration {step + 1}: {stalled} consecutive iterations with nothing "
                             f"to learn from ({why}); check the reward source {trainer.reward_source} "
                             f"(limit: `rewards.max_stalled_iterations` = {stall_limit})")
-                if state_sh is not None:
-                    state = jax.device_put(state, state_sh)  # keep the layout: no recompiles
                 done = step + 1
                 evaluate = eval_fn is not None and driver.eval_due(done, eval_every)
                 if driver.should_log(done) or evaluate:
                     host = driver.fetch(metrics)
                     host["epoch"] = epoch
                     if evaluate:
-                        host.update(_eval_metrics(eval_fn(state.params)))
+                        # a LoRA policy is evaluated with its adapters over the frozen base
+                        policy = combine(ref_params, state.params) if lora else state.params
+                        host.update(_eval_metrics(eval_fn(policy)))
                     if on_rollout is not None:
                         extra = on_rollout(done, rows, rollout)
                         if extra is not None:

@@ -21,10 +21,9 @@ from rlhf_jax.train.options import OptimizerConfig, check, check_choices, check_
 from rlhf_jax.train.state import (
     TrainState,
     accumulate_gradients,
+    apply_step,
     check_grad_accum,
-    guarded_apply,
     init_train_state,
-    learning_rate_from_state,
     split_micro_batches,
 )
 
@@ -135,26 +134,10 @@ def make_sft_step(lm, tx: optax.GradientTransformation, cfg: SFTConfig):
         loss, grads, aux, _ = accumulate_gradients(
             loss_fn, state.params, micro, num_micro=cfg.grad_accum_steps
         )
-        params, opt_state, applied = guarded_apply(tx, grads, state.opt_state, state.params)
         tokens = jnp.sum(
             (jnp.asarray(batch["loss_mask"], jnp.float32) * jnp.asarray(batch["attention_mask"], jnp.float32))[:, 1:]
         )
-        metrics = {
-            "loss": loss,
-            **aux,
-            "grad_norm": optax.global_norm(grads),
-            "tokens": tokens,
-            "skipped_nonfinite": 1.0 - applied.astype(jnp.float32),
-        }
-        lr = learning_rate_from_state(opt_state)
-        if lr is not None:
-            metrics["learning_rate"] = lr
-        new_state = state.replace(
-            params=params,
-            opt_state=opt_state,
-            step=state.step + 1,
-        )
-        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+        return apply_step(tx, state, loss, grads, aux, tokens=tokens)
 
     return step
 

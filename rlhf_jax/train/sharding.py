@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DATA_AXIS", "FSDP_AXIS", "TENSOR_AXIS", "BATCH_AXES", "MESH_AXES", "TENSOR_RULES",
            "make_mesh", "param_shardings", "param_spec", "tree_paths", "batch_sharding", "shard_batch",
-           "replicated", "mesh_batch_size", "place"]
+           "replicated", "mesh_batch_size", "place", "constrain_rows"]
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -247,3 +247,32 @@ def place(x, sharding):
         return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def constrain_rows(tree, *, axis: int = 0, mesh=None):
+    """Inside `jit`: every array of `tree` with its row axis `axis` split over ("data", "fsdp").
+
+    For row gathers inside a step (a minibatch `x[perm_idx]`, a `lax.map` over row chunks),
+    whose output sharding XLA's SPMD partitioner cannot infer: without the constraint it
+    replicates the gathered rows and so every device computes the whole minibatch. The mesh
+    is `mesh`, else the context mesh (`jax.set_mesh(mesh)` around the call); with neither, or
+    a batch split of 1, or an axis the split does not divide, the array is returned as it is
+    (the single-device program is unchanged).
+    """
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return tree
+    if not all(name in mesh.axis_names for name in BATCH_AXES):
+        return tree
+    n = int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+    if n == 1:
+        return tree
+
+    def constrain(x):
+        if x is None or np.ndim(x) <= axis or np.shape(x)[axis] % n:
+            return x
+        spec = PartitionSpec(*([None] * axis), BATCH_AXES)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(constrain, tree)

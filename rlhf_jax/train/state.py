@@ -31,6 +31,7 @@ __all__ = [
     "accumulate_gradients",
     "split_micro_batches",
     "guarded_apply",
+    "apply_step",
     "tree_all_finite",
     "check_vocab",
     "model_context_length",
@@ -303,6 +304,29 @@ def guarded_apply(tx: optax.GradientTransformation, grads, opt_state, params, *,
 
     new_params, new_opt_state = jax.lax.cond(applied, apply, skip, (grads, opt_state, params))
     return new_params, new_opt_state, applied
+
+
+def apply_step(tx: optax.GradientTransformation, state, loss, grads, aux: dict, **extra):
+    """One supervised update from accumulated gradients: `(new_state, float32 metrics)`.
+
+    The step shared by SFT, reward-model and DPO training: `guarded_apply` (a non-finite
+    gradient leaves params and optimizer state unchanged), then the metrics every such step
+    logs: `loss`, the loss's `aux`, `grad_norm`, `skipped_nonfinite`, `learning_rate` (when
+    the optimizer exposes it) and any `extra` scalars.
+    """
+    params, opt_state, applied = guarded_apply(tx, grads, state.opt_state, state.params)
+    metrics = {
+        "loss": loss,
+        **aux,
+        "grad_norm": optax.global_norm(grads),
+        **extra,
+        "skipped_nonfinite": 1.0 - applied.astype(jnp.float32),
+    }
+    lr = learning_rate_from_state(opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = lr
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
 
 def model_context_length(lm) -> int | None:

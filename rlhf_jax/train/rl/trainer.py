@@ -22,6 +22,17 @@ them); only when no row is left is the whole update skipped (`skipped_nonfinite`
 Non-finite gradients skip their minibatch's update (`skipped_minibatch`). Either way the rng
 advances as in a normal iteration, so a run stays deterministic.
 
+Sharding: `trainer.with_mesh(mesh)` is the same trainer with every phase jitted with explicit
+`in_shardings` / `out_shardings` on `mesh` (`phase_shardings`): params, optimizer states and
+the frozen reference / reward weights by the `param_shardings` rules (FSDP over "fsdp",
+tensor-parallel over "tensor"), prompts, rollout and scores split along their rows over
+("data", "fsdp"), PRNG keys and metrics replicated. The update donates its state and
+returns it in the layout it came in, so iterations neither move nor recompile it. Inside the
+update, the rows a minibatch gathers (and each chunk of the no-gradient forwards) are
+constrained to stay split over ("data", "fsdp") (`sharding.constrain_rows`; on the trainer's
+mesh, or without `with_mesh` on a context mesh from `jax.set_mesh`): without it the SPMD
+partitioner replicates the gathered rows and every device computes the whole minibatch.
+
 Loss normalisation: each micro-batch's loss is normalised by its own
 `aggregation_weight(mask, agg=loss_agg)` and the micro-batch gradients are averaged with
 those weights, so a minibatch's gradient does not depend on how it is split into
@@ -29,6 +40,8 @@ micro-batches or devices (tests/test_rl_invariance.py).
 """
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from typing import Any, Callable
 
@@ -45,6 +58,7 @@ from rlhf_jax.models.lora import combine, reference_lm
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
+from rlhf_jax.train.sharding import FSDP_AXIS, batch_sharding, constrain_rows, param_shardings, replicated
 from rlhf_jax.train.state import (
     accumulate_gradients,
     guarded_apply,
@@ -100,12 +114,25 @@ def _rollout(params, prompt_ids, prompt_mask, key, *, policy, max_new_tokens, te
 _rollout_jit = jax.jit(_rollout, static_argnames=_SAMPLING)
 
 
-def _chunked(fn, arrays, chunk: int):
-    """`fn(*arrays)` computed over row chunks of `chunk` rows (`lax.map`), concatenated."""
+def _put(tree, shardings):
+    """`tree` with every device array not laid out as in `shardings` moved there (host arrays
+    stay as they are: `jit` places them); a leaf already in place is not copied."""
+    def move(x, sharding):
+        if isinstance(x, jax.Array) and not x.sharding.is_equivalent_to(sharding, x.ndim):
+            return jax.device_put(x, sharding)
+        return x
+
+    return jax.tree.map(move, tree, shardings)
+
+
+def _chunked(fn, arrays, chunk: int, mesh=None):
+    """`fn(*arrays)` computed over row chunks of `chunk` rows (`lax.map`), concatenated; on a mesh
+    (`mesh`, else the context mesh) each chunk's rows stay split over the batch axes."""
     rows = jnp.shape(arrays[0])[0]
     if chunk >= rows:
         return fn(*arrays)
     xs = tuple(jnp.reshape(a, (rows // chunk, chunk) + jnp.shape(a)[1:]) for a in arrays)
+    xs = constrain_rows(xs, axis=1, mesh=mesh)
     out = jax.lax.map(lambda x: fn(*x), xs)
     return jax.tree.map(lambda y: jnp.reshape(y, (rows,) + jnp.shape(y)[2:]), out)
 
@@ -182,6 +209,77 @@ class RLTrainer:
         # it is given, so the caller's arrays (often also the reference's) stay alive.
         self._update_jit = jax.jit(self._update, donate_argnums=0)
         self._gradient_jit = jax.jit(self._gradient)
+        self.mesh = None
+        self.fsdp = False
+        self._sharded_jits: dict = {}
+
+    def with_mesh(self, mesh, *, fsdp: bool | None = None) -> "RLTrainer":
+        """This trainer with its phases jitted for `mesh` (a copy: `self` is unchanged).
+
+        Args:
+          mesh: a `make_mesh` mesh, or None for the unsharded trainer.
+          fsdp: FSDP-shard params and states over the "fsdp" axis (default: when it is > 1).
+        """
+        other = copy.copy(self)
+        other.mesh = mesh
+        other.fsdp = False if mesh is None else (mesh.shape[FSDP_AXIS] > 1 if fsdp is None else bool(fsdp))
+        other._sharded_jits = {}
+        return other
+
+    def param_shardings(self, tree):
+        """The `param_shardings` of `tree` on the trainer's mesh (None for None)."""
+        return None if tree is None else param_shardings(tree, self.mesh, fsdp=self.fsdp)
+
+    def _batch_shardings(self):
+        """(replicated, rows of rank 1, rows of rank 2, the `Rollout`'s) on the mesh."""
+        from rlhf_jax.rollout import Rollout
+
+        if self.mesh is None:
+            raise ValueError("the trainer has no mesh: use `trainer.with_mesh(mesh)`")
+        rows1, rows2 = batch_sharding(self.mesh, 1), batch_sharding(self.mesh, 2)
+        return replicated(self.mesh), rows1, rows2, Rollout(tokens=rows2, logprobs=rows2, mask=rows2,
+                                                            ended_with_eos=rows1)
+
+    def phase_shardings(self, state, ref_params=None, reward_params=None) -> dict:
+        """`{phase: (in_shardings, out_shardings)}` of "rollout", "update" and, with a reward
+        model, "score" on the trainer's mesh, for these (concrete or abstract) trees.
+
+        The argument order is that of the phases: rollout `(policy_params, prompt_ids,
+        prompt_mask, key)` (with LoRA the policy params are `combine(ref_params,
+        state.params)`), score `(reward_params, prompt_ids, prompt_mask, tokens,
+        response_mask)`, update `(state, prompt_ids, prompt_mask, rollout, scores,
+        ref_params, key)` (prompts repeated per sample).
+        """
+        rep, rows1, rows2, rollout = self._batch_shardings()
+        state_sh = self.param_shardings(state)
+        policy_sh = self.param_shardings(self._policy_params(state.params, ref_params))
+        out = {"rollout": ((policy_sh, rows2, rows2, rep), rollout),
+               "update": ((state_sh, rows2, rows2, rollout, rows1, self.param_shardings(ref_params), rep),
+                          (state_sh, rep))}
+        if self.reward_model is not None:
+            out["score"] = ((self.param_shardings(reward_params), rows2, rows2, rows2, rows2), rows1)
+        return out
+
+    def _on_mesh(self, name, fn, args, in_shardings, out_shardings, donate_argnums=()):
+        """`fn(*args)` jitted with these shardings (one compilation per layout), the arguments
+        moved into `in_shardings` first where they are not laid out so."""
+        leaves, tree = jax.tree.flatten(in_shardings)
+        key = (name, tree, tuple(leaves))
+        jitted = self._sharded_jits.get(key)
+        if jitted is None:
+            jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                             donate_argnums=donate_argnums)
+            self._sharded_jits[key] = jitted
+        return jitted(*_put(tuple(args), in_shardings))
+
+    def _repeat(self, x):
+        """Each prompt row repeated `group_size` times (rows i*G .. i*G+G-1 are prompt i's)."""
+        g = self.rl_cfg.batch.group_size
+        x = jnp.asarray(x, jnp.int32)
+        if self.mesh is None:
+            return jnp.repeat(x, g, axis=0) if g > 1 else x
+        rows = batch_sharding(self.mesh, 2)
+        return self._on_mesh("repeat", functools.partial(jnp.repeat, repeats=g, axis=0), (x,), (rows,), rows)
 
     @property
     def cfg(self):
@@ -278,14 +376,14 @@ class RLTrainer:
             ref_logprobs = _chunked(
                 lambda i, m: self.reference.response_logprobs(ref_params, i, m, n,
                                                               temperature=cfg.sampling.temperature),
-                (input_ids, attention_mask), chunk)
+                (input_ids, attention_mask), chunk, self.mesh)
             ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
         else:
             ref_logprobs = None
         old_logprobs, old_entropy, old_values = _chunked(
             lambda i, m: self._forward(policy_params, state.value_params, i, m, with_entropy=True,
                                        with_values=self.critic),
-            (input_ids, attention_mask), chunk)
+            (input_ids, attention_mask), chunk, self.mesh)
         old_logprobs = jax.lax.stop_gradient(old_logprobs)
         kl_coef = jnp.asarray(state.kl_ctl.kl_coef, jnp.float32)
         shaped = shape_scores(fill_nonfinite(scores, finite, cfg.batch.group_size), valid,
@@ -356,7 +454,8 @@ class RLTrainer:
 
         def minibatch(carry, idx):
             params, opt_state, value_params, value_opt_state = carry
-            micro = jax.tree.map(lambda x: x[idx], data)  # [A, micro, ...]
+            # [A, micro, ...]; on a mesh, each micro-batch's rows stay split over the devices
+            micro = constrain_rows(jax.tree.map(lambda x: x[idx], data), axis=1, mesh=self.mesh)
             loss, grads, aux, _ = accumulate_gradients(
                 loss_fn, (params, value_params), micro, num_micro=bc.grad_accum_steps
             )
@@ -482,17 +581,25 @@ class RLTrainer:
 
         `params` are the policy's full params (with LoRA: `combine(ref_params, state.params)`).
         """
-        return _rollout_jit(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), key,
-                            **self._sampling)
+        prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+        if self.mesh is None:
+            return _rollout_jit(params, prompt_ids, prompt_mask, key, **self._sampling)
+        rep, _, rows2, rollout = self._batch_shardings()
+        return self._on_mesh("rollout", functools.partial(_rollout, **self._sampling),
+                             (params, prompt_ids, prompt_mask, key),
+                             (self.param_shardings(params), rows2, rows2, rep), rollout)
 
     def score(self, reward_params, prompt_ids, prompt_mask, rollout, prompt_index=None):
         """The score phase alone, on the prompts repeated per sample: `[rows]` float32."""
         rows = self.rl_cfg.batch.rows
         g = self.rl_cfg.batch.group_size
-        ids = jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), g, axis=0)
-        mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), g, axis=0)
+        ids, mask = self._repeat(prompt_ids), self._repeat(prompt_mask)
         if self.reward_model is not None:
-            return self._score_jit(reward_params, ids, mask, rollout.tokens, rollout.mask)
+            if self.mesh is None:
+                return self._score_jit(reward_params, ids, mask, rollout.tokens, rollout.mask)
+            _, rows1, rows2, _ = self._batch_shardings()
+            return self._on_mesh("score", self._score, (reward_params, ids, mask, rollout.tokens, rollout.mask),
+                                 (self.param_shardings(reward_params), rows2, rows2, rows2, rows2), rows1)
         host = jax.device_get((ids, mask, rollout.tokens, rollout.mask))
         index = None if prompt_index is None else np.repeat(np.asarray(prompt_index), g, axis=0)
         scores = np.asarray(self.reward_fn(*host, index), np.float32)
@@ -559,9 +666,8 @@ class RLTrainer:
 
     def gradient(self, state: RLState, prompt_ids, prompt_mask, rollout, scores, *, ref_params):
         """`(loss, (policy_grads, value_grads))` of one update on every row (see `_gradient`)."""
-        g = self.rl_cfg.batch.group_size
-        ids = jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), g, axis=0)
-        mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), g, axis=0)
+        ids = jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), self.rl_cfg.batch.group_size, axis=0)
+        mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), self.rl_cfg.batch.group_size, axis=0)
         return self._gradient_jit(state, ids, mask, rollout, scores, ref_params)
 
     def iteration(
@@ -621,10 +727,13 @@ class RLTrainer:
                 more_prompts)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
-        g = cfg.batch.group_size
-        ids = jnp.repeat(prompt_ids, g, axis=0) if g > 1 else prompt_ids
-        mask = jnp.repeat(prompt_mask, g, axis=0) if g > 1 else prompt_mask
-        state, metrics = self._update_jit(state, ids, mask, rollout, scores, ref_params, update_key)
+        ids, mask = self._repeat(prompt_ids), self._repeat(prompt_mask)
+        args = (state, ids, mask, rollout, scores, ref_params, update_key)
+        if self.mesh is None:
+            state, metrics = self._update_jit(*args)
+        else:
+            in_sh, out_sh = self.phase_shardings(state, ref_params)["update"]
+            state, metrics = self._on_mesh("update", self._update, args, in_sh, out_sh, donate_argnums=0)
         jax.block_until_ready(metrics)
         t3 = time.perf_counter()
         metrics = dict(metrics)
