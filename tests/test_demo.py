@@ -1,5 +1,6 @@
 """The offline demo in its reduced mode: report structure, and PPO beats SFT in both parts."""
 import json
+import math
 import os
 
 import pytest
@@ -19,18 +20,29 @@ def test_report_has_the_promised_keys_and_files(quick_run):
     with open(os.path.join(out, "report.json")) as f:
         on_disk = json.load(f)
     assert on_disk["seconds"] == pytest.approx(report["seconds"])
-    assert on_disk["seconds"] > 0
+    assert on_disk["seconds"] > 0 and on_disk["cpu_seconds"] > 0
     ks = list(on_disk["rlvr"]["models"]["sft"]["pass_at_k"])
     assert ks[0] == "1" and ks[-1] == str(on_disk["rlvr"]["eval"]["settings"]["n_samples"])
-    for name in ("sft", "ppo"):
-        rlvr = on_disk["rlvr"]["models"][name]
-        curve = [rlvr["pass_at_k"][k] for k in ks]
-        assert all(0.0 <= v <= 1.0 for v in curve)
-        assert curve == sorted(curve)  # pass@k never falls with k
+    for name in ("sft", "ppo", "grpo", "rloo"):
+        curve = [on_disk["rlvr"]["models"][name]["pass_at_k"][k] for k in ks]
+        assert all(0.0 <= v <= 1.0 for v in curve), name
+        assert curve == sorted(curve), name  # pass@k never falls with k
+        assert math.isfinite(on_disk["rlvr"]["models"][name]["kl_to_sft"])
+    for name in ("sft", "dpo", "ppo"):
         rlhf = on_disk["rlhf"]["models"][name]
-        assert 0.0 <= rlhf["gold_success"] <= 1.0
+        assert 0.0 <= rlhf["gold_success"] <= 1.0, name
         for key in ("gold_score", "rm_score", "kl_to_sft"):
-            assert isinstance(rlhf[key], float)
+            assert isinstance(rlhf[key], float) and math.isfinite(rlhf[key]), (name, key)
+    # The three RL runs had the same rollout budget and updates per iteration.
+    runs = on_disk["rlvr"]["runs"]
+    assert set(runs) == {"ppo", "grpo", "rloo"}
+    assert len({r["token_budget"] for r in runs.values()}) == 1
+    assert len({r["updates_per_iteration"] for r in runs.values()}) == 1
+    assert runs["ppo"]["group_size"] == 1 and runs["grpo"]["group_size"] == on_disk["settings"]["add_group_size"] > 1
+    for name in ("ppo", "grpo", "rloo"):
+        assert len(on_disk["rlvr"]["training"][f"{name}_reward"]) == on_disk["settings"]["add_rl_iterations"]
+    # DPO learned from the reward model's training pairs.
+    assert on_disk["rlhf"]["dpo"]["steps"] > 0 and math.isfinite(on_disk["rlhf"]["dpo"]["final_margin"])
     assert isinstance(on_disk["rlvr"]["final_kl"], float)
     assert isinstance(on_disk["rlhf"]["final_kl"], float)
     assert 0.0 <= on_disk["rlhf"]["reward_model"]["heldout_accuracy"] <= 1.0
@@ -42,6 +54,9 @@ def test_report_has_the_promised_keys_and_files(quick_run):
     with open(os.path.join(out, "report.md")) as f:
         markdown = f.read()
     assert "pass@1" in markdown and "gold success" in markdown
+    for name in ("| grpo |", "| rloo |", "| dpo |"):
+        assert name in markdown
+    assert any(c.startswith("Online or offline") for c in on_disk["conclusions"])
     assert len(on_disk["rlhf"]["training"]["ppo_gold_score"]) == on_disk["settings"]["mood_ppo_iterations"]
 
 

@@ -55,7 +55,8 @@ _DESCRIPTIONS = {
     "eval": "pass@k (k = 1..n, bootstrap CIs) of models on a prompt set with a verifier; writes eval.json "
             "and pass_at_k.png",
     "export": "write a run's newest checkpoint as an HF folder (config.json, model.safetensors, tokenizer)",
-    "demo": "the offline RLVR + RLHF demo (no downloads): report.md, report.json and plots",
+    "demo": "the offline demo (no downloads): PPO vs GRPO vs RLOO with a verifier, DPO vs PPO on a learned "
+            "reward; report.md, report.json and plots",
 }
 
 
