@@ -4,6 +4,7 @@
   entropies and the gradient), with left-padded prompts and right-padded responses, also
   with LoRA adapters;
 - an RL iteration with the option equals one without it (GRPO, one minibatch);
+- `evaluate_pass_at_k(share_prompts=True)` gives the greedy results and KL of the plain one;
 - the config refuses group sizes that do not fit the micro-batch or the forward chunk.
 """
 import jax
@@ -13,6 +14,7 @@ import optax
 import pytest
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.eval.passk_eval import evaluate_pass_at_k
 from rlhf_jax.models import LoRAConfig, ModelConfig, add_lora, from_config
 from rlhf_jax.models.lora import combine
 from rlhf_jax.models.shared_prompt import grouped_response_logprobs
@@ -110,3 +112,30 @@ def test_config_keeps_groups_whole():
                                           "share_prompt_forward": True}})
         RLTrainer(from_config(ModelConfig.tiny("llama", V), head="lm+value")[0], cfg, optax.adam(1e-3),
                   reward_fn=lambda *a: np.zeros(8, np.float32))
+
+
+def test_pass_at_k_with_shared_prompts(model):
+    """Greedy samples do not depend on the random numbers: sharing the prompts changes nothing
+    but the work; sampled ones are other draws with the same statistics' shape."""
+    lm, params, ids, mask, _ = model
+    prompt_ids, prompt_mask = np.asarray(ids[::G, :P]), np.asarray(mask[::G, :P])
+    other = jax.tree.map(lambda x: x * 1.1, params)  # a "policy" that differs from the reference
+
+    def verifier(pids, pmask, tokens, tmask, index):
+        return (np.asarray(tokens)[:, 0] % 2 == 0).astype(np.float32)
+
+    common = dict(n_samples=4, max_new_tokens=N, key=jax.random.key(0), eos_token_id=2, batch_size=8,
+                  ref=(lm, params), num_bootstrap=10)
+    plain = evaluate_pass_at_k({"m": (lm, other)}, prompt_ids, prompt_mask, verifier, temperature=0.0, **common)
+    shared = evaluate_pass_at_k({"m": (lm, other)}, prompt_ids, prompt_mask, verifier, temperature=0.0,
+                                share_prompts=True, **common)
+    a, b = plain["models"]["m"], shared["models"]["m"]
+    assert a["correct_per_prompt"] == b["correct_per_prompt"] and a["examples"] == b["examples"]
+    assert abs(a["kl_to_ref"]["mean"]) > 1e-2
+    np.testing.assert_allclose(b["kl_to_ref"]["mean"], a["kl_to_ref"]["mean"], rtol=1e-4)
+    sampled = evaluate_pass_at_k({"m": (lm, other)}, prompt_ids, prompt_mask, verifier, temperature=1.0,
+                                 share_prompts=True, **common)
+    assert len(sampled["models"]["m"]["correct_per_prompt"]) == B and sampled["settings"]["share_prompts"]
+    with pytest.raises(ValueError, match="multiple of `n_samples`"):
+        evaluate_pass_at_k({"m": (lm, other)}, prompt_ids, prompt_mask, verifier, share_prompts=True,
+                           **{**common, "batch_size": 6})
