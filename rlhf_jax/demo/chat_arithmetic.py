@@ -1,7 +1,7 @@
 """A verifiable task for a real chat model: two-digit arithmetic in the model's chat template.
 
 Each problem is ``a + b``, ``a - b`` (``a >= b``, both two-digit) or ``a * b`` (``a`` in
-11..30, ``b`` one digit). The prompt is the chat template's conversation of a short system
+11..49, ``b`` in 2..9). The prompt is the chat template's conversation of a short system
 message and the question, with the assistant's turn opened and begun with the equation
 (``"... <|im_start|>assistant\\n59 + 63 ="``), so the answer is the next few tokens and a
 few tokens of sampling budget suffice. The reward is the verifier: 1 when the final
@@ -56,7 +56,11 @@ def _draw(rng: random.Random, op: str) -> Problem:
     if op == "-":
         a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
         return Problem(a, op, b)
-    return Problem(rng.randint(11, 30), op, rng.randint(2, 9))
+    return Problem(rng.randint(11, 49), op, rng.randint(2, 9))
+
+
+# How many distinct problems each operation has.
+_SPACE = {"+": 90 * 90, "-": 90 * 91 // 2, "*": 39 * 8}
 
 
 def make_problems(num_train: int, num_heldout: int, *, seed: int,
@@ -68,10 +72,14 @@ def make_problems(num_train: int, num_heldout: int, *, seed: int,
     for op in operations:
         if op not in OPERATIONS:
             raise ValueError(f"operation {op!r} is not one of {OPERATIONS}")
+    total = num_train + num_heldout
+    for i, op in enumerate(operations):
+        wanted = len(range(i, total, len(operations)))
+        if wanted > _SPACE[op]:
+            raise ValueError(f"{wanted} distinct `{op}` problems were asked for; there are {_SPACE[op]}")
     rng = random.Random(seed)
     seen: set[Problem] = set()
     problems: list[Problem] = []
-    total = num_train + num_heldout
     while len(problems) < total:
         p = _draw(rng, operations[len(problems) % len(operations)])
         if p not in seen:

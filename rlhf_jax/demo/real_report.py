@@ -101,7 +101,7 @@ def markdown_report(report: dict) -> str:
         f"- PAD = `{report['model']['pad_token']}` (id {report['model']['pad_id']}), EOS = "
         f"`{report['model']['eos_token']}` (id {report['model']['eos_id']}, the chat template's end of turn; the "
         "file's own PAD equals its EOS).",
-        f"- Task: `a + b`, `a - b` (two-digit, a >= b) and `a * b` (11..30 times one digit), "
+        f"- Task: `a + b`, `a - b` (two-digit, a >= b) and `a * b` (11..49 times 2..9), "
         f"{report['task']['num_train']} training and {report['task']['num_heldout']} held-out problems (disjoint). "
         f"Prompt ({report['task']['prompt_tokens']} tokens at most): the chat template with the system message "
         f"\"{report['task']['system_prompt']}\", the question, and the assistant turn begun with the equation:",
