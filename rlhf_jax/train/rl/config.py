@@ -72,6 +72,11 @@ class RLBatchConfig:
     forward_chunk_size: int | None = hyper(
         None, "rows per chunk of the reference / old-policy / value forwards (null: the micro-batch size); "
               "must divide the rows")
+    share_prompt_forward: bool = hyper(
+        False, "run each prompt through the trunk once per group in the reference, old-policy and training "
+               "forwards (its KV cache shared by the group's G responses; same result, far fewer tokens when "
+               "prompts are long next to responses); minibatches then hold whole groups, so group_size must "
+               "divide the micro-batch and the forward chunk; no critic")
 
     def __post_init__(self):
         _positive_int(self, "batch_size", "group_size", "num_minibatches", "ppo_epochs", "grad_accum_steps")
@@ -85,6 +90,14 @@ class RLBatchConfig:
             check(self.rows % self.forward_chunk_size == 0,
                   f"`forward_chunk_size` ({self.forward_chunk_size}) must divide the rows "
                   f"(batch_size * group_size = {self.rows})")
+        if self.share_prompt_forward:
+            check(self.group_size >= 2, "`share_prompt_forward` shares a prompt between its samples: "
+                                        f"`group_size` must be >= 2, got {self.group_size}")
+            for name in ("micro_batch_size", "chunk_size"):
+                value = getattr(self, name)
+                check(value % self.group_size == 0,
+                      f"`share_prompt_forward` keeps groups whole: the {name.replace('_', ' ')} ({value}) must be "
+                      f"a multiple of `group_size` ({self.group_size})")
 
     @property
     def rows(self) -> int:

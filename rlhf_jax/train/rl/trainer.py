@@ -55,6 +55,7 @@ from rlhf_jax.core import ops
 from rlhf_jax.core.importance import truncated_importance_weights
 from rlhf_jax.core.kl import kl_controller_init, kl_controller_update, kl_penalty
 from rlhf_jax.models.lora import combine, reference_lm
+from rlhf_jax.models.shared_prompt import grouped_response_logprobs
 from rlhf_jax.train.rl.config import RLConfig
 from rlhf_jax.train.rl.estimators import ESTIMATORS, fill_nonfinite, shape_scores
 from rlhf_jax.train.rl.objectives import RLBatch, loss_weight, policy_objective
@@ -185,6 +186,9 @@ class RLTrainer:
         if getattr(value_model, "lora", None) is not None:
             raise ValueError("a LoRA `value_model` is not supported: use a full value model or a LoRA "
                              "policy with head='lm+value'")
+        if cfg.batch.share_prompt_forward and critic:
+            raise ValueError("`batch.share_prompt_forward` is for critic-free estimators (the values of a "
+                             f"critic are not computed on the shared prompt); got {cfg.advantages.estimator!r}")
         self.policy = policy
         self.reference = reference_lm(policy) if self.lora else policy
         self.rl_cfg = cfg
@@ -325,6 +329,17 @@ class RLTrainer:
         mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1)
         return jnp.asarray(self.reward_model.scores(reward_params, ids, mask), jnp.float32)
 
+    def _response_logprobs(self, lm, params, input_ids, attention_mask, *, with_entropy=False):
+        """`lm.response_logprobs` at the sampling temperature; with `batch.share_prompt_forward`,
+        each group's prompt runs through the trunk once (rows come in whole groups)."""
+        cfg = self.rl_cfg
+        n, temperature = cfg.sampling.max_new_tokens, cfg.sampling.temperature
+        if cfg.batch.share_prompt_forward:
+            return grouped_response_logprobs(lm, params, input_ids, attention_mask, n, cfg.batch.group_size,
+                                             temperature=temperature, with_entropy=with_entropy)
+        return lm.response_logprobs(params, input_ids, attention_mask, n, temperature=temperature,
+                                    with_entropy=with_entropy)
+
     def _forward(self, params, value_params, input_ids, attention_mask, *, with_entropy, with_values):
         """Response log-probs (temperature-scaled), entropies and values `[B, N]` (None when absent)."""
         n = self.rl_cfg.sampling.max_new_tokens
@@ -342,9 +357,7 @@ class RLTrainer:
             logprobs, entropy = stats["logprobs"], stats.get("entropy")
             values = jnp.asarray(self.policy.value_head(params, hidden), jnp.float32)
         else:
-            out = self.policy.response_logprobs(
-                params, input_ids, attention_mask, n, temperature=temperature, with_entropy=with_entropy
-            )
+            out = self._response_logprobs(self.policy, params, input_ids, attention_mask, with_entropy=with_entropy)
             logprobs, entropy = out if with_entropy else (out, None)
             if with_values:
                 full = self.value_model.values(value_params, input_ids, attention_mask)
@@ -354,7 +367,6 @@ class RLTrainer:
     def _prepare(self, state: RLState, prompt_ids, prompt_mask, rollout, scores, ref_params):
         """The no-gradient part of the update: forwards, estimator, the `RLBatch` and statistics."""
         cfg = self.rl_cfg
-        n = cfg.sampling.max_new_tokens
         chunk = cfg.batch.chunk_size
         valid = jnp.asarray(rollout.mask, jnp.float32)
         input_ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
@@ -374,8 +386,7 @@ class RLTrainer:
         use_ref = cfg.kl.placement != "none"
         if use_ref:
             ref_logprobs = _chunked(
-                lambda i, m: self.reference.response_logprobs(ref_params, i, m, n,
-                                                              temperature=cfg.sampling.temperature),
+                lambda i, m: self._response_logprobs(self.reference, ref_params, i, m),
                 (input_ids, attention_mask), chunk, self.mesh)
             ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
         else:
@@ -476,7 +487,12 @@ class RLTrainer:
             return (params, opt_state, value_params, value_opt_state), aux
 
         def epoch(carry, epoch_key):
-            perm = jax.random.permutation(epoch_key, rows)
+            if bc.share_prompt_forward:  # whole groups, in a random order
+                g = bc.group_size
+                groups = jax.random.permutation(epoch_key, rows // g)
+                perm = (groups[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+            else:
+                perm = jax.random.permutation(epoch_key, rows)
             idx = perm.reshape(bc.num_minibatches, bc.grad_accum_steps, bc.micro_batch_size)
             return jax.lax.scan(minibatch, carry, idx)
 
