@@ -96,11 +96,6 @@ def main():
     import numpy as np
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # Both processes run the same SPMD program: process 0 compiles each one and hands the
-    # executable to process 1 through the coordinator (JAX's binary sharing needs a cache).
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_share_binary_between_hosts", True)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
                                process_id=args.process_id, local_device_ids=list(range(4)))
     from rlhf_jax.train.sharding import make_mesh
