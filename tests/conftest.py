@@ -91,3 +91,16 @@ def compile_cache(compile_cache_dir):
     (the CLI on the tiny configs, runs resumed after an interruption) compile each once."""
     with persistent_compile_cache(compile_cache_dir):
         yield compile_cache_dir
+
+
+# Modules whose commands run the same programs (the CLI on the tiny configs) share one xdist
+# worker, so that the compilation cache above serves the later ones (`make test` runs
+# `--dist loadgroup`); every other module is its own group, so each module's tests stay on one
+# worker and its module-scoped fixtures run once.
+SHARED_PROGRAM_MODULES = frozenset({"test_cli.py", "test_cli_safety.py", "test_sinks.py"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("cli" if name in SHARED_PROGRAM_MODULES else name))

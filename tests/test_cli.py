@@ -130,13 +130,6 @@ def test_sft_reward_ppo_eval_export_chain(workdir, sft_run, capsys):
     ours_scores = np.asarray(ours_rm.scores(ours_rm_params, pair_ids, pair_mask))
     np.testing.assert_allclose(hf_scores, ours_scores - bias, atol=1e-4)
 
-    # RLVR: PPO with the math verifier as the reward and a separate value network from the reward model.
-    assert run("ppo", "--config", tiny_config("ppo_verifier"), "value_model=tiny_run/reward/hf") == 0
-    rlvr = workdir / "tiny_run" / "ppo_verifier"
-    records = [json.loads(line) for line in (rlvr / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 2 and all(0.0 <= r["score_mean"] <= 1.0 for r in records if "score_mean" in r)
-    assert (rlvr / "hf" / "model.safetensors").exists()
-
     # Exporting the reward run's checkpoint gives a classifier (bias kept beside it), in bfloat16.
     assert run("export", "run_dir=tiny_run/reward", "output_dir=tiny_run/export_rm", "dtype=bfloat16") == 0
     exported = json.loads((workdir / "tiny_run" / "export_rm" / "config.json").read_text())
@@ -223,9 +216,9 @@ def test_rl_grpo_runs_and_a_nan_reward_stops_with_exit_2(workdir, sft_run, capsy
     capsys.readouterr()
     nan = workdir / "nan_reward.py"
     nan.write_text("def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
-    # (with LoRA adapters on the policy: the stall check holds for them too, at no extra compile)
+    # (the programs of the run above, read back from the compilation cache)
     code = run("rl", "--config", tiny_config("grpo"), f"reward.function={nan}:nan", "run.output_dir=tiny_run/grpo_nan",
-               "num_iterations=4", "train.rewards.max_stalled_iterations=2", "lora.rank=2")
+               "num_iterations=4", "train.rewards.max_stalled_iterations=2")
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "stalled" in err and "nan_reward.py:nan" in err, err

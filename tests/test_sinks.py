@@ -180,15 +180,18 @@ def test_sft_reward_ppo_with_eval_samples_and_wandb_offline(workdir, capsys, mon
     assert [r["step"] for r in rm_records if "eval/accuracy" in r] == [1, 2]
     assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rm_records)
 
-    # PPO with a user reward function from a .py file: samples carry the function's scores.
+    # PPO with a user reward function from a .py file and a separate value network (initialised
+    # from the reward model): samples carry the function's scores.
     (workdir / "length_reward.py").write_text(
         "def reward(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
     code, _, err = run(capsys, "ppo", "--config", tiny("ppo_verifier"), "reward.function=length_reward.py:reward",
                        "data.eval_files=[tiny_run/prompts.jsonl]", "data.max_rows=8", "run.eval_every=1",
                        "run.log_samples_every=2", "run.num_logged_samples=3", "train.batch.batch_size=4",
-                       "train.batch.num_minibatches=1")
+                       "train.batch.num_minibatches=1", "value_model=tiny_run/reward/hf")
     assert code == 0, err
     ppo = tiny_run / "ppo_verifier"
+    assert "value_model: tiny_run/reward/hf" in (ppo / "resolved_config.yaml").read_text()
+    assert (ppo / "hf" / "model.safetensors").exists()
     samples = read_samples(ppo)
     assert [s["iteration"] for s in samples] == [2, 2, 2]
     prompts = [json.loads(line)["prompt"] for line in open("tiny_run/prompts.jsonl").read().splitlines()]
