@@ -45,7 +45,7 @@ demo-real: $(VENV)/.installed-base $(VENV)/.installed-real-model
 
 test: $(VENV)/.installed-test $(VENV)/.installed-real-model
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/gae.py

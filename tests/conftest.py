@@ -63,12 +63,15 @@ def persistent_compile_cache(path):
     from jax.experimental.compilation_cache import compilation_cache
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
     old = {name: getattr(jax.config, name) for name in names}
     compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor
+    # A size limit turns on the cache's file lock: reads and writes of the processes sharing
+    # the folder (xdist workers, subprocesses) never see a half-written entry.
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
     try:
         yield path
     finally:
@@ -79,9 +82,15 @@ def persistent_compile_cache(path):
 
 @pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory):
-    """One persistent compilation cache folder per session (per xdist worker), shared by the
-    modules that use `compile_cache` and by the subprocesses they start."""
-    return tmp_path_factory.mktemp("xla_cache")
+    """One persistent compilation cache folder per test run, shared by the modules that use
+    `compile_cache`, by the subprocesses they start and by every xdist worker (the CLI modules
+    run the same tiny programs: whichever worker compiles one first, the others read it back)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders are siblings
+    path = root / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +101,3 @@ def compile_cache(compile_cache_dir):
     with persistent_compile_cache(compile_cache_dir):
         yield compile_cache_dir
 
-
-# Modules whose commands run the same programs (the CLI on the tiny configs) share one xdist
-# worker, so that the compilation cache above serves the later ones (`make test` runs
-# `--dist loadgroup`); every other module is its own group, so each module's tests stay on one
-# worker and its module-scoped fixtures run once.
-SHARED_PROGRAM_MODULES = frozenset({"test_cli.py", "test_cli_safety.py", "test_sinks.py"})
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("cli" if name in SHARED_PROGRAM_MODULES else name))
