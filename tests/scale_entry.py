@@ -90,7 +90,9 @@ def main():
     ap.add_argument("--process_id", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=4", *inherited])
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np

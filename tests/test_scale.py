@@ -116,7 +116,7 @@ def _free_port() -> int:
 
 def _start_process(process_id, port, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    env.pop("XLA_FLAGS", None)
+    # (XLA_FLAGS passes on: scale_entry.py sets its own device count and keeps the rest)
     return subprocess.Popen([sys.executable, ENTRY, str(tmp_path), "--process_id", str(process_id),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
