@@ -106,3 +106,13 @@ def compile_cache(compile_cache_dir):
     with persistent_compile_cache(compile_cache_dir):
         yield compile_cache_dir
 
+
+
+# The longest modules first (xdist's loadfile hands out modules in collection order): a long
+# module started last would leave the other worker idle at the end of the run.
+LONG_MODULES = ("test_demo.py", "test_scale.py", "test_gguf_real.py", "test_resume.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: order kept within
