@@ -6,10 +6,13 @@ Each benchmark owns one section of `benchmarks/RESULTS.md`, delimited by
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,3 +72,16 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def run_json_subprocess(cmd: list[str], what: str) -> dict:
+    """Run `cmd` (a benchmark half in a fresh interpreter); its last stdout line is a JSON object,
+    returned with `wall_s` added. On failure the output's tails go to stderr and the run stops."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"the {what} half failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result

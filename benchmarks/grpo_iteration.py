@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,7 +82,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, markdown_table, write_section  # noqa: E402
+from _results import machine, markdown_table, run_json_subprocess, write_section  # noqa: E402
 from ppo_iteration import RssSampler, _load_note, _malloc_trim, _rss_bytes, _summarise, _trl_version  # noqa: E402
 
 CPU = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, prompts=64, group_size=8, prompt_length=16,
@@ -259,14 +258,7 @@ def _run_half(half: str, args, model_dir: str, *, torch_threads: int | None = No
         cmd.append("--smoke")
     if torch_threads:
         cmd += ["--torch-threads", str(torch_threads)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"the {half} half failed (exit {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - t0
-    return result
+    return run_json_subprocess(cmd, half)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ knows either task.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import numpy as np
@@ -26,8 +28,23 @@ from rlhf_jax.train.drivers import fit_sft
 
 __all__ = [
     "now", "elapsed", "since", "prompt_arrays", "sft_arrays", "new_policy", "QUIET", "run_options", "sft", "ppo_config",
-    "history_series", "export", "pad_lists",
+    "history_series", "export", "pad_lists", "prepare_output_dir",
 ]
+
+
+def prepare_output_dir(output_dir, names, *, what: str, overwrite: bool) -> str:
+    """`output_dir` (created) with the earlier run's outputs `names` removed when `overwrite`;
+    with some of them there and no `overwrite`, a FileExistsError naming them (nothing touched)."""
+    output_dir = os.fspath(output_dir)
+    existing = [p for p in names if os.path.exists(os.path.join(output_dir, p))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds {what} ({', '.join(existing)}); "
+                              "pass overwrite=True (--overwrite) or choose another output_dir")
+    for p in existing:
+        path = os.path.join(output_dir, p)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+    return output_dir
 
 
 def now():

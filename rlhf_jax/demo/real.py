@@ -32,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from rlhf_jax.demo import chat_arithmetic as task
+from rlhf_jax.demo.common import prepare_output_dir
 from rlhf_jax.demo.real_report import conclusions, markdown_report, plot_training, response_stats
 from rlhf_jax.eval.passk_eval import evaluate_pass_at_k, format_table, plot_pass_at_k
 from rlhf_jax.models import LoRAConfig, add_lora, from_pretrained, save_peft_adapter
@@ -156,15 +156,7 @@ def run_real_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwr
       `rl.pass_at_k` (str(k) -> mean), their intervals, `final_kl`, timings, settings.
     """
     settings = settings or (QUICK if quick else FULL)
-    output_dir = os.fspath(output_dir)
-    existing = [p for p in _OUTPUTS if os.path.exists(os.path.join(output_dir, p))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a real-model demo run ({', '.join(existing)}); "
-                              "pass overwrite=True (--overwrite) or choose another output_dir")
-    for p in existing:
-        path = os.path.join(output_dir, p)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, _OUTPUTS, what="a real-model demo run", overwrite=overwrite)
 
     def log(message):
         if verbose:

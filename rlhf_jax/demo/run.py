@@ -30,13 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 
 import jax
 
 from rlhf_jax.data.tokenizers import char_tokenizer
-from rlhf_jax.demo.common import QUIET
+from rlhf_jax.demo.common import QUIET, prepare_output_dir
 from rlhf_jax.demo.report import conclusions, markdown_report, plot_training
 from rlhf_jax.demo.rlhf import run_rlhf
 from rlhf_jax.demo.rlvr import RL_RUNS, run_rlvr
@@ -164,15 +163,7 @@ def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overwrite: 
     start = time.perf_counter()
     cpu_start = time.process_time()
     settings = settings or (QUICK if quick else FULL)
-    output_dir = os.fspath(output_dir)
-    existing = [p for p in _STAGES + _REPORT_FILES if os.path.exists(os.path.join(output_dir, p))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a demo run ({', '.join(existing)}); "
-                              "pass overwrite=True (--overwrite) or choose another output_dir")
-    for p in existing:
-        path = os.path.join(output_dir, p)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, _STAGES + _REPORT_FILES, what="a demo run", overwrite=overwrite)
 
     def log(message):
         if verbose:
