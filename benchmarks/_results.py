@@ -78,20 +78,26 @@ HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def huge_page_malloc(enable: bool) -> str:
-    """Give both halves' subprocesses glibc's transparent-huge-page tunable; a sentence for the table.
+    """Give both halves' subprocesses glibc's transparent-huge-page tunable (or take the
+    Makefile's away); a sentence for the table saying what they run with.
 
-    XLA:CPU allocates each call's temporary buffer afresh (for these programs 100-300 MB, above
-    glibc's 32 MB mmap ceiling, so every call maps new memory) and faults it in 4 KiB at a time:
-    measured 34,500 minor faults and 65 ms of system time per call of one GPT-2 4 x 256
-    minibatch forward + backward. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc advises
-    those mappings `MADV_HUGEPAGE` (transparent huge pages in `madvise` mode, the Debian default),
-    and the same call takes 750 faults. The tunable is process-wide and read at start-up, so it is
-    set here for the subprocesses, TRL's included; an existing `GLIBC_TUNABLES` is kept.
+    XLA:CPU allocates each call's temporary buffer afresh (133 MB for one GPT-2 4 x 256
+    minibatch forward + backward, above glibc's 32 MB mmap ceiling, so every call maps new
+    memory) and faults it in 4 KiB at a time: measured 34,500 minor faults and 65 ms of system
+    time per such call. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc advises those
+    mappings `MADV_HUGEPAGE` (transparent huge pages in `madvise` mode, the Debian default), and
+    the same call takes 750 faults. The tunable is process-wide and read at start-up, so it is
+    set here for the subprocesses, TRL's included. Another `GLIBC_TUNABLES` value is kept either
+    way; `enable=False` only removes this one (which `make bench` exports).
     """
-    if not enable:
-        return "No `GLIBC_TUNABLES` set (`--no-huge-pages`). "
-    os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGE_TUNABLE)
-    return (f"Both halves run with `GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}` (glibc backs "
+    if enable:
+        os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGE_TUNABLE)
+    elif os.environ.get("GLIBC_TUNABLES") == HUGE_PAGE_TUNABLE:
+        del os.environ["GLIBC_TUNABLES"]
+    value = os.environ.get("GLIBC_TUNABLES")
+    if value is None:
+        return "Both halves run without `GLIBC_TUNABLES` (`--no-huge-pages`). "
+    return (f"Both halves run with `GLIBC_TUNABLES={value}` (`glibc.malloc.hugetlb=1`: glibc backs "
             "large allocations with transparent huge pages; `make bench` sets it too; without it "
             "XLA:CPU page-faults each call's fresh temporary buffer in 4 KiB pages). ")
 

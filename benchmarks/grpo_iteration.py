@@ -355,6 +355,7 @@ def main() -> None:
 
     summary = {
         "shape": shape,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "ours_s_per_iter": ours["iteration"],
         "ours_2dev_s_per_iter": ours2["iteration"] if ours2 else None,
         "trl_s_per_iter": trl["iteration"] if trl else None,
